@@ -1,0 +1,33 @@
+//! The narrow interfaces the purifier and the pipeline run on. They never learn which engine
+//! (tract on the CPU, CUDA, an analytic test model) is behind them.
+
+pub mod tract;
+
+use crate::error::Result;
+use ndarray::{Array2, Array4, ArrayView4};
+
+/// An eps-prediction diffusion model.
+pub trait Denoiser {
+    /// Predicted noise eps for `x_t` (NCHW f32, diffusion space [-1,1] plus noise) at integer
+    /// timestep `t` (1-based count of noising steps, the same for every item of the batch).
+    /// Returns an array of the same shape as `x_t`.
+    fn predict_eps(&mut self, x_t: ArrayView4<f32>, t: u32) -> Result<Array4<f32>>;
+}
+
+/// An image classifier.
+pub trait Classifier {
+    /// Logits (N x classes, f32) of `images` (NCHW f32, RGB pixels in [0,1]).
+    fn logits(&mut self, images: ArrayView4<f32>) -> Result<Array2<f32>>;
+}
+
+impl<D: Denoiser + ?Sized> Denoiser for Box<D> {
+    fn predict_eps(&mut self, x_t: ArrayView4<f32>, t: u32) -> Result<Array4<f32>> {
+        (**self).predict_eps(x_t, t)
+    }
+}
+
+impl<C: Classifier + ?Sized> Classifier for Box<C> {
+    fn logits(&mut self, images: ArrayView4<f32>) -> Result<Array2<f32>> {
+        (**self).logits(images)
+    }
+}

@@ -1,0 +1,65 @@
+//! Typed errors of the library. The binary maps every variant to exit code 2 (bad input or
+//! configuration) except [`Error::Backend`], which is an internal failure (exit code 1).
+
+use std::path::PathBuf;
+
+/// Everything the library can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// T* is outside the range of timesteps the denoiser was trained on.
+    #[error("T*={t_star} is outside the denoiser's trained range {min}..={max} (models/models.toml)")]
+    TStarOutOfRange { t_star: u32, min: u32, max: u32 },
+    /// A DDIM plan that cannot be built (stride 0, non-decreasing list, ...).
+    #[error("invalid DDIM plan: {0}")]
+    InvalidPlan(String),
+    /// A configuration value that makes no sense (eta < 0, votes = 0, ...).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// A configuration file that cannot be read or parsed.
+    #[error("config file {path}: {reason}")]
+    ConfigFile { path: PathBuf, reason: String },
+    /// The model manifest (models/models.toml) is missing, unparsable or inconsistent.
+    #[error("model manifest {path}: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    /// An ONNX file whose inputs/outputs disagree with its manifest entry.
+    #[error("model {path} does not match its manifest entry: {reason}")]
+    ManifestMismatch { path: PathBuf, reason: String },
+    /// A model file that is missing, truncated or not loadable.
+    #[error("cannot load model {path}: {reason}")]
+    ModelLoad { path: PathBuf, reason: String },
+    /// An image file that cannot be decoded.
+    #[error("cannot decode image {path}: {reason}")]
+    Image { path: PathBuf, reason: String },
+    /// A CIFAR-10 binary file whose size or content is wrong.
+    #[error("CIFAR-10 file {path}: {reason}")]
+    Cifar { path: PathBuf, reason: String },
+    /// Input tensor with a wrong shape.
+    #[error("bad input shape: expected {expected}, got {got}")]
+    Shape { expected: String, got: String },
+    /// Input pixels that are NaN/infinite or outside [0,1].
+    #[error("bad pixel values in {what}: {reason}")]
+    Pixels { what: String, reason: String },
+    /// A requested backend that this build or machine does not have.
+    #[error("backend unavailable: {0}")]
+    BackendUnavailable(String),
+    /// An I/O error on a named path.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The inference engine failed on valid input (an internal fault, not the user's).
+    #[error("inference backend failed: {0}")]
+    Backend(String),
+}
+
+/// Library result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// True where the error is the caller's input or configuration, not an internal fault.
+    pub fn is_user_error(&self) -> bool {
+        !matches!(self, Error::Backend(_))
+    }
+}

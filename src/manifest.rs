@@ -1,0 +1,141 @@
+//! The model manifest (models/models.toml): which file plays which role, its tensor names and
+//! shapes, the class names, the diffusion schedule and the denoisers' trained t range.
+
+use crate::error::{Error, Result};
+use crate::schedule::Schedule;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+
+/// The whole manifest, with the folder it was read from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Diffusion schedule shared by every denoiser.
+    pub schedule: ScheduleEntry,
+    /// The classifier.
+    pub classifier: ClassifierEntry,
+    /// Denoisers by tier name ("m", "s", ...).
+    pub denoisers: BTreeMap<String, DenoiserEntry>,
+    #[serde(skip)]
+    dir: PathBuf,
+}
+
+/// The `[schedule]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleEntry {
+    /// Only "linear" is known.
+    pub kind: String,
+    /// First beta.
+    pub beta_start: f64,
+    /// Last beta.
+    pub beta_end: f64,
+    /// Number of noising steps T.
+    pub steps: u32,
+}
+
+/// The `[classifier]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierEntry {
+    /// ONNX file, relative to the manifest's folder.
+    pub file: String,
+    /// Name of the image input.
+    pub input: String,
+    /// Name of the logits output.
+    pub output: String,
+    /// Input shape without the batch dimension, [C, H, W].
+    pub input_shape: [usize; 3],
+    /// Class names in logit order.
+    pub classes: Vec<String>,
+}
+
+/// A `[denoisers.NAME]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenoiserEntry {
+    /// ONNX file, relative to the manifest's folder.
+    pub file: String,
+    /// Name of the x_t input.
+    pub input: String,
+    /// Name of the timestep input.
+    pub t_input: String,
+    /// Name of the eps output.
+    pub output: String,
+    /// Input shape without the batch dimension, [C, H, W].
+    pub input_shape: [usize; 3],
+    /// Inclusive range of t the model was trained on.
+    pub trained_t: [u32; 2],
+}
+
+impl DenoiserEntry {
+    /// The trained t range as a Rust range.
+    pub fn trained_range(&self) -> RangeInclusive<u32> {
+        self.trained_t[0]..=self.trained_t[1]
+    }
+}
+
+impl Manifest {
+    /// Reads `DIR/models.toml`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("models.toml");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Manifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut m: Manifest = toml::from_str(&text).map_err(|e| Error::Manifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        m.dir = dir.to_path_buf();
+        m.check(&path)?;
+        Ok(m)
+    }
+
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |reason: String| Error::Manifest { path: path.to_path_buf(), reason };
+        if self.schedule.kind != "linear" {
+            return Err(bad(format!("unknown schedule kind {:?}", self.schedule.kind)));
+        }
+        if self.classifier.classes.is_empty() {
+            return Err(bad("classifier has no class names".into()));
+        }
+        for (name, d) in &self.denoisers {
+            let [lo, hi] = d.trained_t;
+            if lo < 1 || lo > hi || hi > self.schedule.steps {
+                return Err(bad(format!(
+                    "denoiser {name}: trained_t {lo}..={hi} must lie in 1..={}",
+                    self.schedule.steps
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The folder the manifest was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Absolute path of a file named in the manifest.
+    pub fn path_of(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// The diffusion schedule (f64).
+    pub fn schedule(&self) -> Result<Schedule> {
+        Schedule::linear(self.schedule.steps, self.schedule.beta_start, self.schedule.beta_end)
+    }
+
+    /// The denoiser entry of a tier, or an error listing the known tiers.
+    pub fn denoiser(&self, name: &str) -> Result<&DenoiserEntry> {
+        self.denoisers.get(name).ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "unknown denoiser {name:?}; the manifest has {:?}",
+                self.denoisers.keys().collect::<Vec<_>>()
+            ))
+        })
+    }
+}

@@ -1,0 +1,57 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The project's shipped models folder.
+pub fn models_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
+/// `../shared/data/NAME` if present, else `None` after saying why the test is skipped.
+pub fn shared_data(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(name);
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: {} is absent (a fresh clone has no ../shared)", p.display());
+        None
+    }
+}
+
+/// A little-endian .npy array: shape and values as f64.
+pub struct Npy {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+/// Reads the .npy files numpy writes for f32 / f64 / i64 C-order arrays.
+pub fn read_npy(path: &std::path::Path) -> Npy {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "not an npy file");
+    let (hlen, start) = if bytes[6] == 1 {
+        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
+    } else {
+        (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12)
+    };
+    let header = std::str::from_utf8(&bytes[start..start + hlen]).unwrap();
+    assert!(header.contains("'fortran_order': False"), "{header}");
+    let descr = header.split("'descr': '").nth(1).unwrap().split('\'').next().unwrap();
+    let shape_txt = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let shape: Vec<usize> =
+        shape_txt.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+    let body = &bytes[start + hlen..];
+    let data: Vec<f64> = match descr {
+        "<f4" => body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        "<f8" => body.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+        "<i8" => body.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        other => panic!("unsupported dtype {other}"),
+    };
+    assert_eq!(data.len(), shape.iter().product::<usize>());
+    Npy { shape, data }
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: impl IntoIterator<Item = f64>, b: impl IntoIterator<Item = f64>) -> f64 {
+    a.into_iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
