@@ -1,0 +1,123 @@
+//! The defence configuration: every knob of the purifier and pipeline, from a TOML file
+//! (`--config FILE`, same keys as the CLI options) and/or the command line, validated once.
+
+use crate::error::{Error, Result};
+use crate::schedule::PlanSpec;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// How the votes of one frame are combined into its decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum VoteRule {
+    /// The label most votes chose; ties go to the tied label with the highest mean probability.
+    #[default]
+    Majority,
+    /// The argmax of the mean of the votes' softmax probabilities.
+    MeanProb,
+}
+
+/// Which engine runs the models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// tract on the CPU, float32.
+    #[default]
+    Cpu,
+    /// CUDA through cudarc (not in this build yet).
+    Cuda,
+}
+
+/// Every setting of the defended pipeline. Field names are the TOML keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefenseConfig {
+    /// Diffusion depth T* the input is noised to (must lie in the denoiser's trained range).
+    pub t_star: u32,
+    /// DDIM stride (tau = T*, T*-stride, ..., 0). Used when neither `steps` nor `timesteps` is set.
+    pub stride: Option<u32>,
+    /// Number of DDIM steps from T* to 0 (instead of a stride).
+    pub steps: Option<u32>,
+    /// Explicit strictly decreasing timestep list starting at T* (instead of a stride).
+    pub timesteps: Option<Vec<u32>>,
+    /// Fresh-noise scale of every DDIM step: 1 = the paper's stochastic sampler, 0 = deterministic.
+    pub eta: f64,
+    /// Purifications per frame; their classifications are combined by `vote_rule`.
+    pub votes: u32,
+    /// How votes are combined.
+    pub vote_rule: VoteRule,
+    /// Seed of the noise streams: (seed, frame index) reproduces a decision exactly.
+    pub seed: u64,
+    /// Denoiser tier from the manifest ("s": 1.6 M params, edge; "m": 6.5 M params).
+    pub denoiser: String,
+    /// CPU threads for tract's matrix kernels.
+    pub threads: usize,
+    /// Inference engine.
+    pub backend: BackendKind,
+    /// Frames purified together in one batch (each with `votes` purifications).
+    pub batch: usize,
+    /// Folder holding models.toml and the ONNX files.
+    pub models: PathBuf,
+}
+
+impl Default for DefenseConfig {
+    fn default() -> Self {
+        Self {
+            t_star: 140,
+            stride: None,
+            steps: None,
+            timesteps: None,
+            eta: 1.0,
+            votes: 1,
+            vote_rule: VoteRule::Majority,
+            seed: 0,
+            denoiser: "s".into(),
+            threads: 1,
+            backend: BackendKind::Cpu,
+            batch: 1,
+            models: PathBuf::from("models"),
+        }
+    }
+}
+
+/// Stride used when a configuration names neither stride, steps nor timesteps.
+pub const DEFAULT_STRIDE: u32 = 10;
+
+impl DefenseConfig {
+    /// Reads a TOML file; unknown keys are refused so a typo never passes silently.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::ConfigFile { path: path.into(), reason: e.to_string() })?;
+        toml::from_str(&text)
+            .map_err(|e| Error::ConfigFile { path: path.into(), reason: e.to_string() })
+    }
+
+    /// The DDIM sub-sequence the configuration asks for (at most one of stride/steps/timesteps).
+    pub fn plan_spec(&self) -> Result<PlanSpec> {
+        match (self.stride, self.steps, &self.timesteps) {
+            (None, None, None) => Ok(PlanSpec::Stride(DEFAULT_STRIDE)),
+            (Some(s), None, None) => Ok(PlanSpec::Stride(s)),
+            (None, Some(n), None) => Ok(PlanSpec::Steps(n)),
+            (None, None, Some(list)) => Ok(PlanSpec::Timesteps(list.clone())),
+            _ => Err(Error::InvalidConfig("give only one of stride, steps and timesteps".into())),
+        }
+    }
+
+    /// Checks the settings that do not need the models (T* range is checked by the plan).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.votes == 0 {
+            return bad("votes must be at least 1".into());
+        }
+        if self.threads == 0 {
+            return bad("threads must be at least 1".into());
+        }
+        if self.batch == 0 {
+            return bad("batch must be at least 1".into());
+        }
+        if !self.eta.is_finite() || !(0.0..=1.0).contains(&self.eta) {
+            return bad(format!("eta must be in [0, 1], got {}", self.eta));
+        }
+        self.plan_spec().map(|_| ())
+    }
+}

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// T* is outside the range of timesteps the denoiser was trained on.
-    #[error("T*={t_star} is outside the denoiser's trained range {min}..={max} (models/models.toml)")]
+    #[error(
+        "T*={t_star} is outside the denoiser's trained range {min}..={max} (models/models.toml)"
+    )]
     TStarOutOfRange { t_star: u32, min: u32, max: u32 },
     /// A DDIM plan that cannot be built (stride 0, non-decreasing list, ...).
     #[error("invalid DDIM plan: {0}")]

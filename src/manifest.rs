@@ -81,14 +81,10 @@ impl Manifest {
     /// Reads `DIR/models.toml`.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("models.toml");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::Manifest {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let mut m: Manifest = toml::from_str(&text).map_err(|e| Error::Manifest {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::Manifest { path: path.clone(), reason: e.to_string() })?;
+        let mut m: Manifest = toml::from_str(&text)
+            .map_err(|e| Error::Manifest { path: path.clone(), reason: e.to_string() })?;
         m.dir = dir.to_path_buf();
         m.check(&path)?;
         Ok(m)

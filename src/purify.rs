@@ -95,14 +95,11 @@ impl<'p> Purification<'p> {
         let (sa_t, s1m_t) = (c.sqrt_abar_t as f32, c.sqrt_one_minus_abar_t as f32);
         let (sa_s, dir, sigma) = (c.sqrt_abar_s as f32, c.dir_coeff as f32, c.sigma as f32);
         let mut x0_hat = self.x0_hat.take().unwrap_or_else(|| Array4::zeros(self.x.raw_dim()));
-        Zip::from(&mut x0_hat)
-            .and(&mut self.x)
-            .and(&eps)
-            .for_each(|x0, x, &e| {
-                let est = ((*x - s1m_t * e) / sa_t).clamp(-1.0, 1.0);
-                *x0 = est;
-                *x = sa_s * est + dir * e;
-            });
+        Zip::from(&mut x0_hat).and(&mut self.x).and(&eps).for_each(|x0, x, &e| {
+            let est = ((*x - s1m_t * e) / sa_t).clamp(-1.0, 1.0);
+            *x0 = est;
+            *x = sa_s * est + dir * e;
+        });
         // sigma = 0 (eta = 0, or the last step) consumes no noise, as the golden vectors expect.
         if sigma > 0.0 {
             let draw = self.done + 1;

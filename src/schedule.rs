@@ -117,10 +117,7 @@ impl DdimPlan {
             return Err(Error::InvalidConfig(format!("eta must be in [0, 1], got {eta}")));
         }
         let timesteps = timesteps_for(t_star, spec)?;
-        let steps = timesteps
-            .windows(2)
-            .map(|w| step_coeffs(schedule, w[0], w[1], eta))
-            .collect();
+        let steps = timesteps.windows(2).map(|w| step_coeffs(schedule, w[0], w[1], eta)).collect();
         let abar_start = schedule.abar(t_star);
         Ok(Self {
             t_star,
@@ -185,9 +182,7 @@ fn timesteps_for(t_star: u32, spec: &PlanSpec) -> Result<Vec<u32>> {
         PlanSpec::Steps(n) => {
             let n = u64::from(*n);
             // Round to nearest so T*=140, 14 steps gives exactly stride 10.
-            (0..=n)
-                .map(|k| ((u64::from(t_star) * (n - k) + n / 2) / n) as u32)
-                .collect()
+            (0..=n).map(|k| ((u64::from(t_star) * (n - k) + n / 2) / n) as u32).collect()
         }
         PlanSpec::Timesteps(list) => {
             if list.first() != Some(&t_star) {

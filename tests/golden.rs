@@ -37,11 +37,17 @@ fn purifier_reproduces_golden_vectors() {
     let manifest = Manifest::load(&models_dir()).unwrap();
     let schedule = manifest.schedule().unwrap();
     let entry = manifest.denoiser("s").unwrap();
-    let plan = DdimPlan::new(&schedule, entry.trained_range(), 140, &PlanSpec::Stride(10), 1.0).unwrap();
+    let plan =
+        DdimPlan::new(&schedule, entry.trained_range(), 140, &PlanSpec::Stride(10), 1.0).unwrap();
     let readme: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(vec_dir().join("README.json")).unwrap()).unwrap();
-    let want_t: Vec<u32> =
-        readme["timesteps"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        serde_json::from_str(&std::fs::read_to_string(vec_dir().join("README.json")).unwrap())
+            .unwrap();
+    let want_t: Vec<u32> = readme["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(plan.timesteps(), want_t.as_slice());
     for (step, sigma) in plan.steps().iter().zip(readme["sigma_per_step"].as_array().unwrap()) {
         assert!((step.sigma - sigma.as_f64().unwrap()).abs() < 1e-12, "sigma at t={}", step.t);
@@ -88,7 +94,11 @@ fn purifier_reproduces_golden_vectors() {
         .outer_iter()
         .map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0)
         .collect();
-    let want_pred: Vec<usize> =
-        readme["predicted"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let want_pred: Vec<usize> = readme["predicted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
     assert_eq!(predicted, want_pred);
 }

@@ -31,3 +31,24 @@ impl<C: Classifier + ?Sized> Classifier for Box<C> {
         (**self).logits(images)
     }
 }
+
+use crate::config::{BackendKind, DefenseConfig};
+use crate::manifest::Manifest;
+
+/// Loads the denoiser tier and the classifier of `manifest` on the backend `config` names.
+pub fn load(
+    manifest: &Manifest,
+    config: &DefenseConfig,
+) -> Result<(Box<dyn Denoiser>, Box<dyn Classifier>)> {
+    match config.backend {
+        BackendKind::Cpu => {
+            tract::set_threads(config.threads)?;
+            let d = tract::TractDenoiser::load(manifest, &config.denoiser)?;
+            let c = tract::TractClassifier::load(manifest)?;
+            Ok((Box::new(d), Box::new(c)))
+        }
+        BackendKind::Cuda => Err(crate::error::Error::BackendUnavailable(
+            "this build has no CUDA backend yet; use --backend cpu".into(),
+        )),
+    }
+}

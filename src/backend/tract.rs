@@ -38,9 +38,14 @@ struct BatchedModel {
 impl BatchedModel {
     /// Loads `path` and checks it against the manifest: input names in order, each input's shape
     /// `[batch, rest...]` (the batch dimension must be symbolic) and the output name and shape.
-    fn load(path: &Path, inputs: &[(&str, Vec<usize>)], output: (&str, Vec<usize>)) -> Result<Self> {
+    fn load(
+        path: &Path,
+        inputs: &[(&str, Vec<usize>)],
+        output: (&str, Vec<usize>),
+    ) -> Result<Self> {
         let load_err = |reason: String| Error::ModelLoad { path: path.to_path_buf(), reason };
-        let mismatch = |reason: String| Error::ManifestMismatch { path: path.to_path_buf(), reason };
+        let mismatch =
+            |reason: String| Error::ManifestMismatch { path: path.to_path_buf(), reason };
         if !path.is_file() {
             return Err(load_err("file not found".into()));
         }
@@ -63,7 +68,10 @@ impl BatchedModel {
             .map(|o| model.outlet_label(*o).unwrap_or(&model.node(o.node).name).to_string())
             .collect();
         if out_names != [output.0] {
-            return Err(mismatch(format!("outputs are {out_names:?}, manifest says [{:?}]", output.0)));
+            return Err(mismatch(format!(
+                "outputs are {out_names:?}, manifest says [{:?}]",
+                output.0
+            )));
         }
         let typed = model
             .into_typed()

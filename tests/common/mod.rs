@@ -38,13 +38,20 @@ pub fn read_npy(path: &std::path::Path) -> Npy {
     assert!(header.contains("'fortran_order': False"), "{header}");
     let descr = header.split("'descr': '").nth(1).unwrap().split('\'').next().unwrap();
     let shape_txt = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let shape: Vec<usize> =
-        shape_txt.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+    let shape: Vec<usize> = shape_txt
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
     let body = &bytes[start + hlen..];
     let data: Vec<f64> = match descr {
-        "<f4" => body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        "<f4" => {
+            body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        }
         "<f8" => body.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-        "<i8" => body.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        "<i8" => {
+            body.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        }
         other => panic!("unsupported dtype {other}"),
     };
     assert_eq!(data.len(), shape.iter().product::<usize>());

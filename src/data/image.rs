@@ -1,0 +1,243 @@
+//! Image files: PNG, JPEG and PPM/PGM in, PNG out.
+//!
+//! Loading decodes with the `image` crate (format guessed from the file's first bytes, the
+//! extension only as a fallback), converts to 8-bit RGB (grey is replicated, alpha is dropped
+//! without compositing, 16-bit samples are scaled to 8 bits) and returns CHW `f32` in [0,1]
+//! (byte / 255).
+//!
+//! Resizing: an image that already has the target size is used pixel for pixel. Any other is
+//! scaled, keeping its aspect ratio, by the smallest factor that makes it cover the target
+//! (for a square target: its shorter side becomes the target side), then centre-cropped.
+//! The filter is [`FilterType::Triangle`]: bilinear interpolation when upscaling; when
+//! downscaling the `image` crate widens the triangle's support by the scale factor, so it
+//! averages over the source pixels each output pixel covers (antialiased, no aliasing of fine
+//! texture, unlike plain bilinear sampling).
+
+use crate::error::{Error, Result};
+use ::image::codecs::png::PngEncoder;
+use ::image::imageops::{self, FilterType};
+use ::image::{ExtendedColorType, ImageEncoder, ImageReader, RgbImage};
+use ndarray::{Array3, ArrayView3};
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// File extensions (lower case, compared case-insensitively) that [`collect_image_paths`]
+/// takes from a folder.
+pub const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "ppm", "pnm", "pgm"];
+
+fn image_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Image { path: path.to_path_buf(), reason: reason.into() }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io { path: path.to_path_buf(), source }
+}
+
+/// Decodes `path` to 8-bit RGB. Decoder panics (there should be none) are turned into errors.
+fn decode_rgb8(path: &Path) -> Result<RgbImage> {
+    let meta = fs::metadata(path).map_err(|e| io_err(path, e))?;
+    if !meta.is_file() {
+        return Err(image_err(path, "not a regular file"));
+    }
+    if meta.len() == 0 {
+        return Err(image_err(path, "empty file (0 bytes)"));
+    }
+    let reader = ImageReader::open(path).map_err(|e| io_err(path, e))?;
+    let reader = reader.with_guessed_format().map_err(|e| io_err(path, e))?;
+    if reader.format().is_none() {
+        return Err(image_err(
+            path,
+            "unrecognised image format (expected PNG, JPEG or PPM/PGM content)",
+        ));
+    }
+    let decoded = catch_unwind(AssertUnwindSafe(|| reader.decode()))
+        .map_err(|_| image_err(path, "the image decoder panicked on this file (corrupt data?)"))?
+        .map_err(|e| image_err(path, format!("corrupt, truncated or unsupported data: {e}")))?;
+    let rgb = decoded.into_rgb8();
+    if rgb.width() == 0 || rgb.height() == 0 {
+        return Err(image_err(
+            path,
+            format!("zero-size image ({}x{} pixels)", rgb.width(), rgb.height()),
+        ));
+    }
+    Ok(rgb)
+}
+
+/// Size (width, height) in pixels that a `src_w` x `src_h` image is scaled to so that it covers
+/// a `dst_w` x `dst_h` target with its aspect ratio kept; each side at least the target's.
+fn cover_size(src_w: u32, src_h: u32, dst_w: u32, dst_h: u32) -> (u32, u32) {
+    let (sw, sh, dw, dh) = (src_w as f64, src_h as f64, dst_w as f64, dst_h as f64);
+    // Compare dw/sw with dh/sh without dividing: the larger ratio decides.
+    if dw * sh >= dh * sw {
+        // Width is the binding side: it becomes exactly dst_w.
+        let h = (sh * dw / sw).round().clamp(dh, u32::MAX as f64) as u32;
+        (dst_w, h)
+    } else {
+        let w = (sw * dh / sh).round().clamp(dw, u32::MAX as f64) as u32;
+        (w, dst_h)
+    }
+}
+
+/// Loads an image file as CHW `[3, h, w]` `f32` RGB in [0,1] (byte / 255), where
+/// `size = (h, w)` is the output height and width in pixels.
+///
+/// PNG, JPEG and PPM/PGM are read, the format guessed from the content (see the module doc).
+/// An image of exactly `h` x `w` pixels is used as is; any other is resized so that it covers
+/// the target with its aspect ratio kept (shorter side = target side for a square target),
+/// with the Triangle filter (bilinear, antialiased when downscaling), then centre-cropped
+/// (where the excess is odd, the extra pixel is cut from the right/bottom).
+///
+/// Errors: [`Error::Io`] where the file is missing or unreadable; [`Error::Image`] where it is
+/// empty, not an image, corrupt, truncated, of an unsupported format or of zero size;
+/// [`Error::InvalidConfig`] where `h` or `w` is 0. Never panics on any file content.
+pub fn load_image(path: &Path, size: (usize, usize)) -> Result<Array3<f32>> {
+    let (h, w) = size;
+    if h == 0 || w == 0 {
+        return Err(Error::InvalidConfig(format!(
+            "image target size {h}x{w} (h x w) must be non-zero"
+        )));
+    }
+    let (th, tw) = match (u32::try_from(h), u32::try_from(w)) {
+        (Ok(th), Ok(tw)) => (th, tw),
+        _ => return Err(Error::InvalidConfig(format!("image target size {h}x{w} is too large"))),
+    };
+    let rgb = decode_rgb8(path)?;
+    let (sw, sh) = rgb.dimensions();
+    let fitted = if (sw, sh) == (tw, th) {
+        rgb
+    } else {
+        let (nw, nh) = cover_size(sw, sh, tw, th);
+        let scaled = if (nw, nh) == (sw, sh) {
+            rgb
+        } else {
+            imageops::resize(&rgb, nw, nh, FilterType::Triangle)
+        };
+        let (x0, y0) = ((nw - tw) / 2, (nh - th) / 2);
+        imageops::crop_imm(&scaled, x0, y0, tw, th).to_image()
+    };
+    let mut out = Array3::<f32>::zeros((3, h, w));
+    for (x, y, px) in fitted.enumerate_pixels() {
+        for c in 0..3 {
+            out[[c, y as usize, x as usize]] = f32::from(px.0[c]) / 255.0;
+        }
+    }
+    Ok(out)
+}
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(OsStr::to_str)
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
+/// Expands command-line inputs into image files, in order.
+///
+/// A file is taken as is (whatever its extension). A folder contributes its regular files
+/// (symbolic links followed) whose extension is one of [`IMAGE_EXTENSIONS`] (any case), not
+/// recursing into sub-folders and skipping hidden names (starting with `.`), sorted by file
+/// name.
+///
+/// Errors: [`Error::Io`] (kind `NotFound` for a missing path) where an input cannot be read;
+/// [`Error::Image`] naming a folder that holds no such image.
+pub fn collect_image_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        let meta = fs::metadata(input).map_err(|e| io_err(input, e))?;
+        if !meta.is_dir() {
+            out.push(input.clone());
+            continue;
+        }
+        let mut found = Vec::new();
+        for entry in fs::read_dir(input).map_err(|e| io_err(input, e))? {
+            let entry = entry.map_err(|e| io_err(input, e))?;
+            let path = entry.path();
+            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            if !hidden && has_image_extension(&path) && path.is_file() {
+                found.push(path);
+            }
+        }
+        if found.is_empty() {
+            return Err(image_err(input, "no PNG/JPEG/PPM images in folder"));
+        }
+        found.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+        out.extend(found);
+    }
+    Ok(out)
+}
+
+/// Counter making temporary file names unique within the process.
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes CHW `[3, h, w]` RGB pixels in [0,1] as an 8-bit PNG at `path`; each byte is
+/// `round(v * 255)`, values outside [0,1] clamped first.
+///
+/// Atomic: the PNG is written to a hidden temporary file in the same folder and renamed over
+/// `path` only once complete, so `path` never holds a partial image.
+///
+/// Errors: [`Error::Shape`] where the array is not `[3, h, w]` with `h, w > 0`;
+/// [`Error::Pixels`] for a NaN or infinite value; [`Error::Io`] where the file cannot be
+/// written (the temporary file is removed); [`Error::Image`] where encoding fails.
+pub fn save_png(path: &Path, chw: ArrayView3<f32>) -> Result<()> {
+    let (c, h, w) = chw.dim();
+    let dims = (u32::try_from(w), u32::try_from(h));
+    let (pw, ph) = match dims {
+        (Ok(pw), Ok(ph)) if c == 3 && pw > 0 && ph > 0 => (pw, ph),
+        _ => {
+            return Err(Error::Shape {
+                expected: "[3, h, w] with h, w > 0".into(),
+                got: format!("{:?}", chw.shape()),
+            })
+        }
+    };
+    if let Some(((ci, y, x), v)) = chw.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::Pixels {
+            what: format!("PNG output {}", path.display()),
+            reason: format!("non-finite value {v} at (c,y,x)=({ci},{y},{x})"),
+        });
+    }
+    let mut bytes = Vec::with_capacity(3 * h * w);
+    for y in 0..h {
+        for x in 0..w {
+            for ci in 0..3 {
+                bytes.push((chw[[ci, y, x]].clamp(0.0, 1.0) * 255.0).round() as u8);
+            }
+        }
+    }
+
+    let name = path.file_name().ok_or_else(|| image_err(path, "output path has no file name"))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = write_png_file(&tmp, &bytes, pw, ph)
+        .and_then(|()| fs::rename(&tmp, path).map_err(|e| io_err(path, e)));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_png_file(tmp: &Path, rgb: &[u8], w: u32, h: u32) -> Result<()> {
+    let file = File::create(tmp).map_err(|e| io_err(tmp, e))?;
+    let mut writer = BufWriter::new(file);
+    PngEncoder::new(&mut writer).write_image(rgb, w, h, ExtendedColorType::Rgb8).map_err(|e| {
+        match e {
+            ::image::ImageError::IoError(source) => io_err(tmp, source),
+            other => image_err(tmp, format!("PNG encoding failed: {other}")),
+        }
+    })?;
+    writer.flush().map_err(|e| io_err(tmp, e))?;
+    let file = writer.into_inner().map_err(|e| io_err(tmp, e.into_error()))?;
+    file.sync_all().map_err(|e| io_err(tmp, e))?;
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! Accuracy against the model card's reference figures, on ../shared/data (skipped with a
+//! message where absent). These are the slowest tests (about two minutes on two cores).
+
+mod common;
+
+use common::{models_dir, shared_data};
+use diffshield::config::DefenseConfig;
+use diffshield::data::cifar::read_cifar_bin;
+use diffshield::pipeline::Pipeline;
+use ndarray::Axis;
+
+fn accuracy(pipeline: &mut Pipeline, n: usize, batch: usize, purify: bool) -> Option<f64> {
+    let path = shared_data("cifar10_test_2000.bin")?;
+    let set = read_cifar_bin(&path, Some(n)).unwrap();
+    assert_eq!(set.labels.len(), n);
+    let mut correct = 0;
+    for (b, chunk) in set.images.axis_chunks_iter(Axis(0), batch).enumerate() {
+        let first = (b * batch) as u64;
+        let d = if purify {
+            pipeline.decide(chunk, first).unwrap()
+        } else {
+            pipeline.decide_undefended(chunk, first).unwrap()
+        };
+        correct +=
+            d.iter().zip(&set.labels[b * batch..]).filter(|(d, &l)| d.label == l as usize).count();
+    }
+    Some(correct as f64 / n as f64)
+}
+
+fn pipeline() -> Pipeline {
+    let config = DefenseConfig { models: models_dir(), threads: 2, ..DefenseConfig::default() };
+    Pipeline::from_config(&config).unwrap()
+}
+
+#[test]
+fn classifier_alone_matches_model_card_on_2000_images() {
+    let Some(acc) = accuracy(&mut pipeline(), 2000, 100, false) else { return };
+    eprintln!("clean accuracy on 2000: {:.2} %", acc * 100.0);
+    // MODEL_CARD: 91.70 % on the full 10 000; the issue fixes +-0.5 points on these 2000.
+    assert!((acc - 0.917).abs() <= 0.005, "clean accuracy {acc}");
+}
+
+#[test]
+fn defended_accuracy_matches_model_card_on_500_images() {
+    // denoiser_s, T*=140, stride 10, eta 1 (the defaults). The card's fp32 CPU figure on the
+    // same first 500 images is 65.8 %, with run-to-run noise of about 2 points at 500 images.
+    let Some(acc) = accuracy(&mut pipeline(), 500, 1, true) else { return };
+    eprintln!("purified accuracy on 500: {:.2} %", acc * 100.0);
+    assert!((acc - 0.658).abs() <= 0.04, "purified accuracy {acc}");
+}

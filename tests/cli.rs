@@ -1,0 +1,213 @@
+//! The command line on good and bad input: JSON on stdout, a named error and exit code 2 on
+//! anything the user got wrong, never a panic.
+
+mod common;
+
+use common::models_dir;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn diffshield(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_diffshield"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("binary runs")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("diffshield-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Asserts a user error: exit code 2, the message names `needle`, no panic, nothing on stdout.
+fn assert_user_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.stdout.is_empty(), "partial output: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn classify_samples_prints_one_json_line_per_image() {
+    let out = diffshield(&["classify", "samples", "--limit", "3", "--seed", "7"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        let probs: Vec<f64> =
+            l["probs"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect();
+        assert_eq!(probs.len(), 10);
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4);
+        assert_eq!(l["steps"], 14);
+        assert!(l["class"].is_string() && l["source"].as_str().unwrap().ends_with(".png"));
+    }
+    // Same seed, same decisions, bit for bit.
+    let again = diffshield(&["classify", "samples", "--limit", "3", "--seed", "7"]);
+    let strip = |t: &str| -> Vec<serde_json::Value> {
+        t.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["purify_s"] = 0.into();
+                v["classify_s"] = 0.into();
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(&text), strip(&String::from_utf8(again.stdout).unwrap()));
+}
+
+#[test]
+fn eval_no_purify_reports_clean_accuracy_json() {
+    let Some(data) = common::shared_data("cifar10_test_2000.bin") else { return };
+    let out =
+        diffshield(&["eval", "--data", data.to_str().unwrap(), "--limit", "200", "--no-purify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["images"], 200);
+    assert!(v["clean_acc"].as_f64().unwrap() > 0.85);
+    assert!(v["purified_acc"].is_null());
+    assert_eq!(v["config"]["t_star"], 140);
+}
+
+#[test]
+fn t_star_outside_trained_range_is_refused() {
+    for t in ["0", "501"] {
+        let out = diffshield(&["classify", "samples", "--t-star", t]);
+        assert_user_error(&out, &format!("T*={t} is outside the denoiser's trained range 1..=500"));
+    }
+}
+
+#[test]
+fn bad_plans_and_options_are_refused() {
+    assert_user_error(
+        &diffshield(&["classify", "samples", "--stride", "0"]),
+        "stride must be at least 1",
+    );
+    assert_user_error(&diffshield(&["classify", "samples", "--eta", "2"]), "eta must be in [0, 1]");
+    assert_user_error(
+        &diffshield(&["classify", "samples", "--votes", "0"]),
+        "votes must be at least 1",
+    );
+    assert_user_error(
+        &diffshield(&["classify", "samples", "--timesteps", "140,150"]),
+        "timesteps must strictly decrease",
+    );
+    assert_user_error(
+        &diffshield(&["classify", "samples", "--denoiser", "xl"]),
+        "unknown denoiser \"xl\"",
+    );
+    assert_user_error(
+        &diffshield(&["classify", "samples", "--backend", "cuda"]),
+        "no CUDA backend",
+    );
+}
+
+#[test]
+fn config_file_is_read_and_typos_are_refused() {
+    let d = scratch("config");
+    let good = d.join("good.toml");
+    std::fs::write(&good, "t_star = 60\nstride = 20\nseed = 3\nvotes = 2\n").unwrap();
+    let out = diffshield(&["classify", "samples/02_cat.png", "--config", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["steps"], 3); // 60, 40, 20, 0
+    assert_eq!(v["vote_labels"].as_array().unwrap().len(), 2);
+    let typo = d.join("typo.toml");
+    std::fs::write(&typo, "tstar = 60\n").unwrap();
+    assert_user_error(
+        &diffshield(&["classify", "samples", "--config", typo.to_str().unwrap()]),
+        "unknown field `tstar`",
+    );
+}
+
+#[test]
+fn corrupt_truncated_and_missing_images_are_named() {
+    let d = scratch("images");
+    let garbage = d.join("garbage.png");
+    std::fs::write(&garbage, b"this is not a png at all").unwrap();
+    assert_user_error(&diffshield(&["classify", garbage.to_str().unwrap()]), "garbage.png");
+    let good =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/02_cat.png")).unwrap();
+    let truncated = d.join("truncated.png");
+    std::fs::write(&truncated, &good[..good.len() / 2]).unwrap();
+    assert_user_error(&diffshield(&["classify", truncated.to_str().unwrap()]), "truncated.png");
+    assert_user_error(&diffshield(&["classify", d.join("nope.png").to_str().unwrap()]), "nope.png");
+    // A bad file among good ones: nothing is printed for the good ones either.
+    assert_user_error(
+        &diffshield(&["classify", "samples/02_cat.png", garbage.to_str().unwrap()]),
+        "garbage.png",
+    );
+}
+
+#[test]
+fn wrong_size_cifar_bin_is_named() {
+    let d = scratch("cifar");
+    let bin = d.join("short.bin");
+    std::fs::write(&bin, vec![0u8; 3073 + 100]).unwrap();
+    assert_user_error(&diffshield(&["classify", bin.to_str().unwrap()]), "3073");
+    assert_user_error(&diffshield(&["eval", "--data", bin.to_str().unwrap()]), "short.bin");
+}
+
+/// A models folder with the real manifest, `edit` applied to it, and links to the real models.
+fn models_copy(name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let d = scratch(name);
+    let manifest = std::fs::read_to_string(models_dir().join("models.toml")).unwrap();
+    std::fs::write(d.join("models.toml"), edit(manifest)).unwrap();
+    for f in ["classifier.onnx", "denoiser_s.onnx", "denoiser_m.onnx"] {
+        std::os::unix::fs::symlink(models_dir().join(f), d.join(f)).unwrap();
+    }
+    d
+}
+
+#[test]
+fn model_problems_are_named() {
+    let missing = models_copy("missing", |m| m.replace("\"denoiser_s.onnx\"", "\"gone.onnx\""));
+    assert_user_error(
+        &diffshield(&["classify", "samples/02_cat.png", "--models", missing.to_str().unwrap()]),
+        "gone.onnx: file not found",
+    );
+    let renamed =
+        models_copy("mismatch", |m| m.replacen("input = \"x_t\"", "input = \"noisy\"", 1));
+    assert_user_error(
+        &diffshield(&[
+            "classify",
+            "samples/02_cat.png",
+            "--denoiser",
+            "m",
+            "--models",
+            renamed.to_str().unwrap(),
+        ]),
+        "does not match its manifest entry",
+    );
+    let shape = models_copy("shape", |m| {
+        m.replacen("input_shape = [3, 32, 32]", "input_shape = [3, 64, 64]", 1)
+    });
+    assert_user_error(
+        &diffshield(&["classify", "samples/02_cat.png", "--models", shape.to_str().unwrap()]),
+        "does not match its manifest entry",
+    );
+    let truncated = scratch("truncated");
+    std::fs::copy(models_dir().join("models.toml"), truncated.join("models.toml")).unwrap();
+    let bytes = std::fs::read(models_dir().join("denoiser_s.onnx")).unwrap();
+    std::fs::write(truncated.join("denoiser_s.onnx"), &bytes[..bytes.len() / 3]).unwrap();
+    std::os::unix::fs::symlink(
+        models_dir().join("classifier.onnx"),
+        truncated.join("classifier.onnx"),
+    )
+    .unwrap();
+    assert_user_error(
+        &diffshield(&["classify", "samples/02_cat.png", "--models", truncated.to_str().unwrap()]),
+        "cannot load model",
+    );
+    let no_manifest = scratch("empty");
+    assert_user_error(
+        &diffshield(&["classify", "samples/02_cat.png", "--models", no_manifest.to_str().unwrap()]),
+        "models.toml",
+    );
+}

@@ -1,0 +1,89 @@
+//! The pipeline on the shipped models: votes, determinism, bad pixels.
+
+mod common;
+
+use common::models_dir;
+use diffshield::config::{DefenseConfig, VoteRule};
+use diffshield::pipeline::Pipeline;
+use diffshield::Error;
+use ndarray::Array4;
+
+fn pipeline(votes: u32, rule: VoteRule, seed: u64) -> Pipeline {
+    let config = DefenseConfig {
+        models: models_dir(),
+        votes,
+        vote_rule: rule,
+        seed,
+        t_star: 60,
+        stride: Some(20),
+        ..DefenseConfig::default()
+    };
+    Pipeline::from_config(&config).unwrap()
+}
+
+fn frames(n: usize) -> Array4<f32> {
+    Array4::from_shape_fn((n, 3, 32, 32), |(i, c, h, w)| {
+        ((i * 7 + c * 3 + h + 2 * w) % 17) as f32 / 16.0
+    })
+}
+
+#[test]
+fn nan_and_out_of_range_pixels_are_refused_with_their_position() {
+    let mut p = pipeline(1, VoteRule::Majority, 0);
+    let mut x = frames(2);
+    x[[1, 2, 5, 6]] = f32::NAN;
+    let err = p.decide(x.view(), 0).unwrap_err();
+    assert!(matches!(err, Error::Pixels { .. }), "{err}");
+    assert!(err.to_string().contains("non-finite value NaN at image 1"), "{err}");
+    let err = p.decide_undefended(x.view(), 0).unwrap_err();
+    assert!(err.to_string().contains("NaN"), "{err}");
+    let mut y = frames(1);
+    y[[0, 0, 0, 0]] = 1.5;
+    let err = p.decide(y.view(), 0).unwrap_err();
+    assert!(err.to_string().contains("outside [0,1]"), "{err}");
+}
+
+#[test]
+fn wrong_image_size_is_a_shape_error() {
+    let mut p = pipeline(1, VoteRule::Majority, 0);
+    let x = Array4::<f32>::zeros((1, 3, 16, 16));
+    let err = p.decide(x.view(), 0).unwrap_err();
+    assert!(matches!(err, Error::Shape { .. }), "{err}");
+}
+
+#[test]
+fn votes_are_batched_independent_purifications() {
+    let x = frames(2);
+    let mut p = pipeline(3, VoteRule::Majority, 11);
+    let purified = p.purify_votes(x.view(), 5).unwrap();
+    assert_eq!(purified.shape(), &[6, 3, 32, 32]);
+    // Votes of one frame differ (independent noise) ...
+    assert_ne!(
+        purified.slice(ndarray::s![0, .., .., ..]),
+        purified.slice(ndarray::s![1, .., .., ..])
+    );
+    // ... and each vote equals a one-vote run of that frame with the same stream id: a frame's
+    // result does not depend on what else shares its batch.
+    let mut single = pipeline(3, VoteRule::Majority, 11);
+    let alone = single.purify_votes(x.slice(ndarray::s![1..2, .., .., ..]), 6).unwrap();
+    assert_eq!(alone, purified.slice(ndarray::s![3..6, .., .., ..]));
+    let d = p.decide(x.view(), 5).unwrap();
+    assert_eq!(d.len(), 2);
+    assert_eq!(d[1].frame, 6);
+    assert_eq!(d[0].vote_labels.len(), 3);
+    let count = |l| d[0].vote_labels.iter().filter(|&&v| v == l).count();
+    assert!(d[0].vote_labels.iter().all(|&l| count(d[0].label) >= count(l)));
+}
+
+#[test]
+fn same_seed_same_decision_other_seed_other_noise() {
+    let x = frames(1);
+    let a = pipeline(1, VoteRule::MeanProb, 1).purify_votes(x.view(), 0).unwrap();
+    let b = pipeline(1, VoteRule::MeanProb, 1).purify_votes(x.view(), 0).unwrap();
+    let c = pipeline(1, VoteRule::MeanProb, 2).purify_votes(x.view(), 0).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    let da = pipeline(2, VoteRule::MeanProb, 1).decide(x.view(), 0).unwrap();
+    let db = pipeline(2, VoteRule::MeanProb, 1).decide(x.view(), 0).unwrap();
+    assert_eq!((da[0].label, &da[0].probs), (db[0].label, &db[0].probs));
+}
