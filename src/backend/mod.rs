@@ -2,6 +2,7 @@
 //! (tract on the CPU, CUDA, an analytic test model) is behind them.
 
 pub mod tract;
+mod tract_opt;
 
 use crate::error::Result;
 use ndarray::{Array2, Array4, ArrayView4};

@@ -122,7 +122,7 @@ impl BatchedModel {
             let state = self
                 .base
                 .set_symbols(&subs)
-                .and_then(|m| m.into_optimized())
+                .and_then(super::tract_opt::optimise)
                 .and_then(|m| m.into_runnable())
                 .and_then(|p| p.spawn())
                 .map_err(backend)?;

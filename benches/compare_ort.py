@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Runs the same work as examples/frame_timing.rs on onnxruntime (same ONNX files, same thread
+count) and prints diffshield(tract) time / onnxruntime time for each case.
+
+One denoiser call at t=140 and one defended frame (T*=140, stride 10, eta 1, 1 vote: 14 denoiser
+calls with the DDIM update in numpy, then the classifier), batch 1 and 8, both denoisers.
+
+Usage: python3 benches/compare_ort.py [threads] [reps]   (needs `pip install onnxruntime numpy`)
+"""
+import json, subprocess, sys, time
+import numpy as np
+import onnxruntime as ort
+
+threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+reps = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+
+def session(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+def median_ms(n, f):
+    f()
+    ts = []
+    for _ in range(n):
+        s = time.perf_counter(); f(); ts.append((time.perf_counter() - s) * 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+abar = np.concatenate([[1.0], np.cumprod(1 - betas)])
+taus = list(range(140, -1, -10))
+rng = np.random.default_rng(0)
+
+def frame(den, clf, x):
+    x0 = 2 * x - 1
+    a = abar[140]
+    xt = (np.sqrt(a) * x0 + np.sqrt(1 - a) * rng.standard_normal(x.shape)).astype(np.float32)
+    for t, s in zip(taus[:-1], taus[1:]):
+        eps = den.run(None, {"x_t": xt, "t": np.full((x.shape[0],), t, np.float32)})[0]
+        at, as_ = abar[t], abar[s]
+        x0h = np.clip((xt - np.sqrt(1 - at) * eps) / np.sqrt(at), -1, 1)
+        sig = np.sqrt((1 - as_) / (1 - at)) * np.sqrt(1 - at / as_)
+        xt = (np.sqrt(as_) * x0h + np.sqrt(max(0.0, 1 - as_ - sig**2)) * eps
+              + sig * rng.standard_normal(x.shape)).astype(np.float32)
+    img = np.clip((xt + 1) / 2, 0, 1).astype(np.float32)
+    return clf.run(None, {"image": img})[0]
+
+ours = subprocess.run(["cargo", "run", "--release", "-q", "--example", "frame_timing", str(threads), str(reps)],
+                      check=True, capture_output=True, text=True).stdout
+clf = session("models/classifier.onnx")
+print(f"threads={threads}  (ratio = diffshield/tract time divided by onnxruntime time; < 1 is faster)")
+print(f"{'case':<22}{'tract ms':>10}{'ort ms':>10}{'ratio':>8}")
+for line in ours.splitlines():
+    r = json.loads(line)
+    den = session(f"models/denoiser_{r['denoiser']}.onnx")
+    x = np.random.default_rng(1).random((r["batch"], 3, 32, 32), dtype=np.float32)
+    xt = 2 * x - 1
+    tt = np.full((r["batch"],), 140, np.float32)
+    call = median_ms(reps, lambda: den.run(None, {"x_t": xt, "t": tt}))
+    fr = median_ms((reps + 1) // 2, lambda: frame(den, clf, x))
+    for kind, ours_ms, theirs in (("call", r["call_ms"], call), ("frame", r["frame_ms"], fr)):
+        name = f"{kind} {r['denoiser']} b{r['batch']}"
+        print(f"{name:<22}{ours_ms:>10.1f}{theirs:>10.1f}{ours_ms / theirs:>8.2f}")
