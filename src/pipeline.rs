@@ -5,8 +5,10 @@ use crate::backend::{Classifier, Denoiser};
 use crate::config::VoteRule;
 use crate::error::{Error, Result};
 use crate::noise::{SeededNoise, StreamId};
-use crate::purify::{purify, validate_images};
-use crate::schedule::DdimPlan;
+use crate::budget::{plan_frame, BudgetLimits, CostModel};
+use crate::purify::{validate_images, Purification};
+use crate::schedule::{DdimPlan, PlanSpec, Schedule};
+use std::ops::RangeInclusive;
 use ndarray::{Array2, Array4, ArrayView4, Axis};
 use serde::Serialize;
 use std::time::Instant;
@@ -24,28 +26,60 @@ pub struct Decision {
     pub probs: Vec<f32>,
     /// The label each vote chose, in vote order.
     pub vote_labels: Vec<usize>,
-    /// DDIM steps run (0 for the undefended classifier).
+    /// DDIM steps planned for the frame (0 for the undefended classifier).
+    pub planned_steps: usize,
+    /// DDIM steps actually run; fewer than planned when the deadline cut the frame short.
     pub steps: usize,
+    /// True when the frame was classified from an intermediate x0 estimate (deadline reached).
+    pub anytime: bool,
+    /// Whether the frame finished within its latency budget; `None` without a budget.
+    pub deadline_met: Option<bool>,
     /// This frame's share of the batch's purification time, seconds.
     pub purify_s: f64,
     /// This frame's share of the batch's classification time, seconds.
     pub classify_s: f64,
 }
 
+/// A per-frame latency budget and what the planner may choose within it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// Seconds allowed for purifying and classifying one frame.
+    pub seconds: f64,
+    /// Step and vote limits.
+    pub limits: BudgetLimits,
+}
+
+/// How a frame's purification ends.
+struct Purified {
+    images: Array4<f32>,
+    steps: usize,
+    anytime: bool,
+}
+
 /// The defended classifier: a DDIM plan, a denoiser and a classifier.
 pub struct Pipeline {
     plan: DdimPlan,
+    schedule: Schedule,
+    trained: RangeInclusive<u32>,
+    /// Plans with fewer steps at the same T* and eta, built on first use by the budget planner.
+    coarser: Vec<Option<DdimPlan>>,
     denoiser: Box<dyn Denoiser>,
     classifier: Box<dyn Classifier>,
     classes: Vec<String>,
     votes: u32,
     rule: VoteRule,
     seed: u64,
+    costs: CostModel,
 }
 
 impl Pipeline {
-    /// Assembles a pipeline; `classes` are the classifier's class names in logit order.
+    /// Assembles a pipeline; `plan` must come from `schedule` and the denoiser's `trained` t
+    /// range (the budget planner derives coarser plans from them); `classes` are the
+    /// classifier's class names in logit order.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        schedule: Schedule,
+        trained: RangeInclusive<u32>,
         plan: DdimPlan,
         denoiser: Box<dyn Denoiser>,
         classifier: Box<dyn Classifier>,
@@ -57,7 +91,20 @@ impl Pipeline {
         if votes == 0 {
             return Err(Error::InvalidConfig("votes must be at least 1".into()));
         }
-        Ok(Self { plan, denoiser, classifier, classes, votes, rule, seed })
+        let coarser = vec![None; plan.steps().len()];
+        Ok(Self {
+            plan,
+            schedule,
+            trained,
+            coarser,
+            denoiser,
+            classifier,
+            classes,
+            votes,
+            rule,
+            seed,
+            costs: CostModel::default(),
+        })
     }
 
     /// The DDIM plan in use.
@@ -75,6 +122,11 @@ impl Pipeline {
         self.votes
     }
 
+    /// Measured costs of the backend so far.
+    pub fn costs(&self) -> &CostModel {
+        &self.costs
+    }
+
     /// The classifier, for undefended use and attacks.
     pub fn classifier_mut(&mut self) -> &mut dyn Classifier {
         self.classifier.as_mut()
@@ -85,19 +137,40 @@ impl Pipeline {
         self.denoiser.as_mut()
     }
 
-    /// Purifies `frames` ([0,1] pixels, NCHW), `votes` times each, all in one batch; frame i has
-    /// index `first_frame + i`. Returns the purified images ordered frame-major
-    /// ([frame0 vote0, frame0 vote1, ...]).
-    pub fn purify_votes(
+    /// The plan with `steps` steps: the configured one at full length, else an evenly spaced
+    /// one at the same T* and eta (cached).
+    fn plan_with_steps(&mut self, steps: usize) -> Result<&DdimPlan> {
+        if steps >= self.plan.steps().len() {
+            return Ok(&self.plan);
+        }
+        let idx = steps.saturating_sub(1);
+        if self.coarser[idx].is_none() {
+            let p = DdimPlan::new(
+                &self.schedule,
+                self.trained.clone(),
+                self.plan.t_star(),
+                &PlanSpec::Steps(steps.max(1) as u32),
+                self.plan.eta(),
+            )?;
+            self.coarser[idx] = Some(p);
+        }
+        Ok(self.coarser[idx].as_ref().expect("built above"))
+    }
+
+    /// Purifies `frames` `votes` times each in one batch, frame-major
+    /// ([frame0 vote0, frame0 vote1, ...]), with `steps` DDIM steps; with a deadline
+    /// (start, seconds) it stops early once the next step and the classifier would not fit.
+    fn run_purification(
         &mut self,
         frames: ArrayView4<f32>,
         first_frame: u64,
-    ) -> Result<Array4<f32>> {
-        let v = self.votes as usize;
+        votes: u32,
+        steps: usize,
+        deadline: Option<(Instant, f64)>,
+    ) -> Result<Purified> {
+        let v = votes as usize;
         let items: Vec<StreamId> = (0..frames.shape()[0] as u64)
-            .flat_map(|f| {
-                (0..self.votes).map(move |vote| StreamId { frame: first_frame + f, vote })
-            })
+            .flat_map(|f| (0..votes).map(move |vote| StreamId { frame: first_frame + f, vote }))
             .collect();
         let repeated = if v == 1 {
             frames.to_owned()
@@ -106,31 +179,130 @@ impl Pipeline {
                 frames.outer_iter().flat_map(|f| std::iter::repeat_n(f, v)).collect();
             ndarray::stack(Axis(0), &views).map_err(|e| Error::Backend(e.to_string()))?
         };
+        let batch = items.len();
         let mut noise = SeededNoise::new(self.seed, items);
-        purify(&self.plan, self.denoiser.as_mut(), repeated.view(), &mut noise)
+        // Taken out of self so the plan borrow does not lock the denoiser and the cost model.
+        let plan = self.plan_with_steps(steps)?.clone();
+        let mut run = Purification::start(&plan, repeated.view(), &mut noise)?;
+        let mut anytime = false;
+        loop {
+            let t = Instant::now();
+            if run.step(self.denoiser.as_mut(), &mut noise)?.is_none() {
+                break;
+            }
+            self.costs.record_denoise(batch, t.elapsed().as_secs_f64());
+            if let (Some((start, seconds)), false) = (deadline, run.is_complete()) {
+                let next = self.costs.frame_s(1, votes).unwrap_or(0.0);
+                if start.elapsed().as_secs_f64() + next > seconds {
+                    anytime = true;
+                    break;
+                }
+            }
+        }
+        let images = run.current_image().ok_or_else(|| {
+            Error::Backend("purification ended before its first step".into())
+        })?;
+        Ok(Purified { images, steps: run.steps_done(), anytime })
+    }
+
+    /// Purifies `frames` ([0,1] pixels, NCHW), `votes` times each, all in one batch; frame i has
+    /// index `first_frame + i`. Returns the purified images ordered frame-major
+    /// ([frame0 vote0, frame0 vote1, ...]).
+    pub fn purify_votes(
+        &mut self,
+        frames: ArrayView4<f32>,
+        first_frame: u64,
+    ) -> Result<Array4<f32>> {
+        let steps = self.plan.steps().len();
+        Ok(self.run_purification(frames, first_frame, self.votes, steps, None)?.images)
     }
 
     /// Classifies `frames` through the defence; frame i has index `first_frame + i`.
     pub fn decide(&mut self, frames: ArrayView4<f32>, first_frame: u64) -> Result<Vec<Decision>> {
+        let steps = self.plan.steps().len();
+        self.decide_with(frames, first_frame, self.votes, steps, None)
+    }
+
+    /// Classifies one frame (`frame` is [1, C, H, W]) within `budget`: plans steps and votes
+    /// from the measured costs, and if time runs out mid-way classifies the latest x0 estimate.
+    /// When even the smallest plan is predicted not to fit, it runs that plan anyway and the
+    /// decision says the deadline was missed.
+    pub fn decide_within(
+        &mut self,
+        frame: ArrayView4<f32>,
+        index: u64,
+        budget: &Budget,
+    ) -> Result<Decision> {
+        if frame.shape()[0] != 1 {
+            return Err(Error::Shape {
+                expected: "one frame [1, C, H, W] under a latency budget".into(),
+                got: format!("{:?}", frame.shape()),
+            });
+        }
+        let l = &budget.limits;
+        let (steps, votes) = match plan_frame(&self.costs, budget.seconds, l) {
+            Some(p) => (p.steps, p.votes),
+            None => (l.min_steps.max(1), l.min_votes.max(1)),
+        };
+        let start = Instant::now();
+        let mut d = self.decide_with(frame, index, votes, steps, Some((start, budget.seconds)))?;
+        let mut d = d.pop().ok_or_else(|| Error::Backend("no decision for the frame".into()))?;
+        d.deadline_met = Some(start.elapsed().as_secs_f64() <= budget.seconds);
+        Ok(d)
+    }
+
+    /// Runs each limit's smallest and largest vote count once untimed (tract builds its plan
+    /// for a batch size on first use) and once timed, so the planner has costs before the first
+    /// real frame. Returns an error naming the numbers when even one step cannot fit.
+    pub fn calibrate(&mut self, budget: &Budget, shape: [usize; 3]) -> Result<()> {
+        let probe = Array4::from_elem((1, shape[0], shape[1], shape[2]), 0.5f32);
+        let l = budget.limits;
+        for votes in [l.min_votes.max(1), l.max_votes.max(1)] {
+            let saved = std::mem::take(&mut self.costs);
+            self.decide_with(probe.view(), 0, votes, 1, None)?;
+            self.costs = saved;
+            self.decide_with(probe.view(), 0, votes, 1, None)?;
+        }
+        if plan_frame(&self.costs, budget.seconds, &l).is_none() {
+            let v = l.min_votes.max(1);
+            return Err(Error::InvalidConfig(format!(
+                "a budget of {:.1} ms cannot fit even {} DDIM step(s) with {v} vote(s): one step \
+                 takes about {:.1} ms and the classifier {:.1} ms on this backend",
+                budget.seconds * 1e3,
+                l.min_steps.max(1),
+                self.costs.denoise_s(v as usize).unwrap_or(f64::NAN) * 1e3,
+                self.costs.classify_s(v as usize).unwrap_or(f64::NAN) * 1e3,
+            )));
+        }
+        Ok(())
+    }
+
+    fn decide_with(
+        &mut self,
+        frames: ArrayView4<f32>,
+        first_frame: u64,
+        votes: u32,
+        steps: usize,
+        deadline: Option<(Instant, f64)>,
+    ) -> Result<Vec<Decision>> {
         let n = frames.shape()[0];
         if n == 0 {
             return Ok(Vec::new());
         }
         let t0 = Instant::now();
-        let purified = self.purify_votes(frames, first_frame)?;
+        let purified = self.run_purification(frames, first_frame, votes, steps, deadline)?;
         let t1 = Instant::now();
-        let logits = self.classifier.logits(purified.view())?;
+        let logits = self.classifier.logits(purified.images.view())?;
         let t2 = Instant::now();
+        self.costs.record_classify(purified.images.shape()[0], (t2 - t1).as_secs_f64());
         let share = |d: std::time::Duration| d.as_secs_f64() / n as f64;
-        let (purify_s, classify_s) = (share(t1 - t0), share(t2 - t1));
-        Ok(self.combine(
-            &logits,
-            self.votes as usize,
-            first_frame,
-            self.plan.steps().len(),
-            purify_s,
-            classify_s,
-        ))
+        let mut out = self.combine(&logits, votes as usize, first_frame, share(t1 - t0), share(t2 - t1));
+        for d in &mut out {
+            d.planned_steps = steps;
+            d.steps = purified.steps;
+            d.anytime = purified.anytime;
+        }
+        Ok(out)
     }
 
     /// Classifies `frames` with the bare classifier (no purification).
@@ -147,16 +319,15 @@ impl Pipeline {
         let t0 = Instant::now();
         let logits = self.classifier.logits(frames)?;
         let classify_s = t0.elapsed().as_secs_f64() / n as f64;
-        Ok(self.combine(&logits, 1, first_frame, 0, 0.0, classify_s))
+        Ok(self.combine(&logits, 1, first_frame, 0.0, classify_s))
     }
 
-    /// Groups `votes` consecutive logit rows per frame into decisions.
+    /// Groups `votes` consecutive logit rows per frame into decisions (steps filled by caller).
     fn combine(
         &self,
         logits: &Array2<f32>,
         votes: usize,
         first_frame: u64,
-        steps: usize,
         purify_s: f64,
         classify_s: f64,
     ) -> Vec<Decision> {
@@ -178,7 +349,10 @@ impl Pipeline {
                     class: self.classes.get(label).cloned().unwrap_or_else(|| label.to_string()),
                     probs: mean,
                     vote_labels,
-                    steps,
+                    planned_steps: 0,
+                    steps: 0,
+                    anytime: false,
+                    deadline_met: None,
                     purify_s,
                     classify_s,
                 }
@@ -239,6 +413,8 @@ impl Pipeline {
         )?;
         let (denoiser, classifier) = crate::backend::load(&manifest, config)?;
         Self::new(
+            manifest.schedule()?,
+            entry.trained_range(),
             plan,
             denoiser,
             classifier,
