@@ -58,6 +58,14 @@ pub struct DefenseConfig {
     pub batch: usize,
     /// Folder holding models.toml and the ONNX files.
     pub models: PathBuf,
+    /// Per-frame latency budget in milliseconds; `None` runs the full plan with `votes` votes.
+    /// Under a budget the planner picks the steps (at the same T*) and votes per frame, within
+    /// `min_steps..=plan steps` and `min_votes..=votes`.
+    pub budget_ms: Option<f64>,
+    /// Fewest DDIM steps the budget planner may choose.
+    pub min_steps: usize,
+    /// Fewest votes the budget planner may choose.
+    pub min_votes: u32,
 }
 
 impl Default for DefenseConfig {
@@ -76,6 +84,9 @@ impl Default for DefenseConfig {
             backend: BackendKind::Cpu,
             batch: 1,
             models: PathBuf::from("models"),
+            budget_ms: None,
+            min_steps: 1,
+            min_votes: 1,
         }
     }
 }
@@ -118,6 +129,36 @@ impl DefenseConfig {
         if !self.eta.is_finite() || !(0.0..=1.0).contains(&self.eta) {
             return bad(format!("eta must be in [0, 1], got {}", self.eta));
         }
+        if let Some(ms) = self.budget_ms {
+            if !ms.is_finite() || ms <= 0.0 {
+                return bad(format!(
+                    "budget_ms must be a positive number of milliseconds, got {ms}"
+                ));
+            }
+        }
+        if self.min_steps == 0 {
+            return bad("min_steps must be at least 1".into());
+        }
+        if self.min_votes == 0 || self.min_votes > self.votes {
+            return bad(format!(
+                "min_votes must be in 1..=votes ({}), got {}",
+                self.votes, self.min_votes
+            ));
+        }
         self.plan_spec().map(|_| ())
+    }
+
+    /// The latency budget and the planner's limits for a plan of `plan_steps` steps, if a
+    /// budget is set.
+    pub fn budget(&self, plan_steps: usize) -> Option<crate::pipeline::Budget> {
+        self.budget_ms.map(|ms| crate::pipeline::Budget {
+            seconds: ms / 1e3,
+            limits: crate::budget::BudgetLimits {
+                min_steps: self.min_steps.min(plan_steps),
+                max_steps: plan_steps,
+                min_votes: self.min_votes,
+                max_votes: self.votes,
+            },
+        })
     }
 }

@@ -4,6 +4,7 @@
 //! → [`Classifier`] → [`pipeline::Decision`].
 
 pub mod backend;
+pub mod budget;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -16,3 +17,4 @@ pub mod schedule;
 pub use backend::{Classifier, Denoiser};
 pub use error::{Error, Result};
 pub use schedule::{DdimPlan, PlanSpec, Schedule};
+pub mod stream;

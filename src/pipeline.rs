@@ -2,15 +2,15 @@
 //! run as one batch and combined into one decision.
 
 use crate::backend::{Classifier, Denoiser};
+use crate::budget::{plan_frame, BudgetLimits, CostModel};
 use crate::config::VoteRule;
 use crate::error::{Error, Result};
 use crate::noise::{SeededNoise, StreamId};
-use crate::budget::{plan_frame, BudgetLimits, CostModel};
 use crate::purify::{validate_images, Purification};
 use crate::schedule::{DdimPlan, PlanSpec, Schedule};
-use std::ops::RangeInclusive;
 use ndarray::{Array2, Array4, ArrayView4, Axis};
 use serde::Serialize;
+use std::ops::RangeInclusive;
 use std::time::Instant;
 
 /// The outcome for one frame.
@@ -199,9 +199,9 @@ impl Pipeline {
                 }
             }
         }
-        let images = run.current_image().ok_or_else(|| {
-            Error::Backend("purification ended before its first step".into())
-        })?;
+        let images = run
+            .current_image()
+            .ok_or_else(|| Error::Backend("purification ended before its first step".into()))?;
         Ok(Purified { images, steps: run.steps_done(), anytime })
     }
 
@@ -296,7 +296,8 @@ impl Pipeline {
         let t2 = Instant::now();
         self.costs.record_classify(purified.images.shape()[0], (t2 - t1).as_secs_f64());
         let share = |d: std::time::Duration| d.as_secs_f64() / n as f64;
-        let mut out = self.combine(&logits, votes as usize, first_frame, share(t1 - t0), share(t2 - t1));
+        let mut out =
+            self.combine(&logits, votes as usize, first_frame, share(t1 - t0), share(t2 - t1));
         for d in &mut out {
             d.planned_steps = steps;
             d.steps = purified.steps;

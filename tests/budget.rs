@@ -24,7 +24,8 @@ impl Denoiser for SlowDenoiser {
     fn predict_eps(&mut self, x_t: ArrayView4<f32>, _t: u32) -> Result<Array4<f32>> {
         let n = self.calls.get();
         self.calls.set(n + 1);
-        let d = if n >= self.slow_after { self.slow } else { self.per_image * x_t.shape()[0] as u32 };
+        let d =
+            if n >= self.slow_after { self.slow } else { self.per_image * x_t.shape()[0] as u32 };
         std::thread::sleep(d);
         Ok(Array4::zeros(x_t.raw_dim()))
     }
@@ -40,7 +41,11 @@ impl Classifier for SlowClassifier {
         // Class 1 when the mean pixel is above 0.5.
         Ok(Array2::from_shape_fn((images.shape()[0], 2), |(i, c)| {
             let m = images.slice(ndarray::s![i, .., .., ..]).mean().unwrap_or(0.0);
-            if (c == 1) == (m > 0.5) { 1.0 } else { 0.0 }
+            if (c == 1) == (m > 0.5) {
+                1.0
+            } else {
+                0.0
+            }
         }))
     }
 }
@@ -75,7 +80,8 @@ fn frame() -> Array4<f32> {
     Array4::from_elem((1, 1, 4, 4), 0.8)
 }
 
-const LIMITS: BudgetLimits = BudgetLimits { min_steps: 1, max_steps: 10, min_votes: 1, max_votes: 3 };
+const LIMITS: BudgetLimits =
+    BudgetLimits { min_steps: 1, max_steps: 10, min_votes: 1, max_votes: 3 };
 
 #[test]
 fn planned_steps_and_votes_fit_the_budget() {
@@ -88,10 +94,17 @@ fn planned_steps_and_votes_fit_the_budget() {
         let d = p.decide_within(frame().view(), 0, &budget).unwrap();
         let votes = d.vote_labels.len();
         let predicted = d.planned_steps as f64 * 10.0 * votes as f64 + 2.0 * votes as f64;
-        eprintln!("{ms} ms: {} steps x {votes} votes, predicted {predicted} ms, took {:.1} ms",
-                  d.planned_steps, (d.purify_s + d.classify_s) * 1e3);
+        eprintln!(
+            "{ms} ms: {} steps x {votes} votes, predicted {predicted} ms, took {:.1} ms",
+            d.planned_steps,
+            (d.purify_s + d.classify_s) * 1e3
+        );
         assert!(d.planned_steps <= want_steps, "{ms} ms budget planned {} steps", d.planned_steps);
-        assert!(d.planned_steps + 1 >= want_steps, "{ms} ms budget planned only {} steps", d.planned_steps);
+        assert!(
+            d.planned_steps + 1 >= want_steps,
+            "{ms} ms budget planned only {} steps",
+            d.planned_steps
+        );
         assert_eq!(votes, 1, "a second vote does not fit {ms} ms");
         assert!(predicted <= ms as f64, "plan does not fit: {predicted} ms > {ms} ms");
         assert!(d.steps == d.planned_steps || d.anytime, "{d:?}");

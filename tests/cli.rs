@@ -211,3 +211,76 @@ fn model_problems_are_named() {
         "models.toml",
     );
 }
+
+fn run_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diffshield"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn run_streams_a_folder_in_name_order_and_ends_with_a_summary() {
+    let out = diffshield(&["run", "--folder", "samples", "--limit", "3", "--stride", "70"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 4, "3 frames and a summary");
+    for (i, l) in lines[..3].iter().enumerate() {
+        assert_eq!(l["frame"], i as u64);
+        assert!(l["source"].as_str().unwrap().contains(&format!("{i:02}_")));
+        assert_eq!(l["steps"], 2);
+    }
+    let summary = &lines[3];
+    assert_eq!(summary["frames"], 3);
+    assert_eq!(summary["dropped"], 0);
+    for k in ["deadline_missed", "p50_ms", "p95_ms", "p99_ms"] {
+        assert!(summary.get(k).is_some(), "summary lacks {k}");
+    }
+}
+
+#[test]
+fn run_reads_raw_rgb_frames_from_stdin() {
+    let frame: Vec<u8> = (0..40 * 30 * 3).map(|i| (i % 251) as u8).collect();
+    let two = [frame.clone(), frame].concat();
+    let out = run_with_stdin(&["run", "--raw", "40x30", "--stride", "70"], &two);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[1]["source"], "stdin#1");
+    // A truncated last frame is an error naming the sizes (after the whole frames were classified).
+    let out = run_with_stdin(&["run", "--raw", "40x30", "--stride", "70"], &two[..two.len() - 10]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("3600"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let out = run_with_stdin(&["run", "--raw", "40by30"], &[]);
+    assert_user_error(&out, "WIDTHxHEIGHT");
+}
+
+#[test]
+fn run_refuses_a_budget_that_cannot_fit_one_step() {
+    let out = diffshield(&["run", "--folder", "samples", "--limit", "1", "--budget-ms", "0.5"]);
+    assert_user_error(&out, "cannot fit even 1 DDIM step");
+    assert_user_error(&diffshield(&["run", "--folder", "samples", "--budget-ms=-3"]), "budget_ms");
+}
+
+#[test]
+fn run_under_a_generous_budget_meets_its_deadlines() {
+    let out = diffshield(&["run", "--folder", "samples", "--limit", "2", "--budget-ms", "60000"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out);
+    assert_eq!(lines[0]["planned_steps"], 14);
+    assert_eq!(lines[0]["deadline_met"], true);
+    assert_eq!(lines[2]["deadline_missed"], 0);
+}

@@ -8,12 +8,16 @@ use diffshield::config::{BackendKind, DefenseConfig, VoteRule};
 use diffshield::data::cifar::{is_cifar_bin, read_cifar_bin};
 use diffshield::data::image::{collect_image_paths, load_image};
 use diffshield::pipeline::{Decision, Pipeline};
+use diffshield::stream::{
+    spawn_producer, CifarSource, FolderSource, FrameQueue, FrameSource, LatencySummary, RawSource,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array4, Axis};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -57,6 +61,40 @@ enum Command {
         #[command(flatten)]
         defense: DefenseArgs,
     },
+    /// Classify a stream of frames (folder, raw RGB on stdin, CIFAR-10 .bin) at a target rate;
+    /// one JSON line per frame, then a summary line.
+    Run {
+        #[command(flatten)]
+        source: StreamArgs,
+        #[command(flatten)]
+        defense: DefenseArgs,
+    },
+}
+
+/// Where a stream's frames come from and how fast.
+#[derive(Args, Clone)]
+struct StreamArgs {
+    /// A folder of images, taken in file-name order.
+    #[arg(long, group = "input")]
+    folder: Option<PathBuf>,
+    /// With --folder: keep watching for new files (stop with --limit or Ctrl-C).
+    #[arg(long, requires = "folder")]
+    watch: bool,
+    /// Raw RGB8 frames of WIDTHxHEIGHT (interleaved, row-major) on stdin, e.g. 640x480.
+    #[arg(long, group = "input", value_name = "WxH")]
+    raw: Option<String>,
+    /// A CIFAR-10 .bin file read as a stream.
+    #[arg(long, group = "input")]
+    data: Option<PathBuf>,
+    /// Stop after N frames.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Frames per second the source delivers (default: as fast as it can).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Frames that may wait while one is processed; beyond it the oldest is dropped.
+    #[arg(long, default_value_t = 4)]
+    queue: usize,
 }
 
 /// Options of the defence; each overrides the same key of `--config`.
@@ -104,6 +142,15 @@ struct DefenseArgs {
     /// Folder with models.toml and the ONNX files [default: models].
     #[arg(long)]
     models: Option<PathBuf>,
+    /// Per-frame latency budget, milliseconds: steps and votes are planned per frame to fit.
+    #[arg(long)]
+    budget_ms: Option<f64>,
+    /// Fewest DDIM steps the budget planner may choose [default: 1].
+    #[arg(long)]
+    min_steps: Option<usize>,
+    /// Fewest votes the budget planner may choose (--votes is the most) [default: 1].
+    #[arg(long)]
+    min_votes: Option<u32>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -134,7 +181,10 @@ impl DefenseArgs {
         macro_rules! set {
             ($($f:ident),*) => { $(if let Some(v) = self.$f.clone() { c.$f = v; })* };
         }
-        set!(t_star, eta, votes, seed, denoiser, threads, batch, models);
+        set!(t_star, eta, votes, seed, denoiser, threads, batch, models, min_steps, min_votes);
+        if self.budget_ms.is_some() {
+            c.budget_ms = self.budget_ms;
+        }
         if let Some(r) = self.vote_rule {
             c.vote_rule = match r {
                 VoteRuleArg::Majority => VoteRule::Majority,
@@ -291,6 +341,78 @@ fn eval(
     Ok(())
 }
 
+fn frame_source(args: &StreamArgs) -> anyhow::Result<Box<dyn FrameSource>> {
+    if let Some(folder) = &args.folder {
+        return Ok(Box::new(FolderSource::new(folder, args.watch)?));
+    }
+    if let Some(data) = &args.data {
+        return Ok(Box::new(CifarSource::open(data)?));
+    }
+    if let Some(size) = &args.raw {
+        let parsed =
+            size.split_once(['x', 'X']).and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)));
+        let (w, h) = parsed.ok_or_else(|| {
+            diffshield::Error::InvalidConfig(format!(
+                "--raw takes WIDTHxHEIGHT, e.g. 640x480, got {size:?}"
+            ))
+        })?;
+        return Ok(Box::new(RawSource::new(std::io::stdin(), "stdin", w, h)?));
+    }
+    Err(diffshield::Error::InvalidConfig("run needs one of --folder, --raw or --data".into())
+        .into())
+}
+
+fn run(args: &StreamArgs, defense: &DefenseArgs) -> anyhow::Result<()> {
+    let config = defense.resolve()?;
+    let mut pipeline = Pipeline::from_config(&config)?;
+    let budget = config.budget(pipeline.plan().steps().len());
+    if let Some(b) = &budget {
+        pipeline.calibrate(b, [3, 32, 32])?;
+    }
+    let source = frame_source(args)?;
+    let queue = Arc::new(FrameQueue::new(args.queue)?);
+    let producer = spawn_producer(source, args.rate, args.limit, Arc::clone(&queue));
+    let mut latencies = Vec::new();
+    let mut missed = 0u64;
+    let mut stdout = std::io::stdout().lock();
+    let mut outcome = Ok(());
+    while let Some(frame) = queue.pop() {
+        let started = Instant::now();
+        let x = frame.image.clone().insert_axis(Axis(0));
+        let decided = match &budget {
+            Some(b) => pipeline.decide_within(x.view(), frame.index, b),
+            None => pipeline.decide(x.view(), frame.index).map(|mut d| d.remove(0)),
+        };
+        let d = match decided {
+            Ok(d) => d,
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        };
+        let latency = started.elapsed().as_secs_f64();
+        latencies.push(latency);
+        if d.deadline_met == Some(false) {
+            missed += 1;
+        }
+        let mut line = serde_json::to_value(&d)?;
+        line["source"] = json!(frame.source);
+        line["latency_ms"] = json!(latency * 1e3);
+        line["queued_ms"] = json!((started - frame.arrived).as_secs_f64() * 1e3);
+        if let Some(l) = frame.label {
+            line["true_label"] = json!(l);
+        }
+        writeln!(stdout, "{line}")?;
+    }
+    queue.close();
+    let produced = producer.join().map_err(|_| anyhow::anyhow!("frame reader thread panicked"))?;
+    let summary = LatencySummary::from_latencies(&latencies, missed, queue.dropped());
+    writeln!(stdout, "{}", serde_json::to_string(&summary)?)?;
+    outcome?;
+    produced?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -301,6 +423,7 @@ fn main() -> ExitCode {
         Command::Eval { data, limit, no_purify, defense } => {
             eval(data, *limit, *no_purify, defense)
         }
+        Command::Run { source, defense } => run(source, defense),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

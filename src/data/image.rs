@@ -82,6 +82,20 @@ fn cover_size(src_w: u32, src_h: u32, dst_w: u32, dst_h: u32) -> (u32, u32) {
     }
 }
 
+/// Checks an output size `(h, w)` in pixels and returns it as `(h, w)` in `u32`.
+fn target_dims(size: (usize, usize)) -> Result<(u32, u32)> {
+    let (h, w) = size;
+    if h == 0 || w == 0 {
+        return Err(Error::InvalidConfig(format!(
+            "image target size {h}x{w} (h x w) must be non-zero"
+        )));
+    }
+    match (u32::try_from(h), u32::try_from(w)) {
+        (Ok(th), Ok(tw)) => Ok((th, tw)),
+        _ => Err(Error::InvalidConfig(format!("image target size {h}x{w} is too large"))),
+    }
+}
+
 /// Loads an image file as CHW `[3, h, w]` `f32` RGB in [0,1] (byte / 255), where
 /// `size = (h, w)` is the output height and width in pixels.
 ///
@@ -89,35 +103,51 @@ fn cover_size(src_w: u32, src_h: u32, dst_w: u32, dst_h: u32) -> (u32, u32) {
 /// An image of exactly `h` x `w` pixels is used as is; any other is resized so that it covers
 /// the target with its aspect ratio kept (shorter side = target side for a square target),
 /// with the Triangle filter (bilinear, antialiased when downscaling), then centre-cropped
-/// (where the excess is odd, the extra pixel is cut from the right/bottom).
+/// (where the excess is odd, the extra pixel is cut from the right/bottom). The decoded pixels
+/// go through [`rgb8_to_chw`], so an in-memory image gives the same array as its file.
 ///
 /// Errors: [`Error::Io`] where the file is missing or unreadable; [`Error::Image`] where it is
 /// empty, not an image, corrupt, truncated, of an unsupported format or of zero size;
 /// [`Error::InvalidConfig`] where `h` or `w` is 0. Never panics on any file content.
 pub fn load_image(path: &Path, size: (usize, usize)) -> Result<Array3<f32>> {
-    let (h, w) = size;
-    if h == 0 || w == 0 {
-        return Err(Error::InvalidConfig(format!(
-            "image target size {h}x{w} (h x w) must be non-zero"
-        )));
-    }
-    let (th, tw) = match (u32::try_from(h), u32::try_from(w)) {
-        (Ok(th), Ok(tw)) => (th, tw),
-        _ => return Err(Error::InvalidConfig(format!("image target size {h}x{w} is too large"))),
-    };
+    // Refuse a bad target size before touching the file.
+    target_dims(size)?;
     let rgb = decode_rgb8(path)?;
+    rgb8_to_chw(&rgb, size)
+}
+
+/// Turns an in-memory 8-bit RGB image into CHW `[3, h, w]` `f32` in [0,1] (byte / 255), where
+/// `size = (h, w)` is the output height and width in pixels: exactly what [`load_image`] does
+/// after decoding (same-size images used pixel for pixel, any other resized to cover the
+/// target with its aspect ratio kept, Triangle filter, then centre-cropped).
+///
+/// Errors: [`Error::InvalidConfig`] where `h` or `w` is 0 or too large; [`Error::Shape`] where
+/// the image has zero width or height.
+pub fn rgb8_to_chw(rgb: &RgbImage, size: (usize, usize)) -> Result<Array3<f32>> {
+    let (h, w) = size;
+    let (th, tw) = target_dims(size)?;
     let (sw, sh) = rgb.dimensions();
-    let fitted = if (sw, sh) == (tw, th) {
+    if sw == 0 || sh == 0 {
+        return Err(Error::Shape {
+            expected: "an RGB image of at least 1x1 pixels".into(),
+            got: format!("{sw}x{sh} pixels (w x h)"),
+        });
+    }
+    let scaled;
+    let cropped;
+    let fitted: &RgbImage = if (sw, sh) == (tw, th) {
         rgb
     } else {
         let (nw, nh) = cover_size(sw, sh, tw, th);
-        let scaled = if (nw, nh) == (sw, sh) {
+        let src: &RgbImage = if (nw, nh) == (sw, sh) {
             rgb
         } else {
-            imageops::resize(&rgb, nw, nh, FilterType::Triangle)
+            scaled = imageops::resize(rgb, nw, nh, FilterType::Triangle);
+            &scaled
         };
         let (x0, y0) = ((nw - tw) / 2, (nh - th) / 2);
-        imageops::crop_imm(&scaled, x0, y0, tw, th).to_image()
+        cropped = imageops::crop_imm(src, x0, y0, tw, th).to_image();
+        &cropped
     };
     let mut out = Array3::<f32>::zeros((3, h, w));
     for (x, y, px) in fitted.enumerate_pixels() {
@@ -128,18 +158,64 @@ pub fn load_image(path: &Path, size: (usize, usize)) -> Result<Array3<f32>> {
     Ok(out)
 }
 
+/// Turns raw interleaved 8-bit RGB pixels (HWC: row 0 first, left to right, `R G B` per pixel,
+/// `width * height * 3` bytes) of a `width` x `height` image into CHW `[3, h, w]` `f32` in
+/// [0,1], like [`rgb8_to_chw`] (and so like [`load_image`] on a file of that image), where
+/// `size = (h, w)` is the output height and width in pixels.
+///
+/// Errors: [`Error::Shape`] where `bytes` is not exactly `width * height * 3` long or a side is
+/// 0; [`Error::InvalidConfig`] for a bad target size.
+pub fn raw_rgb8_to_chw(
+    bytes: &[u8],
+    width: u32,
+    height: u32,
+    size: (usize, usize),
+) -> Result<Array3<f32>> {
+    let expected = u64::from(width) * u64::from(height) * 3;
+    if width == 0 || height == 0 || bytes.len() as u64 != expected {
+        return Err(Error::Shape {
+            expected: format!("{width}*{height}*3 = {expected} bytes of raw RGB8 (w*h*3)"),
+            got: format!("{} bytes", bytes.len()),
+        });
+    }
+    let rgb = RgbImage::from_raw(width, height, bytes.to_vec()).ok_or_else(|| Error::Shape {
+        expected: format!("{width}*{height}*3 = {expected} bytes of raw RGB8 (w*h*3)"),
+        got: format!("{} bytes", bytes.len()),
+    })?;
+    rgb8_to_chw(&rgb, size)
+}
+
 fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .and_then(OsStr::to_str)
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
+/// Lists the images of one folder: its regular files (symbolic links followed) whose
+/// extension is one of [`IMAGE_EXTENSIONS`] (any case), not recursing into sub-folders and
+/// skipping hidden names (starting with `.`), sorted by file name. The list may be empty.
+///
+/// Errors: [`Error::Io`] (kind `NotFound` for a missing path) where the folder cannot be read.
+pub fn list_folder_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let entry = entry.map_err(|e| io_err(dir, e))?;
+        let path = entry.path();
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if !hidden && has_image_extension(&path) && path.is_file() {
+            found.push(path);
+        }
+    }
+    found.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(found)
+}
+
 /// Expands command-line inputs into image files, in order.
 ///
-/// A file is taken as is (whatever its extension). A folder contributes its regular files
-/// (symbolic links followed) whose extension is one of [`IMAGE_EXTENSIONS`] (any case), not
-/// recursing into sub-folders and skipping hidden names (starting with `.`), sorted by file
-/// name.
+/// A file is taken as is (whatever its extension). A folder contributes its images as listed
+/// by [`list_folder_images`]: regular files (symbolic links followed) whose extension is one
+/// of [`IMAGE_EXTENSIONS`] (any case), not recursing into sub-folders and skipping hidden
+/// names (starting with `.`), sorted by file name.
 ///
 /// Errors: [`Error::Io`] (kind `NotFound` for a missing path) where an input cannot be read;
 /// [`Error::Image`] naming a folder that holds no such image.
@@ -151,19 +227,10 @@ pub fn collect_image_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             out.push(input.clone());
             continue;
         }
-        let mut found = Vec::new();
-        for entry in fs::read_dir(input).map_err(|e| io_err(input, e))? {
-            let entry = entry.map_err(|e| io_err(input, e))?;
-            let path = entry.path();
-            let hidden = entry.file_name().to_string_lossy().starts_with('.');
-            if !hidden && has_image_extension(&path) && path.is_file() {
-                found.push(path);
-            }
-        }
+        let found = list_folder_images(input)?;
         if found.is_empty() {
             return Err(image_err(input, "no PNG/JPEG/PPM images in folder"));
         }
-        found.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
         out.extend(found);
     }
     Ok(out)
