@@ -49,6 +49,11 @@ pub struct Budget {
     pub limits: BudgetLimits,
 }
 
+/// Untimed warm-up runs per batch size in [`Pipeline::calibrate`].
+const CALIBRATION_WARMUP: usize = 2;
+/// Timed runs per batch size in [`Pipeline::calibrate`] (2 denoiser steps each).
+const CALIBRATION_RUNS: usize = 3;
+
 /// How a frame's purification ends.
 struct Purified {
     images: Array4<f32>,
@@ -251,17 +256,23 @@ impl Pipeline {
         Ok(d)
     }
 
-    /// Runs each limit's smallest and largest vote count once untimed (tract builds its plan
-    /// for a batch size on first use) and once timed, so the planner has costs before the first
+    /// Runs the smallest and largest vote count a few times untimed (tract builds its plan for
+    /// a batch size on first use) and then timed, so the planner has costs before the first
     /// real frame. Returns an error naming the numbers when even one step cannot fit.
     pub fn calibrate(&mut self, budget: &Budget, shape: [usize; 3]) -> Result<()> {
         let probe = Array4::from_elem((1, shape[0], shape[1], shape[2]), 0.5f32);
         let l = budget.limits;
         for votes in [l.min_votes.max(1), l.max_votes.max(1)] {
+            // The first runs at a batch size build tract's plan and fault in its buffers; they
+            // are several times slower than the steady state and would skew the estimate.
             let saved = std::mem::take(&mut self.costs);
-            self.decide_with(probe.view(), 0, votes, 1, None)?;
+            for _ in 0..CALIBRATION_WARMUP {
+                self.decide_with(probe.view(), 0, votes, 2, None)?;
+            }
             self.costs = saved;
-            self.decide_with(probe.view(), 0, votes, 1, None)?;
+            for _ in 0..CALIBRATION_RUNS {
+                self.decide_with(probe.view(), 0, votes, 2, None)?;
+            }
         }
         if plan_frame(&self.costs, budget.seconds, &l).is_none() {
             let v = l.min_votes.max(1);

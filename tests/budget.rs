@@ -119,11 +119,12 @@ fn planned_steps_and_votes_fit_the_budget() {
 
 #[test]
 fn a_frame_out_of_time_is_classified_from_its_latest_estimate() {
-    // Calibration makes 4 denoiser calls; from the 7th call on, each takes 60 ms.
-    let (mut p, calls) = pipeline(5, 6, 60);
+    // Calibration makes 20 denoiser calls (2 vote levels x 5 runs x 2 steps); the frame's first
+    // two steps are fast, then every call takes 60 ms.
+    let (mut p, calls) = pipeline(5, 22, 60);
     let budget = Budget { seconds: 0.1, limits: BudgetLimits { max_votes: 1, ..LIMITS } };
     p.calibrate(&budget, [1, 4, 4]).unwrap();
-    assert_eq!(calls.get(), 4);
+    assert_eq!(calls.get(), 20);
     let d = p.decide_within(frame().view(), 0, &budget).unwrap();
     assert_eq!(d.planned_steps, 10);
     assert!(d.anytime, "{d:?}");
