@@ -284,3 +284,24 @@ fn run_under_a_generous_budget_meets_its_deadlines() {
     assert_eq!(lines[0]["deadline_met"], true);
     assert_eq!(lines[2]["deadline_missed"], 0);
 }
+
+#[test]
+fn classify_under_a_budget_reports_its_plan() {
+    let out = diffshield(&[
+        "classify",
+        "samples",
+        "--limit",
+        "2",
+        "--budget-ms",
+        "60000",
+        "--votes",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["planned_steps"], 14);
+    assert_eq!(lines[1]["vote_labels"].as_array().unwrap().len(), 2);
+    assert_eq!(lines[1]["deadline_met"], true);
+    assert_eq!(lines[1]["anytime"], false);
+}

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use diffshield::config::{BackendKind, DefenseConfig, VoteRule};
 use diffshield::data::cifar::{is_cifar_bin, read_cifar_bin};
 use diffshield::data::image::{collect_image_paths, load_image};
-use diffshield::pipeline::{Decision, Pipeline};
+use diffshield::pipeline::{Budget, Decision, Pipeline};
 use diffshield::stream::{
     spawn_producer, CifarSource, FolderSource, FrameQueue, FrameSource, LatencySummary, RawSource,
 };
@@ -255,21 +255,32 @@ fn progress(len: usize, what: &str) -> ProgressBar {
     bar
 }
 
-/// Runs the pipeline over `images` in batches of `batch` frames.
+/// How a batch of frames goes through the pipeline.
+enum Mode<'a> {
+    /// The bare classifier.
+    Undefended,
+    /// The full configured plan.
+    Defended,
+    /// One frame at a time under a latency budget.
+    Budgeted(&'a Budget),
+}
+
+/// Runs the pipeline over `images` in batches of `batch` frames (1 under a budget).
 fn run_batches(
     pipeline: &mut Pipeline,
     images: &Array4<f32>,
     batch: usize,
-    purify: bool,
+    mode: Mode,
     bar: &ProgressBar,
 ) -> anyhow::Result<Vec<Decision>> {
     let mut out = Vec::with_capacity(images.shape()[0]);
+    let batch = if matches!(mode, Mode::Budgeted(_)) { 1 } else { batch };
     for (b, chunk) in images.axis_chunks_iter(Axis(0), batch).enumerate() {
         let first = (b * batch) as u64;
-        let d = if purify {
-            pipeline.decide(chunk, first)?
-        } else {
-            pipeline.decide_undefended(chunk, first)?
+        let d = match mode {
+            Mode::Undefended => pipeline.decide_undefended(chunk, first)?,
+            Mode::Defended => pipeline.decide(chunk, first)?,
+            Mode::Budgeted(budget) => vec![pipeline.decide_within(chunk, first, budget)?],
         };
         bar.inc(d.len() as u64);
         out.extend(d);
@@ -290,7 +301,16 @@ fn classify(
     // fails the command without leaving half an answer on stdout.
     let batch = load_inputs(inputs, limit, (32, 32))?;
     let bar = progress(batch.sources.len(), "classify");
-    let decisions = run_batches(&mut pipeline, &batch.images, config.batch, !no_purify, &bar)?;
+    let budget = config.budget(pipeline.plan().steps().len());
+    let mode = match (&budget, no_purify) {
+        (_, true) => Mode::Undefended,
+        (Some(b), false) => {
+            pipeline.calibrate(b, [3, 32, 32])?;
+            Mode::Budgeted(b)
+        }
+        (None, false) => Mode::Defended,
+    };
+    let decisions = run_batches(&mut pipeline, &batch.images, config.batch, mode, &bar)?;
     let mut stdout = std::io::stdout().lock();
     for ((d, src), label) in decisions.iter().zip(&batch.sources).zip(&batch.labels) {
         let mut line = serde_json::to_value(d)?;
@@ -319,7 +339,8 @@ fn eval(
     let set = read_cifar_bin(data, limit)?;
     let n = set.labels.len();
     let t0 = Instant::now();
-    let clean = run_batches(&mut pipeline, &set.images, 100, false, &progress(n, "clean"))?;
+    let clean =
+        run_batches(&mut pipeline, &set.images, 100, Mode::Undefended, &progress(n, "clean"))?;
     let clean_s = t0.elapsed().as_secs_f64();
     let mut report = json!({
         "data": data.display().to_string(),
@@ -333,7 +354,21 @@ fn eval(
     if !no_purify {
         let t1 = Instant::now();
         let bar = progress(n, "purified");
-        let defended = run_batches(&mut pipeline, &set.images, config.batch, true, &bar)?;
+        let budget = config.budget(pipeline.plan().steps().len());
+        let mode = match &budget {
+            Some(b) => {
+                pipeline.calibrate(b, [3, 32, 32])?;
+                Mode::Budgeted(b)
+            }
+            None => Mode::Defended,
+        };
+        let defended = run_batches(&mut pipeline, &set.images, config.batch, mode, &bar)?;
+        if budget.is_some() {
+            let missed = defended.iter().filter(|d| d.deadline_met == Some(false)).count();
+            let steps: usize = defended.iter().map(|d| d.steps).sum();
+            report["deadline_missed"] = json!(missed);
+            report["mean_steps"] = json!(steps as f64 / n.max(1) as f64);
+        }
         report["purified_acc"] = json!(accuracy(&defended, &set.labels));
         report["seconds"]["purified"] = json!(t1.elapsed().as_secs_f64());
     }
