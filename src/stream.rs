@@ -470,29 +470,22 @@ impl FrameQueue {
     /// The oldest frame, blocking until there is one; `None` once the queue is closed and
     /// empty (frames queued before [`close`](Self::close) are still delivered).
     pub fn pop(&self) -> Option<Frame> {
-        let mut st = self.lock();
-        loop {
-            if let Some(frame) = st.frames.pop_front() {
-                drop(st);
-                // A producer in push_wait may be waiting for the room just made.
-                self.ready.notify_all();
-                return Some(frame);
-            }
-            if st.closed {
-                return None;
-            }
-            st = self.ready.wait(st).unwrap_or_else(PoisonError::into_inner);
-        }
+        self.pop_until(None)
     }
 
     /// Like [`pop`](Self::pop) but waits at most `timeout`; `None` on timeout or where the
     /// queue is closed and empty ([`is_closed`](Self::is_closed) tells which).
     pub fn pop_timeout(&self, timeout: Duration) -> Option<Frame> {
-        let deadline = Instant::now().checked_add(timeout);
+        // A timeout too large for the clock waits without a deadline.
+        self.pop_until(Some(Instant::now().checked_add(timeout)).flatten())
+    }
+
+    fn pop_until(&self, deadline: Option<Instant>) -> Option<Frame> {
         let mut st = self.lock();
         loop {
             if let Some(frame) = st.frames.pop_front() {
                 drop(st);
+                // A producer in push_wait may be waiting for the room just made.
                 self.ready.notify_all();
                 return Some(frame);
             }

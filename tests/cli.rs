@@ -15,11 +15,27 @@ fn diffshield(args: &[&str]) -> Output {
         .expect("binary runs")
 }
 
-fn scratch(name: &str) -> PathBuf {
+/// A temporary folder, removed when dropped.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("diffshield-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Scratch(d)
 }
 
 /// Asserts a user error: exit code 2, the message names `needle`, no panic, nothing on stdout.
@@ -155,7 +171,7 @@ fn wrong_size_cifar_bin_is_named() {
 }
 
 /// A models folder with the real manifest, `edit` applied to it, and links to the real models.
-fn models_copy(name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+fn models_copy(name: &str, edit: impl Fn(String) -> String) -> Scratch {
     let d = scratch(name);
     let manifest = std::fs::read_to_string(models_dir().join("models.toml")).unwrap();
     std::fs::write(d.join("models.toml"), edit(manifest)).unwrap();
