@@ -3,6 +3,7 @@
 //! Data flows one way: frame ([0,1] f32 pixels, NCHW) → [`purify`] (DDIM plan × [`Denoiser`])
 //! → [`Classifier`] → [`pipeline::Decision`].
 
+pub mod attack;
 pub mod backend;
 pub mod budget;
 pub mod config;

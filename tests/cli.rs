@@ -321,3 +321,48 @@ fn classify_under_a_budget_reports_its_plan() {
     assert_eq!(lines[1]["deadline_met"], true);
     assert_eq!(lines[1]["anytime"], false);
 }
+
+#[test]
+fn attack_writes_a_report_with_the_robust_accuracy_keys() {
+    let Some(data) = common::shared_data("cifar10_test_2000.bin") else { return };
+    let d = scratch("attack");
+    let report = d.join("report.json");
+    let out = diffshield(&[
+        "attack",
+        "--data",
+        data.to_str().unwrap(),
+        "--limit",
+        "4",
+        "--threat",
+        "linf:8/255",
+        "--queries",
+        "10",
+        "--runs",
+        "2",
+        "--no-purify",
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty(), "with --out and no --json nothing goes to stdout");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(v["images"], 4);
+    let r = &v["results"][0];
+    assert_eq!(r["threat"], "linf:8/255");
+    for k in ["robust_acc", "robust_acc_worst", "robust_acc_majority"] {
+        let a = r[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{k} = {a}");
+    }
+    assert!(r["robust_acc"].as_f64().unwrap() <= v["clean_acc"].as_f64().unwrap());
+    assert_eq!(r["per_image"].as_array().unwrap().len(), 4);
+    assert!(r["per_image"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["queries"].as_u64().unwrap() <= 10));
+    assert_user_error(
+        &diffshield(&["attack", "--data", data.to_str().unwrap(), "--threat", "linf:eight"]),
+        "expected NORM:EPS",
+    );
+}

@@ -4,6 +4,8 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use diffshield::attack::square::{square_attack, SquareConfig};
+use diffshield::attack::{Norm, ThreatModel};
 use diffshield::config::{BackendKind, DefenseConfig, VoteRule};
 use diffshield::data::cifar::{is_cifar_bin, read_cifar_bin};
 use diffshield::data::image::{collect_image_paths, load_image};
@@ -58,6 +60,35 @@ enum Command {
         /// Measure only the bare classifier.
         #[arg(long)]
         no_purify: bool,
+        #[command(flatten)]
+        defense: DefenseArgs,
+    },
+    /// Square Attack (gradient-free) on the deployed pipeline; robust accuracy over fresh-noise runs.
+    Attack {
+        /// CIFAR-10 binary file.
+        #[arg(long)]
+        data: PathBuf,
+        /// Attack the first N images.
+        #[arg(long, default_value_t = 16)]
+        limit: usize,
+        /// Threat models, e.g. linf:8/255,l2:1.0 [default: the paper's four].
+        #[arg(long, value_delimiter = ',')]
+        threat: Vec<String>,
+        /// Query budget per image.
+        #[arg(long, default_value_t = 100)]
+        queries: usize,
+        /// Evaluation runs with fresh noise per adversarial image.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Attack the bare classifier instead of the defended pipeline.
+        #[arg(long)]
+        no_purify: bool,
+        /// Write the JSON report here (atomically).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also print the report as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         defense: DefenseArgs,
     },
@@ -448,6 +479,142 @@ fn run(args: &StreamArgs, defense: &DefenseArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+struct AttackOpts {
+    limit: usize,
+    queries: usize,
+    runs: u32,
+    purify: bool,
+}
+
+/// Frame indices of attack queries and evaluation runs start here, far from any data index, so
+/// their noise streams never coincide with a plain `eval` of the same images.
+const ATTACK_FRAME_BASE: u64 = 1 << 40;
+
+fn attack(
+    data: &std::path::Path,
+    threats: &[String],
+    opts: &AttackOpts,
+    out: Option<&std::path::Path>,
+    print_json: bool,
+    args: &DefenseArgs,
+) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    let threats: Vec<ThreatModel> = if threats.is_empty() {
+        ThreatModel::paper_defaults()
+    } else {
+        threats.iter().map(|t| t.parse()).collect::<Result<_, _>>()?
+    };
+    if opts.runs == 0 || opts.queries == 0 {
+        return Err(diffshield::Error::InvalidConfig(
+            "--runs and --queries must be at least 1".into(),
+        )
+        .into());
+    }
+    let mut pipeline = Pipeline::from_config(&config)?;
+    let set = read_cifar_bin(data, Some(opts.limit))?;
+    let n = set.labels.len();
+    let labels: Vec<usize> = set.labels.iter().map(|&l| l as usize).collect();
+    let started = Instant::now();
+    let purify = opts.purify;
+    let decide = |p: &mut Pipeline, x: ndarray::ArrayView4<f32>, first: u64| {
+        if purify {
+            p.decide(x, first)
+        } else {
+            p.decide_undefended(x, first)
+        }
+    };
+    // Evaluation on the deployed pipeline: `runs` passes with fresh noise; per image the
+    // fraction of runs correct, whether all were, and whether the majority was.
+    let evaluate = |p: &mut Pipeline, x: &Array4<f32>, tag: u64| -> anyhow::Result<Vec<u32>> {
+        let mut correct = vec![0u32; n];
+        for r in 0..u64::from(opts.runs) {
+            let first = ATTACK_FRAME_BASE + (tag * 64 + r) * (n as u64) * 1024;
+            for (i, d) in decide(p, x.view(), first)?.iter().enumerate() {
+                correct[i] += u32::from(d.label == labels[i]);
+            }
+        }
+        Ok(correct)
+    };
+    let summarise = |correct: &[u32]| {
+        let r = opts.runs;
+        json!({
+            "mean": correct.iter().map(|&c| f64::from(c) / f64::from(r)).sum::<f64>() / n as f64,
+            "worst": correct.iter().filter(|&&c| c == r).count() as f64 / n as f64,
+            "majority": correct.iter().filter(|&&c| 2 * c > r).count() as f64 / n as f64,
+        })
+    };
+    let clean = evaluate(&mut pipeline, &set.images, 0)?;
+    let clean_acc = summarise(&clean);
+    let mut results = Vec::new();
+    let bar = progress(threats.len() * opts.queries, "square");
+    for (k, threat) in threats.iter().enumerate() {
+        let cfg = SquareConfig {
+            threat: *threat,
+            queries: opts.queries,
+            p_init: if threat.norm == Norm::Linf { 0.05 } else { 0.1 },
+            seed: config.seed ^ 0x5155_4152_45,
+        };
+        let mut query_model =
+            |x: ndarray::ArrayView4<f32>, q: u64| -> diffshield::Result<ndarray::Array2<f32>> {
+                bar.inc(1);
+                let first = ATTACK_FRAME_BASE + ((k as u64 + 1) << 30) + q * (n as u64);
+                let d = decide(&mut pipeline, x, first)?;
+                let rows: Vec<f32> = d.iter().flat_map(|d| d.probs.iter().copied()).collect();
+                ndarray::Array2::from_shape_vec((d.len(), rows.len() / d.len().max(1)), rows)
+                    .map_err(|e| diffshield::Error::Backend(e.to_string()))
+            };
+        let outcome = square_attack(&mut query_model, set.images.view(), &labels, &cfg)?;
+        let correct = evaluate(&mut pipeline, &outcome.adversarial, k as u64 + 1)?;
+        let acc = summarise(&correct);
+        results.push(json!({
+            "threat": threat.to_string(),
+            "attack": "square",
+            "queries": opts.queries,
+            "robust_acc": acc["mean"],
+            "robust_acc_worst": acc["worst"],
+            "robust_acc_majority": acc["majority"],
+            "fooled_during_attack": outcome.fooled.iter().filter(|&&f| f).count(),
+            "per_image": (0..n).map(|i| json!({
+                "index": i, "label": labels[i], "runs_correct": correct[i],
+                "queries": outcome.queries[i], "fooled_during_attack": outcome.fooled[i],
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    bar.finish_and_clear();
+    let report = json!({
+        "data": data.display().to_string(),
+        "images": n,
+        "defended": purify,
+        "runs": opts.runs,
+        "counting": "robust_acc = mean over runs of the fraction correct; robust_acc_worst = correct in every run; robust_acc_majority = correct in more than half the runs; each run purifies with fresh noise",
+        "clean_acc": clean_acc["mean"],
+        "clean_acc_worst": clean_acc["worst"],
+        "clean_acc_majority": clean_acc["majority"],
+        "config": config,
+        "results": results,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    if let Some(path) = out {
+        write_atomically(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    if print_json || out.is_none() {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it into place, so a reader
+/// (or a killed run) never sees a partial file.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir =
+        path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let name = path.file_name().context("--out needs a file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -459,6 +626,11 @@ fn main() -> ExitCode {
             eval(data, *limit, *no_purify, defense)
         }
         Command::Run { source, defense } => run(source, defense),
+        Command::Attack { data, limit, threat, queries, runs, no_purify, out, json, defense } => {
+            let opts =
+                AttackOpts { limit: *limit, queries: *queries, runs: *runs, purify: !no_purify };
+            attack(data, threat, &opts, out.as_deref(), *json, defense)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
