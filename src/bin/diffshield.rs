@@ -552,7 +552,7 @@ fn attack(
             threat: *threat,
             queries: opts.queries,
             p_init: if threat.norm == Norm::Linf { 0.05 } else { 0.1 },
-            seed: config.seed ^ 0x5155_4152_45,
+            seed: config.seed ^ 0x0051_5541_5245,
         };
         let mut query_model =
             |x: ndarray::ArrayView4<f32>, q: u64| -> diffshield::Result<ndarray::Array2<f32>> {
