@@ -87,3 +87,30 @@ fn same_seed_same_decision_other_seed_other_noise() {
     let db = pipeline(2, VoteRule::MeanProb, 1).decide(x.view(), 0).unwrap();
     assert_eq!((da[0].label, &da[0].probs), (db[0].label, &db[0].probs));
 }
+
+#[test]
+fn batches_larger_than_one_plan_run_in_chunks_with_the_same_results() {
+    use diffshield::backend::tract::{TractClassifier, TractDenoiser, MAX_PLAN_BATCH};
+    use diffshield::manifest::Manifest;
+    use diffshield::{Classifier, Denoiser};
+    let manifest = Manifest::load(&models_dir()).unwrap();
+    let n = MAX_PLAN_BATCH + 3;
+    let x = frames(n);
+    let mut clf = TractClassifier::load(&manifest).unwrap();
+    let all = clf.logits(x.view()).unwrap();
+    assert_eq!(all.shape(), &[n, 10]);
+    let mut den = TractDenoiser::load(&manifest, "s").unwrap();
+    let x_t = x.mapv(|v| 2.0 * v - 1.0);
+    let eps = den.predict_eps(x_t.view(), 50).unwrap();
+    for i in [0, MAX_PLAN_BATCH - 1, MAX_PLAN_BATCH, n - 1] {
+        let one = x.slice(ndarray::s![i..i + 1, .., .., ..]);
+        let d = (&clf.logits(one).unwrap().row(0) - &all.row(i)).mapv(f32::abs);
+        assert!(d.iter().all(|&v| v < 1e-4), "classifier row {i} differs by {d}");
+        let one_t = x_t.slice(ndarray::s![i..i + 1, .., .., ..]);
+        let e = den.predict_eps(one_t, 50).unwrap();
+        let d = (&e.slice(ndarray::s![0, .., .., ..]) - &eps.slice(ndarray::s![i, .., .., ..]))
+            .mapv(f32::abs)
+            .fold(0f32, |m, &v| m.max(v));
+        assert!(d < 1e-4, "denoiser item {i} differs by {d}");
+    }
+}

@@ -1,13 +1,14 @@
 //! CPU inference on tract (float32).
 //!
 //! A model is parsed and decluttered once with its symbolic batch dimension; each batch size
-//! actually used gets its own optimized plan (the batch fixed before codegen, so tract can pick
-//! kernels for the real shapes), built on first use and cached with a reusable session state.
+//! actually used (up to [`MAX_PLAN_BATCH`]; larger batches run in chunks) gets its own
+//! optimized plan (the batch fixed before codegen, so tract can pick kernels for the real
+//! shapes), built on first use and cached with a reusable session state.
 
 use super::{Classifier, Denoiser};
 use crate::error::{Error, Result};
 use crate::manifest::{ClassifierEntry, DenoiserEntry, Manifest};
-use ndarray::{Array2, Array4, ArrayView4, Ix2, Ix4};
+use ndarray::{Array2, Array4, ArrayD, ArrayView4, Axis, Ix2, Ix4};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tract_onnx::prelude::*;
@@ -26,6 +27,12 @@ pub fn set_threads(threads: usize) -> Result<()> {
     });
     Ok(())
 }
+
+/// Largest batch one tract plan runs; larger batches run in chunks. This bounds the plan cache
+/// to this many plans (an attack's shrinking active set would otherwise build one per size),
+/// and the per-sample conv split of `tract_opt` makes bigger plans slower to build and no
+/// faster to run.
+pub const MAX_PLAN_BATCH: usize = 8;
 
 /// A loaded ONNX model with per-batch-size plans.
 struct BatchedModel {
@@ -114,6 +121,26 @@ impl BatchedModel {
         Ok(Self { path: path.to_path_buf(), base: typed, batch, states: HashMap::new() })
     }
 
+    /// Runs `x` (plus, for a denoiser, the timestep `t` for every item) in chunks of at most
+    /// [`MAX_PLAN_BATCH`] images and concatenates the first output along the batch axis.
+    fn run_chunked(&mut self, x: ArrayView4<f32>, t: Option<f32>) -> Result<ArrayD<f32>> {
+        let mut parts = Vec::new();
+        for chunk in x.axis_chunks_iter(Axis(0), MAX_PLAN_BATCH) {
+            let n = chunk.shape()[0];
+            let mut inputs = tvec![to_tensor(chunk)];
+            if let Some(t) = t {
+                inputs.push(tract_ndarray::Array1::from_elem(n, t).into_tensor().into_tvalue());
+            }
+            let out = self.run(inputs, n)?;
+            let view = out[0]
+                .to_plain_array_view::<f32>()
+                .map_err(|e| Error::Backend(format!("{}: output: {e}", self.path.display())))?;
+            parts.push(view.to_owned());
+        }
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        ndarray::concatenate(Axis(0), &views).map_err(|e| Error::Backend(e.to_string()))
+    }
+
     fn run(&mut self, inputs: TVec<TValue>, n: usize) -> Result<TVec<TValue>> {
         let backend = |e: TractError| Error::Backend(format!("{}: {e:#}", self.path.display()));
         if !self.states.contains_key(&n) {
@@ -169,13 +196,9 @@ impl TractClassifier {
 impl Classifier for TractClassifier {
     fn logits(&mut self, images: ArrayView4<f32>) -> Result<Array2<f32>> {
         check_batch(&images, self.entry.input_shape, "classifier input")?;
-        let n = images.shape()[0];
-        let out = self.model.run(tvec![to_tensor(images)], n)?;
-        let logits = out[0]
-            .to_plain_array_view::<f32>()
-            .and_then(|v| Ok(v.into_dimensionality::<Ix2>()?.to_owned()))
-            .map_err(|e| Error::Backend(format!("classifier output: {e}")))?;
-        Ok(logits)
+        let out = self.model.run_chunked(images, None)?;
+        out.into_dimensionality::<Ix2>()
+            .map_err(|e| Error::Backend(format!("classifier output: {e}")))
     }
 }
 
@@ -201,13 +224,8 @@ impl TractDenoiser {
 impl Denoiser for TractDenoiser {
     fn predict_eps(&mut self, x_t: ArrayView4<f32>, t: u32) -> Result<Array4<f32>> {
         check_batch(&x_t, self.entry.input_shape, "denoiser input")?;
-        let n = x_t.shape()[0];
-        let ts = tract_ndarray::Array1::<f32>::from_elem(n, t as f32).into_tensor().into_tvalue();
-        let out = self.model.run(tvec![to_tensor(x_t), ts], n)?;
-        let eps = out[0]
-            .to_plain_array_view::<f32>()
-            .and_then(|v| Ok(v.into_dimensionality::<Ix4>()?.to_owned()))
-            .map_err(|e| Error::Backend(format!("denoiser output: {e}")))?;
-        Ok(eps)
+        let out = self.model.run_chunked(x_t, Some(t as f32))?;
+        out.into_dimensionality::<Ix4>()
+            .map_err(|e| Error::Backend(format!("denoiser output: {e}")))
     }
 }
