@@ -45,7 +45,7 @@ fn linf_square_fools_exactly_the_attackable_images_within_budget() {
     let t: ThreatModel = "linf:8/255".parse().unwrap();
     let calls = Cell::new(0);
     let mut model = mean_model(&calls);
-    let cfg = SquareConfig { threat: t, queries: 300, p_init: 0.05, seed: 1 };
+    let cfg = SquareConfig { threat: t, queries: 300, p_init: 0.05, seed: 1, early_stop: true };
     let out = square_attack(&mut model, x.view(), &[1, 1, 1, 1], &cfg).unwrap();
     assert_eq!(out.fooled, vec![true, false, true, false]);
     assert!(out.queries.iter().all(|&q| q <= 300));
@@ -65,7 +65,7 @@ fn l2_square_stays_in_the_ball_and_breaks_a_weak_image() {
     let t: ThreatModel = "l2:1.0".parse().unwrap();
     let calls = Cell::new(0);
     let mut model = mean_model(&calls);
-    let cfg = SquareConfig { threat: t, queries: 500, p_init: 0.1, seed: 2 };
+    let cfg = SquareConfig { threat: t, queries: 500, p_init: 0.1, seed: 2, early_stop: true };
     let out = square_attack(&mut model, x.view(), &[1, 1], &cfg).unwrap();
     check_ball(&x, &out.adversarial, &t);
     assert_eq!(out.fooled, vec![true, false]);
@@ -77,8 +77,13 @@ fn eps_zero_changes_nothing() {
     let x = images(&[0.51, 0.6]);
     let calls = Cell::new(0);
     let mut model = mean_model(&calls);
-    let cfg =
-        SquareConfig { threat: "linf:0".parse().unwrap(), queries: 20, p_init: 0.05, seed: 3 };
+    let cfg = SquareConfig {
+        threat: "linf:0".parse().unwrap(),
+        queries: 20,
+        p_init: 0.05,
+        seed: 3,
+        early_stop: true,
+    };
     let out = square_attack(&mut model, x.view(), &[1, 1], &cfg).unwrap();
     assert_eq!(out.adversarial, x);
     assert_eq!(out.fooled, vec![false, false]);
@@ -96,4 +101,17 @@ fn threat_models_parse_and_bad_ones_are_named() {
         assert!(e.contains("expected NORM:EPS"), "{bad}: {e}");
     }
     assert_eq!(ThreatModel::paper_defaults().len(), 4);
+}
+
+#[test]
+fn without_early_stop_every_image_spends_the_whole_budget() {
+    let x = images(&[0.51, 0.6]);
+    let calls = Cell::new(0);
+    let mut model = mean_model(&calls);
+    let t: ThreatModel = "linf:8/255".parse().unwrap();
+    let cfg = SquareConfig { threat: t, queries: 300, p_init: 0.05, seed: 4, early_stop: false };
+    let out = square_attack(&mut model, x.view(), &[1, 1], &cfg).unwrap();
+    assert_eq!(out.queries, vec![300, 300]);
+    assert_eq!(out.fooled, vec![true, false]);
+    check_ball(&x, &out.adversarial, &t);
 }

@@ -553,6 +553,8 @@ fn attack(
             queries: opts.queries,
             p_init: if threat.norm == Norm::Linf { 0.05 } else { 0.1 },
             seed: config.seed ^ 0x0051_5541_5245,
+            // The purifier is stochastic: a misclassified query is not yet a broken image.
+            early_stop: !purify,
         };
         let mut query_model =
             |x: ndarray::ArrayView4<f32>, q: u64| -> diffshield::Result<ndarray::Array2<f32>> {
