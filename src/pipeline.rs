@@ -177,18 +177,22 @@ impl Pipeline {
         let items: Vec<StreamId> = (0..frames.shape()[0] as u64)
             .flat_map(|f| (0..votes).map(move |vote| StreamId { frame: first_frame + f, vote }))
             .collect();
-        let repeated = if v == 1 {
-            frames.to_owned()
+        // One vote needs no copy: the purifier copies its input into its own state anyway.
+        let repeated;
+        let batch_view = if v == 1 {
+            frames
         } else {
             let views: Vec<_> =
                 frames.outer_iter().flat_map(|f| std::iter::repeat_n(f, v)).collect();
-            ndarray::stack(Axis(0), &views).map_err(|e| Error::Backend(e.to_string()))?
+            repeated =
+                ndarray::stack(Axis(0), &views).map_err(|e| Error::Backend(e.to_string()))?;
+            repeated.view()
         };
         let batch = items.len();
         let mut noise = SeededNoise::new(self.seed, items);
         // Taken out of self so the plan borrow does not lock the denoiser and the cost model.
         let plan = self.plan_with_steps(steps)?.clone();
-        let mut run = Purification::start(&plan, repeated.view(), &mut noise)?;
+        let mut run = Purification::start(&plan, batch_view, &mut noise)?;
         let mut anytime = false;
         loop {
             let t = Instant::now();
