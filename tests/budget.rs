@@ -2,7 +2,7 @@
 //! the budget, a frame that runs out of time falls back to its latest x0 estimate, and an
 //! impossible budget is refused at calibration.
 
-use diffshield::budget::BudgetLimits;
+use diffshield::budget::{plan_frame, BudgetLimits};
 use diffshield::config::VoteRule;
 use diffshield::pipeline::{Budget, Pipeline};
 use diffshield::{Classifier, DdimPlan, Denoiser, PlanSpec, Result, Schedule};
@@ -91,7 +91,10 @@ fn planned_steps_and_votes_fit_the_budget() {
     for (ms, want_steps) in [(80u64, 7usize), (40, 3)] {
         let budget = Budget { seconds: ms as f64 / 1e3, limits: LIMITS };
         p.calibrate(&budget, [1, 4, 4]).unwrap();
+        // The plan is exactly the planner's choice on the measured costs ...
+        let expected = plan_frame(p.costs(), budget.seconds, &LIMITS).unwrap();
         let d = p.decide_within(frame().view(), 0, &budget).unwrap();
+        assert_eq!((d.planned_steps, d.vote_labels.len() as u32), (expected.steps, expected.votes));
         let votes = d.vote_labels.len();
         let predicted = d.planned_steps as f64 * 10.0 * votes as f64 + 2.0 * votes as f64;
         eprintln!(
