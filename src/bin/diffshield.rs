@@ -296,6 +296,37 @@ enum Mode<'a> {
     Budgeted(&'a Budget),
 }
 
+impl Mode<'_> {
+    /// Decisions for `frames` (one frame at a time when budgeted), frame i being `first + i`.
+    fn decide(
+        &self,
+        pipeline: &mut Pipeline,
+        frames: ndarray::ArrayView4<f32>,
+        first: u64,
+    ) -> diffshield::Result<Vec<Decision>> {
+        match self {
+            Mode::Undefended => pipeline.decide_undefended(frames, first),
+            Mode::Defended => pipeline.decide(frames, first),
+            Mode::Budgeted(budget) => Ok(vec![pipeline.decide_within(frames, first, budget)?]),
+        }
+    }
+}
+
+/// The defended mode a configuration asks for; under a budget the pipeline is calibrated first
+/// (which refuses a budget that cannot fit one step).
+fn defended_mode<'a>(
+    pipeline: &mut Pipeline,
+    budget: Option<&'a Budget>,
+) -> diffshield::Result<Mode<'a>> {
+    match budget {
+        Some(b) => {
+            pipeline.calibrate(b, [3, 32, 32])?;
+            Ok(Mode::Budgeted(b))
+        }
+        None => Ok(Mode::Defended),
+    }
+}
+
 /// Runs the pipeline over `images` in batches of `batch` frames (1 under a budget).
 fn run_batches(
     pipeline: &mut Pipeline,
@@ -308,11 +339,7 @@ fn run_batches(
     let batch = if matches!(mode, Mode::Budgeted(_)) { 1 } else { batch };
     for (b, chunk) in images.axis_chunks_iter(Axis(0), batch).enumerate() {
         let first = (b * batch) as u64;
-        let d = match mode {
-            Mode::Undefended => pipeline.decide_undefended(chunk, first)?,
-            Mode::Defended => pipeline.decide(chunk, first)?,
-            Mode::Budgeted(budget) => vec![pipeline.decide_within(chunk, first, budget)?],
-        };
+        let d = mode.decide(pipeline, chunk, first)?;
         bar.inc(d.len() as u64);
         out.extend(d);
     }
@@ -333,14 +360,8 @@ fn classify(
     let batch = load_inputs(inputs, limit, (32, 32))?;
     let bar = progress(batch.sources.len(), "classify");
     let budget = config.budget(pipeline.plan().steps().len());
-    let mode = match (&budget, no_purify) {
-        (_, true) => Mode::Undefended,
-        (Some(b), false) => {
-            pipeline.calibrate(b, [3, 32, 32])?;
-            Mode::Budgeted(b)
-        }
-        (None, false) => Mode::Defended,
-    };
+    let mode =
+        if no_purify { Mode::Undefended } else { defended_mode(&mut pipeline, budget.as_ref())? };
     let decisions = run_batches(&mut pipeline, &batch.images, config.batch, mode, &bar)?;
     let mut stdout = std::io::stdout().lock();
     for ((d, src), label) in decisions.iter().zip(&batch.sources).zip(&batch.labels) {
@@ -386,13 +407,7 @@ fn eval(
         let t1 = Instant::now();
         let bar = progress(n, "purified");
         let budget = config.budget(pipeline.plan().steps().len());
-        let mode = match &budget {
-            Some(b) => {
-                pipeline.calibrate(b, [3, 32, 32])?;
-                Mode::Budgeted(b)
-            }
-            None => Mode::Defended,
-        };
+        let mode = defended_mode(&mut pipeline, budget.as_ref())?;
         let defended = run_batches(&mut pipeline, &set.images, config.batch, mode, &bar)?;
         if budget.is_some() {
             let missed = defended.iter().filter(|d| d.deadline_met == Some(false)).count();
@@ -432,9 +447,7 @@ fn run(args: &StreamArgs, defense: &DefenseArgs) -> anyhow::Result<()> {
     let config = defense.resolve()?;
     let mut pipeline = Pipeline::from_config(&config)?;
     let budget = config.budget(pipeline.plan().steps().len());
-    if let Some(b) = &budget {
-        pipeline.calibrate(b, [3, 32, 32])?;
-    }
+    let mode = defended_mode(&mut pipeline, budget.as_ref())?;
     let source = frame_source(args)?;
     let queue = Arc::new(FrameQueue::new(args.queue)?);
     let producer = spawn_producer(source, args.rate, args.limit, Arc::clone(&queue));
@@ -444,13 +457,9 @@ fn run(args: &StreamArgs, defense: &DefenseArgs) -> anyhow::Result<()> {
     let mut outcome = Ok(());
     while let Some(frame) = queue.pop() {
         let started = Instant::now();
-        let x = frame.image.clone().insert_axis(Axis(0));
-        let decided = match &budget {
-            Some(b) => pipeline.decide_within(x.view(), frame.index, b),
-            None => pipeline.decide(x.view(), frame.index).map(|mut d| d.remove(0)),
-        };
-        let d = match decided {
-            Ok(d) => d,
+        let x = frame.image.view().insert_axis(Axis(0));
+        let d = match mode.decide(&mut pipeline, x, frame.index) {
+            Ok(mut d) => d.remove(0),
             Err(e) => {
                 outcome = Err(e);
                 break;
