@@ -11,6 +11,7 @@ use crate::schedule::{DdimPlan, PlanSpec, Schedule};
 use ndarray::{Array2, Array4, ArrayView4, Axis};
 use serde::Serialize;
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The outcome for one frame.
@@ -63,11 +64,11 @@ struct Purified {
 
 /// The defended classifier: a DDIM plan, a denoiser and a classifier.
 pub struct Pipeline {
-    plan: DdimPlan,
+    plan: Arc<DdimPlan>,
     schedule: Schedule,
     trained: RangeInclusive<u32>,
     /// Plans with fewer steps at the same T* and eta, built on first use by the budget planner.
-    coarser: Vec<Option<DdimPlan>>,
+    coarser: Vec<Option<Arc<DdimPlan>>>,
     denoiser: Box<dyn Denoiser>,
     classifier: Box<dyn Classifier>,
     classes: Vec<String>,
@@ -97,6 +98,7 @@ impl Pipeline {
             return Err(Error::InvalidConfig("votes must be at least 1".into()));
         }
         let coarser = vec![None; plan.steps().len()];
+        let plan = Arc::new(plan);
         Ok(Self {
             plan,
             schedule,
@@ -144,9 +146,9 @@ impl Pipeline {
 
     /// The plan with `steps` steps: the configured one at full length, else an evenly spaced
     /// one at the same T* and eta (cached).
-    fn plan_with_steps(&mut self, steps: usize) -> Result<&DdimPlan> {
+    fn plan_with_steps(&mut self, steps: usize) -> Result<Arc<DdimPlan>> {
         if steps >= self.plan.steps().len() {
-            return Ok(&self.plan);
+            return Ok(Arc::clone(&self.plan));
         }
         let idx = steps.saturating_sub(1);
         if self.coarser[idx].is_none() {
@@ -157,9 +159,9 @@ impl Pipeline {
                 &PlanSpec::Steps(steps.max(1) as u32),
                 self.plan.eta(),
             )?;
-            self.coarser[idx] = Some(p);
+            self.coarser[idx] = Some(Arc::new(p));
         }
-        Ok(self.coarser[idx].as_ref().expect("built above"))
+        Ok(Arc::clone(self.coarser[idx].as_ref().expect("built above")))
     }
 
     /// Purifies `frames` `votes` times each in one batch, frame-major
@@ -190,8 +192,8 @@ impl Pipeline {
         };
         let batch = items.len();
         let mut noise = SeededNoise::new(self.seed, items);
-        // Taken out of self so the plan borrow does not lock the denoiser and the cost model.
-        let plan = self.plan_with_steps(steps)?.clone();
+        // A shared handle, so holding the plan does not borrow self (denoiser, cost model).
+        let plan = self.plan_with_steps(steps)?;
         let mut run = Purification::start(&plan, batch_view, &mut noise)?;
         let mut anytime = false;
         loop {
