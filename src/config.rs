@@ -28,6 +28,17 @@ pub enum BackendKind {
     Cuda,
 }
 
+/// Numeric precision of the models: which file of each manifest entry is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// The float32 models (`file`).
+    #[default]
+    F32,
+    /// The statically quantized int8 models (`int8_file`, QOperator form; see docs/int8.md).
+    Int8,
+}
+
 /// Every setting of the defended pipeline. Field names are the TOML keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -54,6 +65,8 @@ pub struct DefenseConfig {
     pub threads: usize,
     /// Inference engine.
     pub backend: BackendKind,
+    /// Model precision: `f32` or `int8` (the manifest's `int8_file` of each model).
+    pub precision: Precision,
     /// Frames purified together in one batch (each with `votes` purifications).
     pub batch: usize,
     /// Folder holding models.toml and the ONNX files.
@@ -82,6 +95,7 @@ impl Default for DefenseConfig {
             denoiser: "s".into(),
             threads: 1,
             backend: BackendKind::Cpu,
+            precision: Precision::F32,
             batch: 1,
             models: PathBuf::from("models"),
             budget_ms: None,

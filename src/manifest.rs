@@ -42,6 +42,9 @@ pub struct ScheduleEntry {
 pub struct ClassifierEntry {
     /// ONNX file, relative to the manifest's folder.
     pub file: String,
+    /// Optional int8 (QOperator) version of `file`, same tensors, used with `precision = "int8"`.
+    #[serde(default)]
+    pub int8_file: Option<String>,
     /// Name of the image input.
     pub input: String,
     /// Name of the logits output.
@@ -58,6 +61,9 @@ pub struct ClassifierEntry {
 pub struct DenoiserEntry {
     /// ONNX file, relative to the manifest's folder.
     pub file: String,
+    /// Optional int8 (QOperator) version of `file`, same tensors, used with `precision = "int8"`.
+    #[serde(default)]
+    pub int8_file: Option<String>,
     /// Name of the x_t input.
     pub input: String,
     /// Name of the timestep input.
@@ -118,6 +124,25 @@ impl Manifest {
     /// Absolute path of a file named in the manifest.
     pub fn path_of(&self, file: &str) -> PathBuf {
         self.dir.join(file)
+    }
+
+    /// The file of a model at `precision`: `file` for f32, `int8_file` for int8 (an error naming
+    /// the model when the manifest has no int8 version of it).
+    pub fn file_at(
+        &self,
+        what: &str,
+        file: &str,
+        int8_file: Option<&str>,
+        precision: crate::config::Precision,
+    ) -> Result<PathBuf> {
+        match precision {
+            crate::config::Precision::F32 => Ok(self.path_of(file)),
+            crate::config::Precision::Int8 => int8_file.map(|f| self.path_of(f)).ok_or_else(|| {
+                Error::InvalidConfig(format!(
+                    "precision int8: the manifest has no int8_file for the {what}"
+                ))
+            }),
+        }
     }
 
     /// The diffusion schedule (f64).

@@ -44,8 +44,8 @@ pub fn load(
     match config.backend {
         BackendKind::Cpu => {
             tract::set_threads(config.threads)?;
-            let d = tract::TractDenoiser::load(manifest, &config.denoiser)?;
-            let c = tract::TractClassifier::load(manifest)?;
+            let d = tract::TractDenoiser::load_with(manifest, &config.denoiser, config.precision)?;
+            let c = tract::TractClassifier::load_with(manifest, config.precision)?;
             Ok((Box::new(d), Box::new(c)))
         }
         BackendKind::Cuda => Err(crate::error::Error::BackendUnavailable(

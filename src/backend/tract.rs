@@ -1,4 +1,4 @@
-//! CPU inference on tract (float32).
+//! CPU inference on tract: float32, or the int8 (QOperator) models with `precision = "int8"`.
 //!
 //! A model is parsed and decluttered once with its symbolic batch dimension; each batch size
 //! actually used (up to [`MAX_PLAN_BATCH`]; larger batches run in chunks) gets its own
@@ -6,6 +6,7 @@
 //! shapes), built on first use and cached with a reusable session state.
 
 use super::{Classifier, Denoiser};
+use crate::config::Precision;
 use crate::error::{Error, Result};
 use crate::manifest::{ClassifierEntry, DenoiserEntry, Manifest};
 use ndarray::{Array2, Array4, ArrayD, ArrayView4, Axis, Ix2, Ix4};
@@ -181,11 +182,17 @@ pub struct TractClassifier {
 }
 
 impl TractClassifier {
-    /// Loads the manifest's classifier.
+    /// Loads the manifest's float32 classifier.
     pub fn load(manifest: &Manifest) -> Result<Self> {
+        Self::load_with(manifest, Precision::F32)
+    }
+
+    /// Loads the manifest's classifier at `precision` (`int8_file` for int8).
+    pub fn load_with(manifest: &Manifest, precision: Precision) -> Result<Self> {
         let e = manifest.classifier.clone();
+        let path = manifest.file_at("classifier", &e.file, e.int8_file.as_deref(), precision)?;
         let model = BatchedModel::load(
-            &manifest.path_of(&e.file),
+            &path,
             &[(e.input.as_str(), e.input_shape.to_vec())],
             (e.output.as_str(), vec![e.classes.len()]),
         )?;
@@ -209,11 +216,18 @@ pub struct TractDenoiser {
 }
 
 impl TractDenoiser {
-    /// Loads the manifest's denoiser of tier `name` ("m", "s").
+    /// Loads the manifest's float32 denoiser of tier `name` ("m", "s").
     pub fn load(manifest: &Manifest, name: &str) -> Result<Self> {
+        Self::load_with(manifest, name, Precision::F32)
+    }
+
+    /// Loads the denoiser of tier `name` at `precision` (`int8_file` for int8).
+    pub fn load_with(manifest: &Manifest, name: &str, precision: Precision) -> Result<Self> {
         let e = manifest.denoiser(name)?.clone();
+        let what = format!("denoiser {name}");
+        let path = manifest.file_at(&what, &e.file, e.int8_file.as_deref(), precision)?;
         let model = BatchedModel::load(
-            &manifest.path_of(&e.file),
+            &path,
             &[(e.input.as_str(), e.input_shape.to_vec()), (e.t_input.as_str(), vec![])],
             (e.output.as_str(), e.input_shape.to_vec()),
         )?;

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""int8 against float32: tract f32, tract int8 (examples/int8_timing.rs, interleaved in one
+process) and onnxruntime f32 (and, for information, onnxruntime on the same int8 files), same
+ONNX files, same thread count, same loop as benches/compare_ort.py: one denoiser_s call at
+t=140 and one defended frame (T*=140, stride 10, eta 1, 1 vote: 14 denoiser calls with the DDIM
+update in numpy, then the classifier), batch 1 and 8.
+
+Prints, per case, the medians and the ratios
+  speedup  = tract f32 time / tract int8 time   (> 1: int8 is faster; the target is >= 1.5)
+  vs ort   = tract int8 time / onnxruntime f32 time   (< 1: int8 on tract beats ort f32)
+
+Usage: python3 benches/compare_int8.py [threads] [reps]   (needs onnxruntime and numpy)
+"""
+import json, subprocess, sys, time
+import numpy as np
+import onnxruntime as ort
+
+threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+reps = int(sys.argv[2]) if len(sys.argv) > 2 else 7
+
+
+def session(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+abar = np.concatenate([[1.0], np.cumprod(1 - betas)])
+taus = list(range(140, -1, -10))
+rng = np.random.default_rng(0)
+
+
+def frame(den, clf, x):
+    x0 = 2 * x - 1
+    a = abar[140]
+    xt = (np.sqrt(a) * x0 + np.sqrt(1 - a) * rng.standard_normal(x.shape)).astype(np.float32)
+    for t, s in zip(taus[:-1], taus[1:]):
+        eps = den.run(None, {"x_t": xt, "t": np.full((x.shape[0],), t, np.float32)})[0]
+        at, as_ = abar[t], abar[s]
+        x0h = np.clip((xt - np.sqrt(1 - at) * eps) / np.sqrt(at), -1, 1)
+        sig = np.sqrt((1 - as_) / (1 - at)) * np.sqrt(1 - at / as_)
+        xt = (np.sqrt(as_) * x0h + np.sqrt(max(0.0, 1 - as_ - sig**2)) * eps
+              + sig * rng.standard_normal(x.shape)).astype(np.float32)
+    img = np.clip((xt + 1) / 2, 0, 1).astype(np.float32)
+    return clf.run(None, {"image": img})[0]
+
+
+def medians(fs, n):
+    """Interleaved: each repetition runs every f once; returns the median of each."""
+    for f in fs:
+        f()
+    ts = [[] for _ in fs]
+    for _ in range(n):
+        for k, f in enumerate(fs):
+            s = time.perf_counter(); f(); ts[k].append((time.perf_counter() - s) * 1e3)
+    return [sorted(t)[len(t) // 2] for t in ts]
+
+
+ours = subprocess.run(["cargo", "run", "--release", "-q", "--example", "int8_timing",
+                       str(threads), str(reps)], check=True, capture_output=True, text=True).stdout
+den32, den8 = session("models/denoiser_s.onnx"), session("models/denoiser_s.int8.onnx")
+clf32, clf8 = session("models/classifier.onnx"), session("models/classifier.int8.onnx")
+print(f"threads={threads} reps={reps}; ms are medians")
+print(f"{'case':<12}{'tract f32':>10}{'tract i8':>10}{'ort f32':>10}{'ort i8':>10}"
+      f"{'speedup':>9}{'vs ort':>8}")
+for line in ours.splitlines():
+    r = json.loads(line)
+    b = r["batch"]
+    x = np.random.default_rng(1).random((b, 3, 32, 32), dtype=np.float32)
+    xt, tt = 2 * x - 1, np.full((b,), 140, np.float32)
+    c32, c8 = medians([lambda: den32.run(None, {"x_t": xt, "t": tt}),
+                       lambda: den8.run(None, {"x_t": xt, "t": tt})], reps)
+    f32, f8 = medians([lambda: frame(den32, clf32, x), lambda: frame(den8, clf8, x)],
+                      (reps + 1) // 2)
+    for kind, ort32, ort8 in (("call", c32, c8), ("frame", f32, f8)):
+        t32, t8 = r[f"f32_{kind}_ms"], r[f"int8_{kind}_ms"]
+        print(f"{kind + ' b' + str(b):<12}{t32:>10.1f}{t8:>10.1f}{ort32:>10.1f}{ort8:>10.1f}"
+              f"{t32 / t8:>9.2f}{t8 / ort32:>8.2f}")
