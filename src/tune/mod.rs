@@ -1,0 +1,522 @@
+//! `diffshield tune`: sweep a grid of defence configurations and measure, for each point, the
+//! latency of single defended frames (p50/p99 on this machine), the defended clean accuracy and
+//! the robust accuracy under an attack; then report the Pareto frontier of robust accuracy
+//! against p50 latency (CSV, Markdown, SVG plots) and the accuracy-against-T* depth sweep.
+//!
+//! Modules: [`grid`] (axes, TOML grid files, expansion into points), [`measure`] (one point:
+//! latency, clean and robust accuracy; [`measure::robust_accuracy`] is the one place that runs
+//! an attack), [`cache`] (one JSON file per point, so a sweep resumes and extends),
+//! [`pareto`], [`report`] (CSV, Markdown, JSON summary) and [`plot`] (SVG via plotters).
+
+pub mod cache;
+pub mod grid;
+pub mod measure;
+pub mod pareto;
+pub mod plot;
+pub mod report;
+
+use crate::attack::ThreatModel;
+use crate::config::DefenseConfig;
+use crate::data::cifar::read_cifar_bin;
+use crate::error::{Error, Result};
+use crate::schedule::DdimPlan;
+use grid::{Grid, GridPoint};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Instant;
+
+/// Default images of the clean pass (also the latency samples) of `diffshield tune`.
+pub const DEFAULT_IMAGES: usize = 24;
+/// Default untimed warm-up frames.
+pub const DEFAULT_WARMUP: usize = 2;
+/// Default Square Attack query budget per image.
+pub const DEFAULT_QUERIES: usize = 12;
+/// Default images attacked.
+pub const DEFAULT_ATTACK_IMAGES: usize = 8;
+/// Default fresh-noise evaluations per adversarial image.
+pub const DEFAULT_RUNS: u32 = 2;
+
+/// The attack that robust accuracy is measured under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttackKind {
+    /// No attack: robust accuracy is not measured (latency and clean accuracy only).
+    None,
+    /// The gradient-free Square Attack on the deployed pipeline (`attack::square`).
+    Square,
+    /// PGD with BPDA + EOT through the purifier (not in this build yet).
+    Bpda,
+}
+
+impl AttackKind {
+    /// Refuses an attack this build does not have, before anything is measured.
+    pub fn check_available(&self) -> Result<()> {
+        match self {
+            AttackKind::None | AttackKind::Square => Ok(()),
+            AttackKind::Bpda => Err(Error::AttackUnavailable(
+                "--attack bpda (PGD with BPDA+EOT) is not in this build yet; use --attack square \
+                 or --attack none"
+                    .into(),
+            )),
+        }
+    }
+}
+
+impl FromStr for AttackKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(AttackKind::None),
+            "square" => Ok(AttackKind::Square),
+            "bpda" => Ok(AttackKind::Bpda),
+            _ => Err(Error::InvalidConfig(format!(
+                "unknown attack {s:?}: expected square, bpda or none"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for AttackKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttackKind::None => "none",
+            AttackKind::Square => "square",
+            AttackKind::Bpda => "bpda",
+        })
+    }
+}
+
+/// How robust accuracy is measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttackSettings {
+    /// Which attack.
+    pub kind: AttackKind,
+    /// Threat model (Linf 8/255 by default).
+    pub threat: ThreatModel,
+    /// Query budget per image (Square).
+    pub queries: usize,
+    /// Images attacked: the first `images` of the data file.
+    pub images: usize,
+    /// Evaluations of each adversarial image with fresh noise; robust accuracy is their mean.
+    pub runs: u32,
+}
+
+impl AttackSettings {
+    /// A canonical text form (part of the cache key).
+    pub fn canonical(&self) -> String {
+        match self.kind {
+            AttackKind::None => "attack=none".into(),
+            k => format!(
+                "attack={k};threat={};eps={};queries={};images={};runs={}",
+                self.threat,
+                grid::fmt_f64(self.threat.eps),
+                self.queries,
+                self.images,
+                self.runs
+            ),
+        }
+    }
+
+    /// A one-line description, e.g. `square linf:8/255, 20 queries, 8 images, 2 runs`.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            AttackKind::None => "none".into(),
+            k => format!(
+                "{k} {}, {} queries, {} images, {} runs",
+                self.threat, self.queries, self.images, self.runs
+            ),
+        }
+    }
+}
+
+/// Which latency the frontier and the Pareto plot use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LatencyClock {
+    /// CPU time of the deciding thread when every point has one (one thread, Linux), else wall.
+    #[default]
+    Auto,
+    /// Wall-clock time: what a caller waits, including time lost to other jobs on the machine.
+    Wall,
+    /// CPU time of the deciding thread: the frame's compute, nearly independent of other jobs.
+    Cpu,
+}
+
+impl FromStr for LatencyClock {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(LatencyClock::Auto),
+            "wall" => Ok(LatencyClock::Wall),
+            "cpu" => Ok(LatencyClock::Cpu),
+            _ => Err(Error::InvalidConfig(format!(
+                "unknown latency clock {s:?}: expected auto, wall or cpu"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for LatencyClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LatencyClock::Auto => "auto",
+            LatencyClock::Wall => "wall",
+            LatencyClock::Cpu => "cpu",
+        })
+    }
+}
+
+/// Everything about how a point is measured (all of it but `clock` is part of the cache key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeasureSettings {
+    /// CIFAR-10 binary file the images come from.
+    pub data: PathBuf,
+    /// Images of the clean pass: each is one timed single-frame decision, so this is also the
+    /// number of latency samples.
+    pub clean_images: usize,
+    /// Untimed single-frame decisions before the timed ones.
+    pub warmup: usize,
+    /// The attack.
+    pub attack: AttackSettings,
+    /// The rest of the configuration (models folder, vote rule, seed, ...); the grid sets the
+    /// denoiser, T*, plan, eta, votes and threads.
+    pub base: DefenseConfig,
+    /// Which latency the frontier uses (reporting only; both are always measured and stored).
+    pub clock: LatencyClock,
+}
+
+impl MeasureSettings {
+    /// Checks the settings before anything is measured.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::InvalidConfig(format!("tune: {m}")));
+        if self.clean_images == 0 {
+            return bad("--images must be at least 1 (they are also the latency samples)");
+        }
+        if self.attack.kind != AttackKind::None {
+            if self.attack.images == 0 {
+                return bad("--attack-images must be at least 1 (or --attack none)");
+            }
+            if self.attack.queries == 0 || self.attack.runs == 0 {
+                return bad("--queries and --runs must be at least 1");
+            }
+        }
+        if self.base.budget_ms.is_some() {
+            return bad("a latency budget (budget_ms) cannot be swept; remove it from --config");
+        }
+        self.attack.kind.check_available()?;
+        self.base.validate()
+    }
+
+    /// A canonical text form: data file (name and size), image counts, attack, and every key
+    /// of the base configuration that the grid does not set (as sorted JSON, so a key added to
+    /// `DefenseConfig` later becomes part of the cache key by itself).
+    pub fn canonical(&self) -> String {
+        let name = self.data.file_name().map(|n| n.to_string_lossy().into_owned());
+        let size = std::fs::metadata(&self.data).map(|m| m.len()).unwrap_or(0);
+        // Sorted explicitly: serde_json keeps insertion order if any crate enables preserve_order.
+        let base: std::collections::BTreeMap<String, serde_json::Value> =
+            match serde_json::to_value(&self.base) {
+                Ok(serde_json::Value::Object(map)) => {
+                    map.into_iter().filter(|(k, _)| !GRID_SET_KEYS.contains(&k.as_str())).collect()
+                }
+                _ => Default::default(),
+            };
+        let base = serde_json::to_string(&base).unwrap_or_default();
+        format!(
+            "data={}:{size};images={};warmup={};{};base={}",
+            name.unwrap_or_default(),
+            self.clean_images,
+            self.warmup,
+            self.attack.canonical(),
+            base
+        )
+    }
+}
+
+/// Configuration keys a grid point sets (so they are not part of the base in a cache key).
+const GRID_SET_KEYS: [&str; 10] = [
+    "denoiser",
+    "t_star",
+    "stride",
+    "steps",
+    "timesteps",
+    "eta",
+    "votes",
+    "threads",
+    "min_votes",
+    "budget_ms",
+];
+
+/// Latency of single defended frames (one frame per call, all its votes), milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatencyStats {
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile (nearest rank; with fewer than 100 frames, the slowest).
+    pub p99_ms: f64,
+    /// Mean.
+    pub mean_ms: f64,
+    /// Timed frames.
+    pub frames: usize,
+    /// Median CPU time of the deciding thread per frame (Linux, one thread only; `None`
+    /// elsewhere). Unlike the wall-clock figures it hardly moves when other jobs share the CPU.
+    #[serde(default)]
+    pub cpu_p50_ms: Option<f64>,
+}
+
+impl LatencyStats {
+    /// Nearest-rank percentiles of `seconds` (wall clock) and the median of `cpu_seconds`
+    /// (empty: unknown).
+    pub fn from_seconds(seconds: &[f64], cpu_seconds: &[f64]) -> LatencyStats {
+        let ms = |v: &[f64]| {
+            let mut ms: Vec<f64> = v.iter().map(|s| s * 1e3).collect();
+            ms.sort_by(f64::total_cmp);
+            ms
+        };
+        let (wall, cpu) = (ms(seconds), ms(cpu_seconds));
+        LatencyStats {
+            p50_ms: percentile(&wall, 50.0),
+            p99_ms: percentile(&wall, 99.0),
+            mean_ms: wall.iter().sum::<f64>() / wall.len().max(1) as f64,
+            frames: wall.len(),
+            cpu_p50_ms: (!cpu.is_empty()).then(|| percentile(&cpu, 50.0)),
+        }
+    }
+}
+
+/// Nearest-rank percentile `p` (0..=100) of sorted values; NaN when there are none.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Robust accuracy of one point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RobustResult {
+    /// The attack, described.
+    pub attack: String,
+    /// Images attacked.
+    pub images: usize,
+    /// Fresh-noise evaluations per adversarial image.
+    pub runs: u32,
+    /// Defended clean accuracy on the same (unattacked) images, from the clean pass: the
+    /// like-for-like reference for `mean`.
+    #[serde(default)]
+    pub clean_acc: Option<f64>,
+    /// Mean over runs of the fraction of adversarial images classified correctly.
+    pub mean: f64,
+    /// Fraction correct in every run.
+    pub worst: f64,
+    /// Images the attack's last accepted query misclassified.
+    pub fooled_during_attack: usize,
+}
+
+/// Everything measured for one grid point (the content of its cache file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PointResult {
+    /// Cache key: cache version, the point and the measurement settings.
+    pub key: String,
+    /// The point.
+    pub point: GridPoint,
+    /// Its short label.
+    pub label: String,
+    /// The DDIM timesteps the point runs (T* ... 0).
+    pub timesteps: Vec<u32>,
+    /// Latency of single defended frames.
+    pub latency: LatencyStats,
+    /// Defended clean accuracy.
+    pub clean_acc: f64,
+    /// Images of the clean pass.
+    pub clean_images: usize,
+    /// Robust accuracy; `None` with `--attack none`.
+    pub robust: Option<RobustResult>,
+    /// Wall time of the point's measurement, seconds (model loading included).
+    pub seconds: f64,
+    /// Unix time the measurement finished.
+    pub finished_unix: u64,
+    /// True when this run read the result from the cache (not stored in the file).
+    #[serde(skip)]
+    pub cached: bool,
+}
+
+impl PointResult {
+    /// DDIM steps (denoiser calls per vote).
+    pub fn steps(&self) -> usize {
+        self.timesteps.len().saturating_sub(1)
+    }
+
+    /// The p50 latency (ms) on `clock` (`Auto` and a missing CPU time mean wall clock).
+    pub fn p50_ms(&self, clock: LatencyClock) -> f64 {
+        match (clock, self.latency.cpu_p50_ms) {
+            (LatencyClock::Cpu, Some(cpu)) => cpu,
+            _ => self.latency.p50_ms,
+        }
+    }
+
+    /// The accuracy the frontier maximises: robust accuracy, or clean accuracy without attack.
+    pub fn objective(&self) -> f64 {
+        self.robust.as_ref().map_or(self.clean_acc, |r| r.mean)
+    }
+}
+
+/// The cache key of `point` under `settings`.
+pub fn cache_key(point: &GridPoint, settings: &MeasureSettings) -> String {
+    format!("v{}|{}|{}", cache::CACHE_VERSION, point.canonical(), settings.canonical())
+}
+
+/// Builds every point's DDIM plan against the manifest, so a T* outside a denoiser's trained
+/// range or an unknown tier is refused before anything is measured. Returns the timesteps.
+pub fn check_points(points: &[GridPoint], base: &DefenseConfig) -> Result<Vec<Vec<u32>>> {
+    let manifest = crate::manifest::Manifest::load(&base.models)?;
+    let schedule = manifest.schedule()?;
+    points
+        .iter()
+        .map(|p| {
+            let entry = manifest.denoiser(&p.denoiser)?;
+            let plan =
+                DdimPlan::new(&schedule, entry.trained_range(), p.t_star, &p.plan.spec(), p.eta)?;
+            p.config(base).validate()?;
+            Ok(plan.timesteps().to_vec())
+        })
+        .collect()
+}
+
+/// What happens as a sweep goes, for a progress display.
+#[derive(Debug, Clone)]
+pub enum Progress<'a> {
+    /// Point `index` of `total` starts being measured.
+    Measuring { index: usize, total: usize, point: &'a GridPoint },
+    /// Point `index` of `total` was found in the cache.
+    Cached { index: usize, total: usize, point: &'a GridPoint },
+    /// Point `index` finished.
+    Done { index: usize, total: usize, result: &'a PointResult },
+}
+
+/// Files a sweep writes besides the per-point cache.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputFiles {
+    /// One row per point.
+    pub csv: PathBuf,
+    /// Frontier table.
+    pub markdown: PathBuf,
+    /// Robust accuracy against p50 latency, frontier marked.
+    pub pareto_svg: PathBuf,
+    /// Clean and robust accuracy against T*.
+    pub depth_svg: PathBuf,
+    /// The JSON summary (also printed).
+    pub summary: PathBuf,
+}
+
+/// The outcome of a sweep.
+#[derive(Debug, Clone)]
+pub struct TuneOutcome {
+    /// One result per grid point, in grid order.
+    pub results: Vec<PointResult>,
+    /// The latency the frontier uses: `Wall` or `Cpu` (never `Auto`).
+    pub clock: LatencyClock,
+    /// Whether each result is on the Pareto frontier.
+    pub on_frontier: Vec<bool>,
+    /// Frontier indices sorted by latency.
+    pub frontier: Vec<usize>,
+    /// Points measured by this run.
+    pub measured: usize,
+    /// Points read from the cache.
+    pub cached: usize,
+    /// Labels of the points not measured (only a dry run leaves any).
+    pub pending: Vec<String>,
+    /// Wall time of the whole run, seconds.
+    pub seconds: f64,
+    /// Files written (`None` on a dry run).
+    pub files: Option<OutputFiles>,
+}
+
+/// Runs a sweep: every point of `grid` not in the cache under `out` is measured and cached, then
+/// the CSV, Markdown table, plots and summary are written under `out`. With `dry_run` nothing is
+/// measured or written: the results hold only the cached points.
+pub fn run(
+    grid: &Grid,
+    settings: &MeasureSettings,
+    out: &Path,
+    dry_run: bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<TuneOutcome> {
+    let started = Instant::now();
+    settings.validate()?;
+    let points = grid.points()?;
+    if points.is_empty() {
+        return Err(Error::InvalidConfig("tune: the grid has no points".into()));
+    }
+    check_points(&points, &settings.base)?;
+    let keys: Vec<String> = points.iter().map(|p| cache_key(p, settings)).collect();
+    let total = points.len();
+    let mut results = Vec::with_capacity(total);
+    let mut missing = Vec::new();
+    for (i, (p, key)) in points.iter().zip(&keys).enumerate() {
+        match cache::load(out, key) {
+            Some(mut r) => {
+                r.cached = true;
+                progress(Progress::Cached { index: i, total, point: p });
+                results.push(Some(r));
+            }
+            None => {
+                missing.push(i);
+                results.push(None);
+            }
+        }
+    }
+    let mut measured = 0;
+    if !dry_run && !missing.is_empty() {
+        let need = settings.clean_images.max(match settings.attack.kind {
+            AttackKind::None => 0,
+            _ => settings.attack.images,
+        });
+        let set = read_cifar_bin(&settings.data, Some(need))?;
+        for &i in &missing {
+            progress(Progress::Measuring { index: i, total, point: &points[i] });
+            let r = measure::measure_point(&points[i], &keys[i], settings, &set)?;
+            cache::store(out, &r)?;
+            progress(Progress::Done { index: i, total, result: &r });
+            results[i] = Some(r);
+            measured += 1;
+        }
+    }
+    let results: Vec<PointResult> = results.into_iter().flatten().collect();
+    let all_cpu = results.iter().all(|r| r.latency.cpu_p50_ms.is_some());
+    let clock = match settings.clock {
+        LatencyClock::Auto | LatencyClock::Cpu if all_cpu => LatencyClock::Cpu,
+        LatencyClock::Cpu => {
+            log::warn!(
+                "not every point has a CPU time (threads > 1?): the frontier uses wall time"
+            );
+            LatencyClock::Wall
+        }
+        _ => LatencyClock::Wall,
+    };
+    let pairs: Vec<(f64, f64)> = results.iter().map(|r| (r.p50_ms(clock), r.objective())).collect();
+    let on_frontier = pareto::frontier(&pairs);
+    let frontier = pareto::frontier_order(&pairs);
+    let cached = results.iter().filter(|r| r.cached).count();
+    let mut outcome = TuneOutcome {
+        clock,
+        results,
+        on_frontier,
+        frontier,
+        measured,
+        cached,
+        pending: Vec::new(),
+        seconds: started.elapsed().as_secs_f64(),
+        files: None,
+    };
+    if dry_run {
+        outcome.pending = missing.iter().map(|&i| points[i].label()).collect();
+    } else {
+        outcome.files = Some(report::write_all(&outcome, settings, out)?);
+    }
+    outcome.seconds = started.elapsed().as_secs_f64();
+    Ok(outcome)
+}
