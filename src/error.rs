@@ -44,6 +44,9 @@ pub enum Error {
     /// A requested backend that this build or machine does not have.
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),
+    /// An attack that this build does not have (e.g. the gradient attacks before they land).
+    #[error("attack unavailable: {0}")]
+    AttackUnavailable(String),
     /// An I/O error on a named path.
     #[error("{path}: {source}")]
     Io {

@@ -23,11 +23,13 @@ pub mod budget;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod grad;
 pub mod manifest;
 pub mod noise;
 pub mod pipeline;
 pub mod purify;
 pub mod schedule;
+pub mod tune;
 
 pub use backend::{Classifier, Denoiser};
 pub use error::{Error, Result};

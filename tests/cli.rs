@@ -339,7 +339,10 @@ fn attack_writes_a_report_with_the_robust_accuracy_keys() {
         "10",
         "--runs",
         "2",
-        "--no-purify",
+        "--attack",
+        "square",
+        "--mode",
+        "undefended",
         "--out",
         report.to_str().unwrap(),
     ]);
@@ -354,15 +357,77 @@ fn attack_writes_a_report_with_the_robust_accuracy_keys() {
         let a = r[k].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&a), "{k} = {a}");
     }
-    assert!(r["robust_acc"].as_f64().unwrap() <= v["clean_acc"].as_f64().unwrap());
+    assert!(r["robust_acc"].as_f64().unwrap() <= v["undefended_clean_acc"].as_f64().unwrap());
     assert_eq!(r["per_image"].as_array().unwrap().len(), 4);
     assert!(r["per_image"]
         .as_array()
         .unwrap()
         .iter()
-        .all(|p| p["queries"].as_u64().unwrap() <= 10));
+        .all(|p| p["distance"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6));
     assert_user_error(
         &diffshield(&["attack", "--data", data.to_str().unwrap(), "--threat", "linf:eight"]),
         "expected NORM:EPS",
     );
+}
+
+#[cfg(feature = "twin")]
+#[test]
+fn pgd_attack_resumes_and_writes_table_and_junit() {
+    let Some(data) = common::shared_data("cifar10_test_2000.bin") else { return };
+    let d = scratch("pgd");
+    let (report, md, junit) = (d.join("r.json"), d.join("t.md"), d.join("j.xml"));
+    let args = |limit: &str| {
+        vec![
+            "attack".to_string(),
+            "--data".into(),
+            data.to_str().unwrap().into(),
+            "--limit".into(),
+            limit.into(),
+            "--threat".into(),
+            "linf:8/255,linf:0".into(),
+            "--mode".into(),
+            "undefended".into(),
+            "--steps".into(),
+            "10".into(),
+            "--attack-batch".into(),
+            "2".into(),
+            "--runs".into(),
+            "1".into(),
+            "--out".into(),
+            report.to_str().unwrap().into(),
+            "--markdown".into(),
+            md.to_str().unwrap().into(),
+            "--junit".into(),
+            junit.to_str().unwrap().into(),
+            "--min-acc".into(),
+            "undefended=0.5".into(),
+        ]
+    };
+    let run = |a: Vec<String>| diffshield(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = run(args("4"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(v["complete"], true);
+    let attacked = &v["results"][0];
+    let untouched = &v["results"][1];
+    assert!(attacked["robust_acc"].as_f64().unwrap() < v["undefended_clean_acc"].as_f64().unwrap());
+    assert_eq!(untouched["robust_acc"], v["undefended_clean_acc"], "eps 0 is clean accuracy");
+    let table = std::fs::read_to_string(&md).unwrap();
+    assert!(table.contains("| undefended |"), "{table}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains("tests=\"2\""), "{xml}");
+    // Resuming a finished run measures nothing new and keeps the results.
+    let mut again = args("4");
+    again.push("--resume".into());
+    let out = run(again);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let w: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(w["results"], v["results"]);
+    // Resuming with other attack settings is refused.
+    let mut other = args("4");
+    other[10] = "5".into();
+    other.push("--resume".into());
+    assert_user_error(&run(other), "--resume");
 }

@@ -1,6 +1,11 @@
 //! Attacks on the deployed pipeline. So far: threat models and the gradient-free Square Attack,
 //! which needs only the deployed forward pass, whatever backend runs it.
 
+pub mod eval;
+pub mod gradients;
+pub mod harness;
+pub mod pgd;
+pub mod report;
 pub mod square;
 
 use crate::error::{Error, Result};

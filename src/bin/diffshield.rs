@@ -2,10 +2,13 @@
 //! accuracy on a CIFAR-10 binary file. Machine-readable JSON on stdout, progress and errors on
 //! stderr. Exit codes: 0 success, 2 bad input or configuration, 1 internal failure.
 
+#[path = "diffshield/attack_cmd.rs"]
+mod attack_cmd;
+#[path = "diffshield/gradcheck_cmd.rs"]
+mod gradcheck_cmd;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use diffshield::attack::square::{square_attack, SquareConfig};
-use diffshield::attack::{Norm, ThreatModel};
 use diffshield::config::{BackendKind, DefenseConfig, VoteRule};
 use diffshield::data::cifar::{is_cifar_bin, read_cifar_bin};
 use diffshield::data::image::{collect_image_paths, load_image};
@@ -63,35 +66,16 @@ enum Command {
         #[command(flatten)]
         defense: DefenseArgs,
     },
-    /// Square Attack (gradient-free) on the deployed pipeline; robust accuracy over fresh-noise runs.
-    Attack {
-        /// CIFAR-10 binary file.
-        #[arg(long)]
-        data: PathBuf,
-        /// Attack the first N images.
-        #[arg(long, default_value_t = 16)]
-        limit: usize,
-        /// Threat models, e.g. linf:8/255,l2:1.0 [default: the paper's four].
-        #[arg(long, value_delimiter = ',')]
-        threat: Vec<String>,
-        /// Query budget per image.
-        #[arg(long, default_value_t = 100)]
-        queries: usize,
-        /// Evaluation runs with fresh noise per adversarial image.
-        #[arg(long, default_value_t = 5)]
-        runs: u32,
-        /// Attack the bare classifier instead of the defended pipeline.
-        #[arg(long)]
-        no_purify: bool,
-        /// Write the JSON report here (atomically).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Also print the report as one JSON object on stdout.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        defense: DefenseArgs,
-    },
+    /// Attack the deployed pipeline (PGD with the mode's gradient + EOT, or Square) and report
+    /// robust accuracy over fresh-noise runs: JSON report, Table-2 Markdown, JUnit.
+    Attack(Box<attack_cmd::AttackArgs>),
+    /// Check the white-box gradients (classifier, one denoiser call, the whole purifier)
+    /// against central finite differences; exit 1 above the tolerance.
+    Gradcheck(Box<gradcheck_cmd::GradcheckArgs>),
+    /// Sweep a grid of defence configurations: per point the latency of single defended frames,
+    /// clean and robust accuracy; writes tune.csv, pareto.md, pareto.svg, depth.svg under --out
+    /// (finished points are cached there, so a sweep resumes and extends).
+    Tune(Box<TuneArgs>),
     /// Classify a stream of frames (folder, raw RGB on stdin, CIFAR-10 .bin) at a target rate;
     /// one JSON line per frame, then a summary line.
     Run {
@@ -167,6 +151,9 @@ struct DefenseArgs {
     /// Inference backend [default: cpu].
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
+    /// Model precision: f32 or int8 (the manifest's int8_file models) [default: f32].
+    #[arg(long, value_enum)]
+    precision: Option<PrecisionArg>,
     /// Frames per batch [default: 1].
     #[arg(long)]
     batch: Option<usize>,
@@ -182,6 +169,12 @@ struct DefenseArgs {
     /// Fewest votes the budget planner may choose (--votes is the most) [default: 1].
     #[arg(long)]
     min_votes: Option<u32>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PrecisionArg {
+    F32,
+    Int8,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -220,6 +213,12 @@ impl DefenseArgs {
             c.vote_rule = match r {
                 VoteRuleArg::Majority => VoteRule::Majority,
                 VoteRuleArg::MeanProb => VoteRule::MeanProb,
+            };
+        }
+        if let Some(p) = self.precision {
+            c.precision = match p {
+                PrecisionArg::F32 => diffshield::config::Precision::F32,
+                PrecisionArg::Int8 => diffshield::config::Precision::Int8,
             };
         }
         if let Some(b) = self.backend {
@@ -488,132 +487,6 @@ fn run(args: &StreamArgs, defense: &DefenseArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct AttackOpts {
-    limit: usize,
-    queries: usize,
-    runs: u32,
-    purify: bool,
-}
-
-/// Frame indices of attack queries and evaluation runs start here, far from any data index, so
-/// their noise streams never coincide with a plain `eval` of the same images.
-const ATTACK_FRAME_BASE: u64 = 1 << 40;
-
-fn attack(
-    data: &std::path::Path,
-    threats: &[String],
-    opts: &AttackOpts,
-    out: Option<&std::path::Path>,
-    print_json: bool,
-    args: &DefenseArgs,
-) -> anyhow::Result<()> {
-    let config = args.resolve()?;
-    let threats: Vec<ThreatModel> = if threats.is_empty() {
-        ThreatModel::paper_defaults()
-    } else {
-        threats.iter().map(|t| t.parse()).collect::<Result<_, _>>()?
-    };
-    if opts.runs == 0 || opts.queries == 0 {
-        return Err(diffshield::Error::InvalidConfig(
-            "--runs and --queries must be at least 1".into(),
-        )
-        .into());
-    }
-    let mut pipeline = Pipeline::from_config(&config)?;
-    let set = read_cifar_bin(data, Some(opts.limit))?;
-    let n = set.labels.len();
-    let labels: Vec<usize> = set.labels.iter().map(|&l| l as usize).collect();
-    let started = Instant::now();
-    let purify = opts.purify;
-    let decide = |p: &mut Pipeline, x: ndarray::ArrayView4<f32>, first: u64| {
-        if purify {
-            p.decide(x, first)
-        } else {
-            p.decide_undefended(x, first)
-        }
-    };
-    // Evaluation on the deployed pipeline: `runs` passes with fresh noise; per image the
-    // fraction of runs correct, whether all were, and whether the majority was.
-    let evaluate = |p: &mut Pipeline, x: &Array4<f32>, tag: u64| -> anyhow::Result<Vec<u32>> {
-        let mut correct = vec![0u32; n];
-        for r in 0..u64::from(opts.runs) {
-            let first = ATTACK_FRAME_BASE + (tag * 64 + r) * (n as u64) * 1024;
-            for (i, d) in decide(p, x.view(), first)?.iter().enumerate() {
-                correct[i] += u32::from(d.label == labels[i]);
-            }
-        }
-        Ok(correct)
-    };
-    let summarise = |correct: &[u32]| {
-        let r = opts.runs;
-        json!({
-            "mean": correct.iter().map(|&c| f64::from(c) / f64::from(r)).sum::<f64>() / n as f64,
-            "worst": correct.iter().filter(|&&c| c == r).count() as f64 / n as f64,
-            "majority": correct.iter().filter(|&&c| 2 * c > r).count() as f64 / n as f64,
-        })
-    };
-    let clean = evaluate(&mut pipeline, &set.images, 0)?;
-    let clean_acc = summarise(&clean);
-    let mut results = Vec::new();
-    let bar = progress(threats.len() * opts.queries, "square");
-    for (k, threat) in threats.iter().enumerate() {
-        let cfg = SquareConfig {
-            threat: *threat,
-            queries: opts.queries,
-            p_init: if threat.norm == Norm::Linf { 0.05 } else { 0.1 },
-            seed: config.seed ^ 0x0051_5541_5245,
-            // The purifier is stochastic: a misclassified query is not yet a broken image.
-            early_stop: !purify,
-        };
-        let mut query_model =
-            |x: ndarray::ArrayView4<f32>, q: u64| -> diffshield::Result<ndarray::Array2<f32>> {
-                bar.inc(1);
-                let first = ATTACK_FRAME_BASE + ((k as u64 + 1) << 30) + q * (n as u64);
-                let d = decide(&mut pipeline, x, first)?;
-                let rows: Vec<f32> = d.iter().flat_map(|d| d.probs.iter().copied()).collect();
-                ndarray::Array2::from_shape_vec((d.len(), rows.len() / d.len().max(1)), rows)
-                    .map_err(|e| diffshield::Error::Backend(e.to_string()))
-            };
-        let outcome = square_attack(&mut query_model, set.images.view(), &labels, &cfg)?;
-        let correct = evaluate(&mut pipeline, &outcome.adversarial, k as u64 + 1)?;
-        let acc = summarise(&correct);
-        results.push(json!({
-            "threat": threat.to_string(),
-            "attack": "square",
-            "queries": opts.queries,
-            "robust_acc": acc["mean"],
-            "robust_acc_worst": acc["worst"],
-            "robust_acc_majority": acc["majority"],
-            "fooled_during_attack": outcome.fooled.iter().filter(|&&f| f).count(),
-            "per_image": (0..n).map(|i| json!({
-                "index": i, "label": labels[i], "runs_correct": correct[i],
-                "queries": outcome.queries[i], "fooled_during_attack": outcome.fooled[i],
-            })).collect::<Vec<_>>(),
-        }));
-    }
-    bar.finish_and_clear();
-    let report = json!({
-        "data": data.display().to_string(),
-        "images": n,
-        "defended": purify,
-        "runs": opts.runs,
-        "counting": "robust_acc = mean over runs of the fraction correct; robust_acc_worst = correct in every run; robust_acc_majority = correct in more than half the runs; each run purifies with fresh noise",
-        "clean_acc": clean_acc["mean"],
-        "clean_acc_worst": clean_acc["worst"],
-        "clean_acc_majority": clean_acc["majority"],
-        "config": config,
-        "results": results,
-        "seconds": started.elapsed().as_secs_f64(),
-    });
-    if let Some(path) = out {
-        write_atomically(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
-    }
-    if print_json || out.is_none() {
-        println!("{report}");
-    }
-    Ok(())
-}
-
 /// Writes `bytes` to a temporary file beside `path` and renames it into place, so a reader
 /// (or a killed run) never sees a partial file.
 fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
@@ -623,6 +496,162 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> 
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Options of `diffshield tune`.
+#[derive(Args, Clone)]
+struct TuneArgs {
+    /// CIFAR-10 binary file the images come from.
+    #[arg(long, required_unless_present = "print_grid")]
+    data: Option<PathBuf>,
+    /// Output folder: points/ (the per-point cache), tune.csv, pareto.md, pareto.svg, depth.svg.
+    #[arg(long, default_value = "target/tune")]
+    out: PathBuf,
+    /// TOML grid file: axes as lists, one table or several [[grid]] tables (their union)
+    /// [default: the built-in grid, see --print-grid].
+    #[arg(long)]
+    grid: Option<PathBuf>,
+    /// Print the built-in grid (TOML) and exit.
+    #[arg(long)]
+    print_grid: bool,
+    /// T* values, e.g. 20,60,100,140 (replaces the axis in every grid of --grid).
+    #[arg(long, value_name = "LIST")]
+    t_star: Option<String>,
+    /// DDIM strides, e.g. 10,20 (with --steps: both kinds of plan are swept).
+    #[arg(long, value_name = "LIST")]
+    stride: Option<String>,
+    /// DDIM step counts, e.g. 1,4.
+    #[arg(long, value_name = "LIST")]
+    steps: Option<String>,
+    /// eta values, e.g. 0,1.
+    #[arg(long, value_name = "LIST")]
+    eta: Option<String>,
+    /// Votes per frame, e.g. 1,3.
+    #[arg(long, value_name = "LIST")]
+    votes: Option<String>,
+    /// Denoiser tiers, e.g. s,m.
+    #[arg(long, value_name = "LIST")]
+    denoiser: Option<String>,
+    /// CPU thread counts, e.g. 1,2.
+    #[arg(long, value_name = "LIST")]
+    threads: Option<String>,
+    /// Images of the clean pass; each is one timed single-frame decision (the latency samples).
+    #[arg(long, default_value_t = diffshield::tune::DEFAULT_IMAGES)]
+    images: usize,
+    /// Untimed single-frame decisions before the timed ones.
+    #[arg(long, default_value_t = diffshield::tune::DEFAULT_WARMUP)]
+    warmup: usize,
+    /// Attack for robust accuracy: square, bpda (not in this build yet) or none.
+    #[arg(long, default_value = "square")]
+    attack: String,
+    /// Threat model of the attack.
+    #[arg(long, default_value = "linf:8/255")]
+    threat: String,
+    /// Query budget per attacked image (square).
+    #[arg(long, default_value_t = diffshield::tune::DEFAULT_QUERIES)]
+    queries: usize,
+    /// Images attacked (the first N of --data).
+    #[arg(long, default_value_t = diffshield::tune::DEFAULT_ATTACK_IMAGES)]
+    attack_images: usize,
+    /// Fresh-noise evaluations of each adversarial image.
+    #[arg(long, default_value_t = diffshield::tune::DEFAULT_RUNS)]
+    runs: u32,
+    /// List the points and which are cached; measure nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Latency for the frontier and plot: cpu (the deciding thread's CPU time, steady when
+    /// other jobs share the machine), wall, or auto (cpu when every point has it).
+    #[arg(long, default_value = "auto")]
+    clock: String,
+    /// Base configuration (TOML, the keys of --config elsewhere) for what the grid does not set:
+    /// models, vote_rule, seed, ...
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Noise seed [default: 0, or the --config file's].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Folder with models.toml and the ONNX files [default: models].
+    #[arg(long)]
+    models: Option<PathBuf>,
+}
+
+fn tune(args: &TuneArgs) -> anyhow::Result<()> {
+    use diffshield::tune::{self, grid::Grid, grid::GridAxes, Progress};
+    if args.print_grid {
+        print!("{}", tune::grid::DEFAULT_GRID_TOML.trim_start());
+        return Ok(());
+    }
+    let mut axes = GridAxes::default();
+    for (name, list) in [
+        ("t_star", &args.t_star),
+        ("stride", &args.stride),
+        ("steps", &args.steps),
+        ("eta", &args.eta),
+        ("votes", &args.votes),
+        ("denoiser", &args.denoiser),
+        ("threads", &args.threads),
+    ] {
+        if let Some(list) = list {
+            axes.set(name, list)?;
+        }
+    }
+    let file = args.grid.as_deref().map(Grid::from_file).transpose()?;
+    let grid = Grid::resolve(file, &axes)?;
+    let mut base = match &args.config {
+        Some(p) => DefenseConfig::from_file(p)?,
+        None => DefenseConfig::default(),
+    };
+    if let Some(s) = args.seed {
+        base.seed = s;
+    }
+    if let Some(m) = &args.models {
+        base.models = m.clone();
+    }
+    let data = args.data.clone().context("--data is required")?;
+    let settings = tune::MeasureSettings {
+        data,
+        clean_images: args.images,
+        warmup: args.warmup,
+        attack: tune::AttackSettings {
+            kind: args.attack.parse()?,
+            threat: args.threat.parse()?,
+            queries: args.queries,
+            images: args.attack_images,
+            runs: args.runs,
+        },
+        base,
+        clock: args.clock.parse()?,
+    };
+    let started = Instant::now();
+    let mut report = |p: Progress| match p {
+        Progress::Cached { index, total, point } => {
+            eprintln!("[{}/{total}] {}: cached", index + 1, point.label());
+        }
+        Progress::Measuring { index, total, point } => {
+            eprintln!(
+                "[{}/{total}] {}: measuring ({:.0} s so far)",
+                index + 1,
+                point.label(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Progress::Done { index, total, result: r } => {
+            eprintln!(
+                "[{}/{total}] {}: p50 {:.1} ms, p99 {:.1} ms, clean {:.1} %, robust {} ({:.1} s)",
+                index + 1,
+                r.label,
+                r.latency.p50_ms,
+                r.latency.p99_ms,
+                r.clean_acc * 100.0,
+                r.robust.as_ref().map_or("n/a".into(), |x| format!("{:.1} %", x.mean * 100.0)),
+                r.seconds
+            );
+        }
+    };
+    let outcome = tune::run(&grid, &settings, &args.out, args.dry_run, &mut report)?;
+    let summary = tune::report::summary(&outcome, &settings, outcome.files.as_ref());
+    println!("{summary}");
     Ok(())
 }
 
@@ -637,11 +666,9 @@ fn main() -> ExitCode {
             eval(data, *limit, *no_purify, defense)
         }
         Command::Run { source, defense } => run(source, defense),
-        Command::Attack { data, limit, threat, queries, runs, no_purify, out, json, defense } => {
-            let opts =
-                AttackOpts { limit: *limit, queries: *queries, runs: *runs, purify: !no_purify };
-            attack(data, threat, &opts, out.as_deref(), *json, defense)
-        }
+        Command::Tune(args) => tune(args),
+        Command::Attack(args) => attack_cmd::attack(args),
+        Command::Gradcheck(args) => gradcheck_cmd::gradcheck(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,121 @@
+//! `diffshield gradcheck`: the differentiable twins' gradients (classifier alone, one denoiser
+//! call, the whole purifier with a fixed seed) against central finite differences.
+
+use super::DefenseArgs;
+use clap::Args;
+use std::path::PathBuf;
+
+/// Options of `diffshield gradcheck`.
+#[derive(Args)]
+pub struct GradcheckArgs {
+    /// CIFAR-10 binary file the test images come from.
+    #[arg(long)]
+    data: PathBuf,
+    /// Images checked together.
+    #[arg(long, default_value_t = 2)]
+    images: usize,
+    /// Coordinates checked per gradient (half the largest, half random).
+    #[arg(long, default_value_t = 16)]
+    coords: usize,
+    /// Finite-difference step in input units.
+    #[arg(long, default_value_t = 1e-3)]
+    h: f64,
+    /// Fail (exit 1) when the denoiser's or the purifier's largest relative error exceeds this.
+    #[arg(long, default_value_t = 5e-2)]
+    max_rel_error: f64,
+    /// The same for the classifier, whose ReLU/max-pool kinks make single difference quotients
+    /// off by more (its median must still stay within --max-median-error).
+    #[arg(long, default_value_t = 0.25)]
+    max_rel_error_classifier: f64,
+    /// Fail when any check's median relative error exceeds this.
+    #[arg(long, default_value_t = 1e-2)]
+    max_median_error: f64,
+    /// Seed of the coordinates and of the purifier's noise.
+    #[arg(long, default_value_t = 0)]
+    check_seed: u64,
+    #[command(flatten)]
+    defense: DefenseArgs,
+}
+
+/// Runs `diffshield gradcheck`.
+#[cfg(feature = "twin")]
+pub fn gradcheck(args: &GradcheckArgs) -> anyhow::Result<()> {
+    use diffshield::grad::burn_twin::{TwinClassifier, TwinDenoiser};
+    use diffshield::grad::check::standard_checks;
+    let config = args.defense.resolve()?;
+    let manifest = diffshield::manifest::Manifest::load(&config.models)?;
+    let pipeline = diffshield::pipeline::Pipeline::from_config(&config)?;
+    let set = diffshield::data::cifar::read_cifar_bin(&args.data, Some(args.images))?;
+    let labels: Vec<usize> = set.labels.iter().map(|&l| usize::from(l)).collect();
+    let mut denoiser = TwinDenoiser::load(&manifest, &config.denoiser)?;
+    let mut classifier = TwinClassifier::load(&manifest)?;
+    let started = std::time::Instant::now();
+    let checks = standard_checks(
+        pipeline.plan(),
+        &mut denoiser,
+        &mut classifier,
+        set.images.view(),
+        &labels,
+        args.coords,
+        args.h,
+        args.check_seed,
+    )?;
+    let limit = |name: &str| {
+        if name == "classifier" {
+            args.max_rel_error_classifier
+        } else {
+            args.max_rel_error
+        }
+    };
+    let ok = |c: &diffshield::grad::check::NamedCheck| {
+        c.check.max_rel_error <= limit(&c.name) && c.check.median_rel_error <= args.max_median_error
+    };
+    let passed = checks.iter().all(ok);
+    let summary: Vec<_> = checks
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "max_rel_error": c.check.max_rel_error,
+                "median_rel_error": c.check.median_rel_error,
+                "kinks_skipped": c.check.kinks,
+                "coords": c.check.coords.len(),
+                "h": c.check.h,
+                "replay_error": c.replay_error,
+                "max_rel_error_allowed": limit(&c.name),
+                "passed": ok(c),
+            })
+        })
+        .collect();
+    let report = serde_json::json!({
+        "images": labels.len(),
+        "denoiser": config.denoiser,
+        "t_star": config.t_star,
+        "timesteps": pipeline.plan().timesteps(),
+        "eta": config.eta,
+        "max_median_error_allowed": args.max_median_error,
+        "passed": passed,
+        "checks": summary,
+        "details": checks,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    println!("{report}");
+    if passed {
+        Ok(())
+    } else {
+        Err(diffshield::Error::Backend(
+            "gradient check failed: a relative error exceeds its tolerance (see the checks above)"
+                .into(),
+        )
+        .into())
+    }
+}
+
+/// Without the twin there is nothing to check.
+#[cfg(not(feature = "twin"))]
+pub fn gradcheck(_: &GradcheckArgs) -> anyhow::Result<()> {
+    Err(diffshield::Error::AttackUnavailable(
+        "gradcheck needs the differentiable twin (build with the default `twin` feature)".into(),
+    )
+    .into())
+}

@@ -1,0 +1,112 @@
+//! Exact input gradients for the white-box attacks.
+//!
+//! The deployed engine (tract) has no reverse mode, so the attacks run on a differentiable
+//! *twin* of each network, loaded from the same ONNX file. The twins sit behind two narrow traits
+//! (forward + vector-Jacobian product with respect to the input), so a CUDA twin can replace the
+//! CPU one without the purifier gradient or the attacks noticing. [`purifier`] chains them through
+//! every DDIM step with the forward noise replayed exactly; [`check`] compares any of them with
+//! central finite differences.
+
+pub mod check;
+pub mod purifier;
+
+#[cfg(feature = "twin")]
+pub mod burn_twin;
+
+use crate::backend::{Classifier, Denoiser};
+use crate::error::{Error, Result};
+use ndarray::{Array2, Array4, ArrayView2, ArrayView4};
+
+/// A classifier whose logits have an exact input gradient.
+pub trait DifferentiableClassifier: Classifier {
+    /// Logits (N x classes) of `images` ([0,1] pixels, NCHW f32) and the vector-Jacobian
+    /// product: the gradient of `sum(c * logits)` with respect to `images`, where
+    /// `c = cotangent(logits)`. The cotangent is a function of the logits so that a loss
+    /// gradient costs one forward pass, not two.
+    fn logits_vjp(
+        &mut self,
+        images: ArrayView4<f32>,
+        cotangent: &mut dyn FnMut(ArrayView2<f32>) -> Result<Array2<f32>>,
+    ) -> Result<(Array2<f32>, Array4<f32>)>;
+}
+
+/// An eps-prediction denoiser whose output has an exact gradient with respect to `x_t`.
+pub trait DifferentiableDenoiser: Denoiser {
+    /// eps at (`x_t`, `t`) as [`Denoiser::predict_eps`], and the gradient of
+    /// `sum(cotangent * eps)` with respect to `x_t` (t is an integer, not differentiated).
+    fn eps_vjp(
+        &mut self,
+        x_t: ArrayView4<f32>,
+        t: u32,
+        cotangent: ArrayView4<f32>,
+    ) -> Result<(Array4<f32>, Array4<f32>)>;
+}
+
+/// The loss an attack maximises, computed per image from its logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Loss {
+    /// Cross-entropy of the true label (the PGD default).
+    #[default]
+    CrossEntropy,
+    /// Best other logit minus the true logit (Carlini-Wagner margin; > 0 once misclassified).
+    Margin,
+}
+
+impl Loss {
+    /// Per-image loss values and their gradient with respect to the logits.
+    pub fn value_and_grad(
+        self,
+        logits: ArrayView2<f32>,
+        labels: &[usize],
+    ) -> Result<(Vec<f32>, Array2<f32>)> {
+        let (n, k) = logits.dim();
+        if labels.len() != n {
+            return Err(Error::Backend(format!("{} labels for {n} logit rows", labels.len())));
+        }
+        if let Some(&bad) = labels.iter().find(|&&l| l >= k) {
+            return Err(Error::InvalidConfig(format!("label {bad} outside 0..{k}")));
+        }
+        let mut values = Vec::with_capacity(n);
+        let mut grad = Array2::zeros((n, k));
+        for (i, row) in logits.outer_iter().enumerate() {
+            let y = labels[i];
+            match self {
+                Loss::CrossEntropy => {
+                    let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+                    values.push(max + sum.ln() - row[y]);
+                    for (j, &v) in row.iter().enumerate() {
+                        grad[[i, j]] = (v - max).exp() / sum - f32::from(j == y);
+                    }
+                }
+                Loss::Margin => {
+                    let (best, other) = row.iter().enumerate().filter(|&(j, _)| j != y).fold(
+                        (0, f32::NEG_INFINITY),
+                        |b, (j, &v)| if v > b.1 { (j, v) } else { b },
+                    );
+                    values.push(other - row[y]);
+                    grad[[i, best]] = 1.0;
+                    grad[[i, y]] = -1.0;
+                }
+            }
+        }
+        Ok((values, grad))
+    }
+}
+
+/// Loss of the bare classifier and its gradient with respect to `images` ([0,1] pixels).
+pub fn classifier_loss_grad(
+    classifier: &mut dyn DifferentiableClassifier,
+    images: ArrayView4<f32>,
+    labels: &[usize],
+    loss: Loss,
+) -> Result<(Vec<f32>, Array4<f32>)> {
+    let mut values = Vec::new();
+    let (_, grad) = classifier.logits_vjp(images, &mut |logits| {
+        let (v, g) = loss.value_and_grad(logits, labels)?;
+        values = v;
+        Ok(g)
+    })?;
+    Ok((values, grad))
+}
