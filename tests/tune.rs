@@ -290,6 +290,8 @@ fn settings(data: &Path, images: usize, kind: AttackKind) -> MeasureSettings {
             kind,
             threat: "linf:8/255".parse::<ThreatModel>().unwrap(),
             queries: 2,
+            pgd_steps: 1,
+            eot: 1,
             images,
             runs: 1,
         },
@@ -401,9 +403,9 @@ fn unavailable_attack_and_bad_values_exit_with_code_2() {
     let (code, err) = run(&["--data", data, "--out", out, "--stride", "0"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("stride 0"), "{err}");
-    let (code, err) = run(&["--data", data, "--out", out, "--t-star", "20", "--attack", "bpda"]);
+    let (code, err) = run(&["--data", data, "--out", out, "--t-star", "20", "--attack", "fgsm"]);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("not in this build"), "{err}");
+    assert!(err.contains("unknown attack \"fgsm\""), "{err}");
     let (code, err) = run(&["--data", data, "--out", out, "--denoiser", "xl", "--t-star", "20"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("xl"), "{err}");

@@ -107,6 +107,23 @@ class Logger:
         self.f.close()
 
 
+def resume(which: str, ckpt_path: Path, device, model, ema, opt, stream, log) -> int:
+    """Restores a training run from `which` ("auto": the run's last.pt; else a path) and
+    returns its step. Model, EMA, optimiser, data stream and RNG states all come back, so a
+    resumed run continues exactly as the uninterrupted one would have."""
+    rp = ckpt_path if which == "auto" else Path(which)
+    ck = load_checkpoint(rp, map_location=device)
+    model.load_state_dict(ck["model"])
+    ema.load_state_dict(ck["ema"])
+    opt.load_state_dict(ck["opt"])
+    stream.load_state(ck["stream"])
+    torch.set_rng_state(ck["rng_cpu"].cpu())
+    if device.type == "cuda" and ck.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(ck["rng_cuda"].cpu())
+    log.log(event="resume", step=ck["step"], checkpoint=str(rp))
+    return ck["step"]
+
+
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.5g}"

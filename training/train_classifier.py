@@ -127,17 +127,7 @@ def train(args) -> dict:
     step = 0
     ckpt_path = out / "last.pt"
     if args.resume:
-        rp = ckpt_path if args.resume == "auto" else Path(args.resume)
-        ck = common.load_checkpoint(rp, map_location=device)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        stream.load_state(ck["stream"])
-        step = ck["step"]
-        torch.set_rng_state(ck["rng_cpu"].cpu())
-        if device.type == "cuda" and ck.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng_cuda"].cpu())
-        log.log(event="resume", step=step, checkpoint=str(rp))
+        step = common.resume(args.resume, ckpt_path, device, model, ema, opt, stream, log)
     fwd = torch.compile(model) if args.compile else model
 
     n_probe = min(256, stream.n)

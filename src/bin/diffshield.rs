@@ -542,8 +542,8 @@ struct TuneArgs {
     /// Untimed single-frame decisions before the timed ones.
     #[arg(long, default_value_t = diffshield::tune::DEFAULT_WARMUP)]
     warmup: usize,
-    /// Attack for robust accuracy: square, bpda (not in this build yet) or none.
-    #[arg(long, default_value = "square")]
+    /// Attack for robust accuracy: bpda (PGD with BPDA+EOT), square or none.
+    #[arg(long, default_value = "bpda")]
     attack: String,
     /// Threat model of the attack.
     #[arg(long, default_value = "linf:8/255")]
@@ -551,6 +551,12 @@ struct TuneArgs {
     /// Query budget per attacked image (square).
     #[arg(long, default_value_t = diffshield::tune::DEFAULT_QUERIES)]
     queries: usize,
+    /// PGD steps of the bpda attack.
+    #[arg(long, default_value_t = diffshield::tune::DEFAULT_PGD_STEPS)]
+    pgd_steps: usize,
+    /// Purification samples per bpda gradient.
+    #[arg(long, default_value_t = diffshield::tune::DEFAULT_EOT)]
+    eot: u32,
     /// Images attacked (the first N of --data).
     #[arg(long, default_value_t = diffshield::tune::DEFAULT_ATTACK_IMAGES)]
     attack_images: usize,
@@ -617,6 +623,8 @@ fn tune(args: &TuneArgs) -> anyhow::Result<()> {
             kind: args.attack.parse()?,
             threat: args.threat.parse()?,
             queries: args.queries,
+            pgd_steps: args.pgd_steps,
+            eot: args.eot,
             images: args.attack_images,
             runs: args.runs,
         },

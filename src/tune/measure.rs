@@ -78,7 +78,14 @@ pub fn measure_point(
                 let d = pipeline.decide(set.images.slice(s![n..m, .., .., ..]), n as u64)?;
                 clean_ok.extend(d.iter().zip(&labels[n..]).map(|(d, &l)| d.label == l));
             }
-            let r = robust_accuracy(&mut pipeline, images, &labels, &settings.attack, config.seed)?;
+            let r = robust_accuracy(
+                &mut pipeline,
+                images,
+                &labels,
+                &settings.attack,
+                config.seed,
+                &config.models,
+            )?;
             r.map(|mut r| {
                 r.clean_acc = Some(clean_ok.iter().filter(|&&c| c).count() as f64 / m as f64);
                 r
@@ -121,6 +128,7 @@ pub fn robust_accuracy(
     labels: &[usize],
     attack: &AttackSettings,
     seed: u64,
+    models: &std::path::Path,
 ) -> Result<Option<RobustResult>> {
     let n = labels.len();
     let adversarial = match attack.kind {
@@ -145,11 +153,7 @@ pub fn robust_accuracy(
             let outcome = square_attack(&mut model, images, labels, &cfg)?;
             (outcome.adversarial, outcome.fooled.iter().filter(|&&f| f).count())
         }
-        // The gradient attacks (PGD with BPDA + EOT) join here as one arm when they land.
-        AttackKind::Bpda => {
-            AttackKind::Bpda.check_available()?;
-            return Ok(None);
-        }
+        AttackKind::Bpda => return bpda_accuracy(pipeline, images, labels, attack, seed, models),
     };
     let (adv, fooled) = adversarial;
     let mut correct = vec![0u32; n];
@@ -169,4 +173,68 @@ pub fn robust_accuracy(
         worst: correct.iter().filter(|&&c| c == runs).count() as f64 / n as f64,
         fooled_during_attack: fooled,
     }))
+}
+
+/// Robust accuracy under the harness's PGD with BPDA + EOT (Linf/L2 per `attack.threat`).
+#[cfg(feature = "twin")]
+fn bpda_accuracy(
+    pipeline: &mut Pipeline,
+    images: ArrayView4<f32>,
+    labels: &[usize],
+    attack: &AttackSettings,
+    seed: u64,
+    models: &std::path::Path,
+) -> Result<Option<RobustResult>> {
+    use crate::attack::gradients::AttackMode;
+    use crate::attack::harness::{run_cell, AttackKind as Crafting, HarnessConfig, Twins};
+    let manifest = crate::manifest::Manifest::load(models)?;
+    let mut classifier = crate::grad::burn_twin::TwinClassifier::load(&manifest)?;
+    let cfg = HarnessConfig {
+        attack: Crafting::Pgd,
+        steps: attack.pgd_steps,
+        step_size: None,
+        eot: attack.eot,
+        queries: 0,
+        runs: attack.runs,
+        seed,
+        loss: crate::grad::Loss::CrossEntropy,
+        random_start: true,
+    };
+    cfg.validate()?;
+    let mut twins = Twins { classifier: Some(&mut classifier), denoiser: None };
+    let outcomes = run_cell(
+        pipeline,
+        &mut twins,
+        &cfg,
+        attack.threat,
+        AttackMode::Bpda,
+        images,
+        labels,
+        0,
+        1,
+    )?;
+    let counts: Vec<u32> = outcomes.iter().map(|o| o.runs_correct).collect();
+    let acc = crate::attack::eval::RunAccuracy::from_counts(&counts, attack.runs);
+    Ok(Some(RobustResult {
+        attack: attack.describe(),
+        images: labels.len(),
+        runs: attack.runs,
+        clean_acc: None,
+        mean: acc.mean,
+        worst: acc.worst,
+        fooled_during_attack: counts.iter().filter(|&&c| c == 0).count(),
+    }))
+}
+
+#[cfg(not(feature = "twin"))]
+fn bpda_accuracy(
+    _: &mut Pipeline,
+    _: ArrayView4<f32>,
+    _: &[usize],
+    attack: &AttackSettings,
+    _: u64,
+    _: &std::path::Path,
+) -> Result<Option<RobustResult>> {
+    attack.kind.check_available()?;
+    Ok(None)
 }

@@ -37,6 +37,10 @@ pub const DEFAULT_QUERIES: usize = 12;
 pub const DEFAULT_ATTACK_IMAGES: usize = 8;
 /// Default fresh-noise evaluations per adversarial image.
 pub const DEFAULT_RUNS: u32 = 2;
+/// Default PGD steps of the BPDA attack.
+pub const DEFAULT_PGD_STEPS: usize = 5;
+/// Default EOT samples per BPDA gradient.
+pub const DEFAULT_EOT: u32 = 2;
 
 /// The attack that robust accuracy is measured under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,7 +50,8 @@ pub enum AttackKind {
     None,
     /// The gradient-free Square Attack on the deployed pipeline (`attack::square`).
     Square,
-    /// PGD with BPDA + EOT through the purifier (not in this build yet).
+    /// PGD with BPDA + EOT through the purifier (the harness's `bpda` mode; needs the
+    /// differentiable classifier twin, feature `twin`).
     Bpda,
 }
 
@@ -55,9 +60,10 @@ impl AttackKind {
     pub fn check_available(&self) -> Result<()> {
         match self {
             AttackKind::None | AttackKind::Square => Ok(()),
+            AttackKind::Bpda if cfg!(feature = "twin") => Ok(()),
             AttackKind::Bpda => Err(Error::AttackUnavailable(
-                "--attack bpda (PGD with BPDA+EOT) is not in this build yet; use --attack square \
-                 or --attack none"
+                "--attack bpda needs the differentiable classifier twin (build with the default \
+                 `twin` feature); use --attack square or --attack none"
                     .into(),
             )),
         }
@@ -97,6 +103,10 @@ pub struct AttackSettings {
     pub threat: ThreatModel,
     /// Query budget per image (Square).
     pub queries: usize,
+    /// PGD steps (BPDA).
+    pub pgd_steps: usize,
+    /// Purification samples averaged per gradient (BPDA).
+    pub eot: u32,
     /// Images attacked: the first `images` of the data file.
     pub images: usize,
     /// Evaluations of each adversarial image with fresh noise; robust accuracy is their mean.
@@ -108,6 +118,15 @@ impl AttackSettings {
     pub fn canonical(&self) -> String {
         match self.kind {
             AttackKind::None => "attack=none".into(),
+            AttackKind::Bpda => format!(
+                "attack=bpda;threat={};eps={};steps={};eot={};images={};runs={}",
+                self.threat,
+                grid::fmt_f64(self.threat.eps),
+                self.pgd_steps,
+                self.eot,
+                self.images,
+                self.runs
+            ),
             k => format!(
                 "attack={k};threat={};eps={};queries={};images={};runs={}",
                 self.threat,
@@ -123,6 +142,10 @@ impl AttackSettings {
     pub fn describe(&self) -> String {
         match self.kind {
             AttackKind::None => "none".into(),
+            AttackKind::Bpda => format!(
+                "bpda+EOT {} PGD-{} EOT {}, {} images, {} runs",
+                self.threat, self.pgd_steps, self.eot, self.images, self.runs
+            ),
             k => format!(
                 "{k} {}, {} queries, {} images, {} runs",
                 self.threat, self.queries, self.images, self.runs
@@ -312,7 +335,8 @@ pub struct RobustResult {
     pub mean: f64,
     /// Fraction correct in every run.
     pub worst: f64,
-    /// Images the attack's last accepted query misclassified.
+    /// Images the attack broke: for Square, those its last accepted query misclassified; for
+    /// BPDA, those wrong in every evaluation run.
     pub fooled_during_attack: usize,
 }
 
