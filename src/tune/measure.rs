@@ -2,20 +2,20 @@
 //! accuracy under the configured attack ([`robust_accuracy`], the one place an attack runs).
 
 use super::{AttackKind, AttackSettings, LatencyStats, MeasureSettings, PointResult, RobustResult};
-use crate::attack::square::{square_attack, SquareConfig};
-use crate::attack::Norm;
+use crate::attack::eval::RunAccuracy;
+use crate::attack::gradients::AttackMode;
+use crate::attack::harness::{run_cell, AttackKind as Crafting, HarnessConfig, Twins};
 use crate::data::cifar::CifarSet;
 use crate::error::{Error, Result};
 use crate::pipeline::Pipeline;
-use ndarray::{s, Array2, ArrayView4};
+use ndarray::{s, ArrayView4};
 use std::time::Instant;
 
-/// Frame indices (which key the noise streams) of each kind of decision. Clean frames use the
-/// image index, as `diffshield eval` does, so a point's clean accuracy is exactly `eval`'s on
-/// the same images and seed; the others lie far away so their noise never coincides.
+/// Frame index base (which keys the noise streams) of the warm-up decisions. Clean frames use
+/// the image index, as `diffshield eval` does, so a point's clean accuracy is exactly `eval`'s on
+/// the same images and seed; the attack's own frames come from the harness
+/// (`attack::eval::ATTACK_FRAME_BASE`), far away from both.
 const WARMUP_FRAME_BASE: u64 = 1 << 39;
-const QUERY_FRAME_BASE: u64 = 1 << 40;
-const EVAL_FRAME_BASE: u64 = 1 << 41;
 
 /// Measures `point` (its configuration is `settings.base` with the point's knobs set) on the
 /// images of `set`.
@@ -130,48 +130,56 @@ pub fn robust_accuracy(
     seed: u64,
     models: &std::path::Path,
 ) -> Result<Option<RobustResult>> {
-    let n = labels.len();
-    let adversarial = match attack.kind {
-        AttackKind::None => return Ok(None),
+    match attack.kind {
+        AttackKind::None => Ok(None),
         AttackKind::Square => {
-            let cfg = SquareConfig {
-                threat: attack.threat,
-                queries: attack.queries,
-                p_init: if attack.threat.norm == Norm::Linf { 0.05 } else { 0.1 },
-                seed: seed ^ 0x0051_5541_5245,
-                // The purifier is stochastic: one misclassified query is not a broken image, so
-                // the attack spends its whole budget driving the margin down.
-                early_stop: false,
-            };
-            let mut model = |x: ArrayView4<f32>, q: u64| -> Result<Array2<f32>> {
-                let d = pipeline.decide(x, QUERY_FRAME_BASE + q * n as u64)?;
-                let classes = d.first().map_or(0, |d| d.probs.len());
-                let rows: Vec<f32> = d.iter().flat_map(|d| d.probs.iter().copied()).collect();
-                Array2::from_shape_vec((d.len(), classes), rows)
-                    .map_err(|e| Error::Backend(e.to_string()))
-            };
-            let outcome = square_attack(&mut model, images, labels, &cfg)?;
-            (outcome.adversarial, outcome.fooled.iter().filter(|&&f| f).count())
+            let mut twins = Twins { classifier: None, denoiser: None };
+            harness_accuracy(pipeline, &mut twins, images, labels, attack, seed, Crafting::Square)
         }
-        AttackKind::Bpda => return bpda_accuracy(pipeline, images, labels, attack, seed, models),
-    };
-    let (adv, fooled) = adversarial;
-    let mut correct = vec![0u32; n];
-    for r in 0..u64::from(attack.runs) {
-        let decisions = pipeline.decide(adv.view(), EVAL_FRAME_BASE + r * n as u64)?;
-        for (i, d) in decisions.iter().enumerate() {
-            correct[i] += u32::from(d.label == labels[i]);
-        }
+        AttackKind::Bpda => bpda_accuracy(pipeline, images, labels, attack, seed, models),
     }
-    let runs = attack.runs.max(1);
+}
+
+/// One cell of the attack harness (the same code as `diffshield attack`) on the defended
+/// pipeline, summarised.
+fn harness_accuracy(
+    pipeline: &mut Pipeline,
+    twins: &mut Twins,
+    images: ArrayView4<f32>,
+    labels: &[usize],
+    attack: &AttackSettings,
+    seed: u64,
+    crafting: Crafting,
+) -> Result<Option<RobustResult>> {
+    let cfg = HarnessConfig {
+        attack: crafting,
+        steps: attack.pgd_steps,
+        step_size: None,
+        eot: attack.eot,
+        queries: attack.queries,
+        runs: attack.runs,
+        seed,
+        loss: crate::grad::Loss::CrossEntropy,
+        random_start: true,
+    };
+    cfg.validate()?;
+    // Square queries the defended pipeline; BPDA follows the mode's gradient. Both are
+    // evaluated defended.
+    let mode = match crafting {
+        Crafting::Square => AttackMode::GreyBox,
+        Crafting::Pgd => AttackMode::Bpda,
+    };
+    let outcomes = run_cell(pipeline, twins, &cfg, attack.threat, mode, images, labels, 0, 1)?;
+    let counts: Vec<u32> = outcomes.iter().map(|o| o.runs_correct).collect();
+    let acc = RunAccuracy::from_counts(&counts, attack.runs);
     Ok(Some(RobustResult {
         attack: attack.describe(),
-        images: n,
+        images: labels.len(),
         runs: attack.runs,
         clean_acc: None,
-        mean: correct.iter().map(|&c| f64::from(c) / f64::from(runs)).sum::<f64>() / n as f64,
-        worst: correct.iter().filter(|&&c| c == runs).count() as f64 / n as f64,
-        fooled_during_attack: fooled,
+        mean: acc.mean,
+        worst: acc.worst,
+        fooled_during_attack: counts.iter().filter(|&&c| c == 0).count(),
     }))
 }
 
@@ -185,45 +193,10 @@ fn bpda_accuracy(
     seed: u64,
     models: &std::path::Path,
 ) -> Result<Option<RobustResult>> {
-    use crate::attack::gradients::AttackMode;
-    use crate::attack::harness::{run_cell, AttackKind as Crafting, HarnessConfig, Twins};
     let manifest = crate::manifest::Manifest::load(models)?;
     let mut classifier = crate::grad::burn_twin::TwinClassifier::load(&manifest)?;
-    let cfg = HarnessConfig {
-        attack: Crafting::Pgd,
-        steps: attack.pgd_steps,
-        step_size: None,
-        eot: attack.eot,
-        queries: 0,
-        runs: attack.runs,
-        seed,
-        loss: crate::grad::Loss::CrossEntropy,
-        random_start: true,
-    };
-    cfg.validate()?;
     let mut twins = Twins { classifier: Some(&mut classifier), denoiser: None };
-    let outcomes = run_cell(
-        pipeline,
-        &mut twins,
-        &cfg,
-        attack.threat,
-        AttackMode::Bpda,
-        images,
-        labels,
-        0,
-        1,
-    )?;
-    let counts: Vec<u32> = outcomes.iter().map(|o| o.runs_correct).collect();
-    let acc = crate::attack::eval::RunAccuracy::from_counts(&counts, attack.runs);
-    Ok(Some(RobustResult {
-        attack: attack.describe(),
-        images: labels.len(),
-        runs: attack.runs,
-        clean_acc: None,
-        mean: acc.mean,
-        worst: acc.worst,
-        fooled_during_attack: counts.iter().filter(|&&c| c == 0).count(),
-    }))
+    harness_accuracy(pipeline, &mut twins, images, labels, attack, seed, Crafting::Pgd)
 }
 
 #[cfg(not(feature = "twin"))]

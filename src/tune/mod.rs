@@ -335,8 +335,7 @@ pub struct RobustResult {
     pub mean: f64,
     /// Fraction correct in every run.
     pub worst: f64,
-    /// Images the attack broke: for Square, those its last accepted query misclassified; for
-    /// BPDA, those wrong in every evaluation run.
+    /// Images the attack broke: wrong in every evaluation run.
     pub fooled_during_attack: usize,
 }
 
