@@ -13,21 +13,18 @@ Usage: python3 benches/compare_int8.py [threads] [reps]   (needs onnxruntime and
 """
 import json, subprocess, sys, time
 import numpy as np
-import onnxruntime as ort
+
+import ort_frame  # the shared onnxruntime sessions and frame loop
+from ort_frame import frame
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 reps = int(sys.argv[2]) if len(sys.argv) > 2 else 7
 
 
 def session(path):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return ort_frame.session(path, threads)
 
 
-from ort_frame import frame  # noqa: E402  (the shared numpy + onnxruntime frame loop)
 
 
 def medians(fs, n):

@@ -9,17 +9,15 @@ Usage: python3 benches/compare_ort.py [threads] [reps]   (needs `pip install onn
 """
 import json, subprocess, sys, time
 import numpy as np
-import onnxruntime as ort
+
+import ort_frame  # the shared onnxruntime sessions and frame loop
+from ort_frame import frame
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 reps = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 
 def session(path):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return ort_frame.session(path, threads)
 
 def median_ms(n, f):
     f()
@@ -28,7 +26,6 @@ def median_ms(n, f):
         s = time.perf_counter(); f(); ts.append((time.perf_counter() - s) * 1e3)
     return sorted(ts)[len(ts) // 2]
 
-from ort_frame import frame  # noqa: E402  (the shared numpy + onnxruntime frame loop)
 
 ours = subprocess.run(["cargo", "run", "--release", "-q", "--example", "frame_timing", str(threads), str(reps)],
                       check=True, capture_output=True, text=True).stdout

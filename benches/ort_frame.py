@@ -1,11 +1,21 @@
-"""The defended frame in numpy + onnxruntime (noising, 14 DDIM steps at T*=140 stride 10, eta 1,
+"""onnxruntime sessions and the defended frame in numpy + onnxruntime (noising, 14 DDIM steps at T*=140 stride 10, eta 1,
 classifier), shared by the onnxruntime comparison scripts so they time the same loop."""
 import numpy as np
+import onnxruntime as ort
 
 betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
 abar = np.concatenate([[1.0], np.cumprod(1 - betas)])
 taus = list(range(140, -1, -10))
 rng = np.random.default_rng(0)
+
+
+def session(path, threads):
+    """An onnxruntime CPU session with `threads` intra-op threads, run sequentially."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 def frame(den, clf, x):
