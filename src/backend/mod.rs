@@ -1,8 +1,10 @@
 //! The narrow interfaces the purifier and the pipeline run on. They never learn which engine
 //! (tract on the CPU, CUDA, an analytic test model) is behind them.
 
+pub mod direct_conv;
 pub mod tract;
-mod tract_opt;
+mod tract_direct;
+pub mod tract_opt;
 
 use crate::error::Result;
 use ndarray::{Array2, Array4, ArrayView4};

@@ -1,4 +1,6 @@
-//! Load-time rewrite working around tract 0.23.9's conv lowering for batch > 1.
+//! Load-time rewrites of tract models: the direct convs of [`super::tract_direct`] (in
+//! [`prepare`]), and the workaround below for tract 0.23.9's conv lowering at batch > 1 (in
+//! [`optimise`], for the convs left to tract).
 //!
 //! tract-core's `Conv::codegen` only picks `LazyIm2col` when the conv's batch is 1
 //! (`should_use_lazy`: "LazyIm2col's offset tables are built for a single batch").
@@ -13,6 +15,23 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::array::{Slice, TypedConcat};
 use tract_onnx::tract_core::ops::cnn::Conv;
+
+/// First declutter of a freshly typed model, swapping in the direct convs of
+/// [`super::tract_direct`] before it when `direct_convs` is set (and the CPU has AVX-512):
+/// declutter would turn the 1x1 convs into einsums the pass no longer recognises.
+pub fn prepare(mut model: TypedModel, direct_convs: bool) -> TractResult<TypedModel> {
+    if direct_convs {
+        let direct = super::tract_direct::use_direct_convs(&mut model)?;
+        log::debug!("{direct} convs run on the direct kernel");
+    }
+    model.into_decluttered()
+}
+
+/// Whether the runtime swaps in the direct convs in this process (AVX-512 present and
+/// `DIFFSHIELD_DIRECT_CONV` not `0`).
+pub fn direct_convs_enabled() -> bool {
+    super::tract_direct::enabled()
+}
 
 /// Split batched convs into per-sample convs. Call on a *typed* model whose
 /// inputs have a concrete batch (e.g. after `with_input_fact(.., [n,3,32,32])`
