@@ -11,7 +11,7 @@ fn main() -> anyhow::Result<()> {
     let n: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let model = tract_onnx::onnx().model_for_path(path)?;
     let den = model.input_outlets()?.len() == 2;
-    let direct = diffshield::backend::tract_opt::direct_convs_enabled();
+    let direct = diffshield::backend::tract_opt::own_kernels_enabled();
     let typed = diffshield::backend::tract_opt::prepare(model.into_typed()?, direct)?;
     let TDim::Sym(b) = typed.input_fact(0)?.shape[0].clone() else { anyhow::bail!("batch") };
     let subs = HashMap::from([(b, TDim::from(n as i64))]);

@@ -4,6 +4,7 @@
 pub mod direct_conv;
 pub mod tract;
 mod tract_direct;
+mod tract_groupnorm;
 pub mod tract_opt;
 
 use crate::error::Result;

@@ -83,7 +83,7 @@ impl BatchedModel {
         }
         let typed = model
             .into_typed()
-            .and_then(|m| super::tract_opt::prepare(m, super::tract_opt::direct_convs_enabled()))
+            .and_then(|m| super::tract_opt::prepare(m, super::tract_opt::own_kernels_enabled()))
             .map_err(|e| mismatch(format!("shape analysis failed ({e})")))?;
         let mut batch = None;
         for (ix, (name, rest)) in inputs.iter().enumerate() {

@@ -5,8 +5,7 @@
 //! 1, dilation 1, one group, constant kernel, known channels and plane size (the batch may be
 //! symbolic). Everything else (stride-2 convs, int8 models) keeps tract's own lowering. The
 //! pass runs before tract's declutter, which would otherwise turn the 1x1 convs into einsums.
-//! The runtime skips it on CPUs without AVX-512 and when `DIFFSHIELD_DIRECT_CONV=0` is set
-//! (for A/B benchmarks).
+//! It does nothing on CPUs without AVX-512.
 
 use super::direct_conv::DirectConv;
 use std::sync::Arc;
@@ -14,9 +13,6 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
-
-/// Environment switch: `0` keeps tract's own convolutions (to measure the difference).
-pub const DISABLE_ENV: &str = "DIFFSHIELD_DIRECT_CONV";
 
 /// The tract op wrapping a packed convolution. Inputs `[n, ci, h, w]` f32 and, when the bias
 /// is computed at run time, the bias `[co]` f32; output `[n, co, h, w]` f32.
@@ -83,12 +79,6 @@ impl TypedOp for DirectConvOp {
     }
 
     as_op!();
-}
-
-/// Whether the runtime uses the direct kernel in this process: the CPU has AVX-512 and
-/// [`DISABLE_ENV`] is not `0`.
-pub fn enabled() -> bool {
-    DirectConv::supported() && std::env::var(DISABLE_ENV).map(|v| v != "0").unwrap_or(true)
 }
 
 /// Replaces every eligible conv of a typed model by [`DirectConvOp`]. Returns how many it

@@ -16,21 +16,26 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::array::{Slice, TypedConcat};
 use tract_onnx::tract_core::ops::cnn::Conv;
 
-/// First declutter of a freshly typed model, swapping in the direct convs of
-/// [`super::tract_direct`] before it when `direct_convs` is set (and the CPU has AVX-512):
-/// declutter would turn the 1x1 convs into einsums the pass no longer recognises.
-pub fn prepare(mut model: TypedModel, direct_convs: bool) -> TractResult<TypedModel> {
-    if direct_convs {
-        let direct = super::tract_direct::use_direct_convs(&mut model)?;
-        log::debug!("{direct} convs run on the direct kernel");
+/// First declutter of a freshly typed model. With `own_kernels`, swaps in this crate's ops
+/// before it: fused GroupNorms ([`super::tract_groupnorm`]) everywhere, direct convs
+/// ([`super::tract_direct`]) on CPUs with AVX-512. They must come first: declutter rewrites
+/// the patterns they match (1x1 convs into einsums, GroupNorm into RmsNorm pieces).
+pub fn prepare(mut model: TypedModel, own_kernels: bool) -> TractResult<TypedModel> {
+    if own_kernels {
+        let norms = super::tract_groupnorm::fuse_group_norms(&mut model)?;
+        let convs = super::tract_direct::use_direct_convs(&mut model)?;
+        log::debug!("own kernels: {norms} fused GroupNorms, {convs} direct convs");
     }
     model.into_decluttered()
 }
 
-/// Whether the runtime swaps in the direct convs in this process (AVX-512 present and
-/// `DIFFSHIELD_DIRECT_CONV` not `0`).
-pub fn direct_convs_enabled() -> bool {
-    super::tract_direct::enabled()
+/// Environment switch: `1` keeps tract's own ops everywhere (to measure what ours change).
+pub const TRACT_ONLY_ENV: &str = "DIFFSHIELD_TRACT_ONLY";
+
+/// Whether the runtime uses this crate's kernels in this process: true unless
+/// [`TRACT_ONLY_ENV`] is `1`.
+pub fn own_kernels_enabled() -> bool {
+    std::env::var(TRACT_ONLY_ENV).map(|v| v != "1").unwrap_or(true)
 }
 
 /// Split batched convs into per-sample convs. Call on a *typed* model whose

@@ -1,0 +1,240 @@
+//! Fuses the denoisers' exported GroupNorm into one tract op.
+//!
+//! PyTorch exports `GroupNorm` as eleven ONNX nodes (reshape to `[n, G, L]`, mean, subtract,
+//! square, mean, add eps, sqrt, divide, reshape back, scale, shift). tract keeps them as five
+//! to six separate passes over the activation (Reduce, Sub, RmsNorm, Mul+Add), about 13 % of a
+//! denoiser_s call. [`GroupNormOp`] reads each group twice (sum, then squared deviations) and
+//! writes it once with the scale and shift folded per channel. (Folding the SiLU that follows
+//! each norm in as well was slower than tract's own vectorised Silu op, so it stays separate.)
+//!
+//! The pass matches the exact typed pattern of a freshly typed model (before declutter
+//! rewrites it) and leaves anything that differs untouched, so a model exported another way
+//! simply keeps tract's ops.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
+
+/// `y = (x - mean_g) / sqrt(var_g + eps) * gamma_c + beta_c` over `[n, C, ...]` f32, groups
+/// of `C / groups` consecutive channels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupNormOp {
+    groups: usize,
+    eps: f32,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+impl Eq for GroupNormOp {}
+
+impl Op for GroupNormOp {
+    fn name(&self) -> StaticName {
+        "GroupNorm".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{} groups of {} channels", self.groups, self.gamma.len() / self.groups)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for GroupNormOp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs[0].to_plain_array_view::<f32>()?;
+        let shape = x.shape().to_vec();
+        let channels = self.gamma.len();
+        ensure!(shape.len() >= 2 && shape[1] == channels, "GroupNorm: input {shape:?}");
+        let x = x.as_slice().context("GroupNorm: input is not contiguous")?;
+        let mut y = Tensor::zero::<f32>(&shape)?;
+        {
+            let mut view = y.to_plain_array_view_mut::<f32>()?;
+            let out = view.as_slice_mut().context("GroupNorm: output is not contiguous")?;
+            self.run(x, out, shape[0], shape[2..].iter().product());
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for GroupNormOp {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == f32::datum_type());
+        Ok(tvec!(f32::fact(&*inputs[0].shape)))
+    }
+
+    as_op!();
+}
+
+impl GroupNormOp {
+    /// Normalises `n` images of `channels x plane` values from `x` into `y`.
+    fn run(&self, x: &[f32], y: &mut [f32], n: usize, plane: usize) {
+        let per_group = self.gamma.len() / self.groups;
+        let len = per_group * plane;
+        let chunks = x.chunks_exact(len).zip(y.chunks_exact_mut(len)).take(n * self.groups);
+        // Chunks come in (image, group) order.
+        for (index, (xs, ys)) in chunks.enumerate() {
+            let group = index % self.groups;
+            let mean = lane_sum(xs, |v| v) / len as f64;
+            let m = mean as f32;
+            let var = lane_sum(xs, |v| (v - m) * (v - m)) / len as f64;
+            let inv = 1.0 / (var + self.eps as f64).sqrt();
+            for (c, (xc, yc)) in xs.chunks_exact(plane).zip(ys.chunks_exact_mut(plane)).enumerate()
+            {
+                let channel = group * per_group + c;
+                let scale = (self.gamma[channel] as f64 * inv) as f32;
+                let shift =
+                    (self.beta[channel] as f64 - mean * self.gamma[channel] as f64 * inv) as f32;
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    *o = v * scale + shift;
+                }
+            }
+        }
+    }
+}
+
+/// Sum of `f(v)` over `xs` in 16 independent f32 lanes (so the compiler vectorises it), the
+/// lanes combined in f64.
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut lanes = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest: f64 = chunks.remainder().iter().map(|&v| f(v) as f64).sum();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l += f(v);
+        }
+    }
+    lanes.iter().map(|&l| l as f64).sum::<f64>() + rest
+}
+
+/// Replaces every exported GroupNorm pattern of a freshly typed model by [`GroupNormOp`].
+/// Returns how many it replaced.
+pub fn fuse_group_norms(model: &mut TypedModel) -> TractResult<usize> {
+    let mut count = 0;
+    for id in model.eval_order()? {
+        let Some((input, op)) = group_norm_at(model, id)? else { continue };
+        let name = model.node(id).name.clone();
+        let mut patch = TypedModelPatch::new(format!("group-norm {name}"));
+        let x = patch.tap_model(model, input)?;
+        let y = patch.wire_node(format!("{name}.group_norm"), op, &[x])?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        patch.apply(model)?;
+        count += 1;
+    }
+    model.compact()?;
+    Ok(count)
+}
+
+/// The node feeding `outlet`, if it is a single-output node of op type `T`.
+fn producer<T: Op>(model: &TypedModel, outlet: OutletId) -> Option<(&TypedNode, &T)> {
+    let node = model.node(outlet.node);
+    node.op_as::<T>().map(|op| (node, op))
+}
+
+/// The inputs of a binary op called `name` (Add, Sub, Mul, Div) at `outlet`.
+fn binary(model: &TypedModel, outlet: OutletId, name: &str) -> Option<(OutletId, OutletId)> {
+    let (node, _) = producer::<TypedBinOp>(model, outlet)?;
+    (node.op.name() == name && node.inputs.len() == 2).then(|| (node.inputs[0], node.inputs[1]))
+}
+
+/// The f32 values of a constant outlet.
+fn constant(model: &TypedModel, outlet: OutletId) -> Option<Vec<f32>> {
+    let fact = model.outlet_fact(outlet).ok()?;
+    let konst = fact.konst.as_ref()?;
+    let values = konst.cast_to::<f32>().ok()?;
+    let view = values.to_plain_array_view::<f32>().ok()?;
+    Some(view.iter().copied().collect())
+}
+
+/// For `a + b` with one constant side: (the other side, the constant's values).
+fn with_constant(model: &TypedModel, (a, b): (OutletId, OutletId)) -> Option<(OutletId, Vec<f32>)> {
+    constant(model, b).map(|c| (a, c)).or_else(|| constant(model, a).map(|c| (b, c)))
+}
+
+/// `x / count` where `x = ReduceSum(axis 2)(from)`: returns `from` when count is `len`.
+fn mean_of(model: &TypedModel, outlet: OutletId, len: usize) -> Option<OutletId> {
+    let (sum, count) = binary(model, outlet, "Div")?;
+    let count = constant(model, count)?;
+    let (node, reduce) = producer::<Reduce>(model, sum)?;
+    (count.len() == 1
+        && count[0] == len as f32
+        && reduce.reducer == Reducer::Sum
+        && reduce.axes.as_slice() == [2])
+    .then_some(node.inputs[0])
+}
+
+/// Matches the exported GroupNorm ending at node `id` (the shift's Add): the normalised input
+/// and the fused op.
+fn group_norm_at(model: &TypedModel, id: usize) -> TractResult<Option<(OutletId, GroupNormOp)>> {
+    let out = OutletId::new(id, 0);
+    let m = || -> Option<(OutletId, GroupNormOp)> {
+        let (scaled, beta) = with_constant(model, binary(model, out, "Add")?)?;
+        let (reshaped, gamma) = with_constant(model, binary(model, scaled, "Mul")?)?;
+        let (back, AxisOp::Reshape(1, _, _)) = producer::<AxisOp>(model, reshaped)? else {
+            return None;
+        };
+        let (centred, std) = binary(model, back.inputs[0], "Div")?;
+        let (sqrt, _) = producer::<ElementWiseOp>(model, std)?;
+        if sqrt.op.name() != "Sqrt" {
+            return None;
+        }
+        let (var, eps) = with_constant(model, binary(model, sqrt.inputs[0], "Add")?)?;
+        let (grouped, mean) = binary(model, centred, "Sub")?;
+        let (split, AxisOp::Reshape(1, from, to)) = producer::<AxisOp>(model, grouped)? else {
+            return None;
+        };
+        let (groups, len) = match to.as_slice() {
+            [g, l] => (g.to_usize().ok()?, l.to_usize().ok()?),
+            _ => return None,
+        };
+        let channels = from.first()?.to_usize().ok()?;
+        let squared = mean_of(model, var, len)?;
+        let (a, b) = binary(model, squared, "Mul")?;
+        let ok = a == centred
+            && b == centred
+            && mean_of(model, mean, len)? == grouped
+            && eps.len() == 1
+            && groups > 0
+            && channels % groups == 0
+            && gamma.len() == channels
+            && beta.len() == channels
+            && model.outlet_fact(split.inputs[0]).ok()?.datum_type == f32::datum_type();
+        let op = GroupNormOp { groups, eps: eps[0], gamma, beta };
+        ok.then(|| (split.inputs[0], op))
+    };
+    Ok(m())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_each_group_and_applies_the_channel_affine() {
+        // 2 images, 4 channels in 2 groups, 3 pixels.
+        let x: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 - 3.0).collect();
+        let op = GroupNormOp {
+            groups: 2,
+            eps: 1e-5,
+            gamma: vec![1.0, 2.0, 0.5, -1.0],
+            beta: vec![0.0, 1.0, -1.0, 0.25],
+        };
+        let mut y = vec![0f32; 24];
+        op.run(&x, &mut y, 2, 3);
+        for (i, g) in x.chunks(6).enumerate() {
+            let mean = g.iter().map(|&v| v as f64).sum::<f64>() / 6.0;
+            let var = g.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 6.0;
+            for (j, &v) in g.iter().enumerate() {
+                let c = (i % 2) * 2 + j / 3;
+                let want = (v as f64 - mean) / (var + 1e-5).sqrt() * op.gamma[c] as f64
+                    + op.beta[c] as f64;
+                let got = y[i * 6 + j] as f64;
+                assert!((got - want).abs() < 1e-5, "group {i} value {j}: {got} vs {want}");
+            }
+        }
+    }
+}

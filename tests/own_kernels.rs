@@ -1,0 +1,66 @@
+//! This crate's kernels inside real plans (direct convs, fused GroupNorm): the shipped models
+//! prepared with them give the outputs tract's own ops give, at batch 1 and at a batch > 1.
+
+use diffshield::backend::direct_conv::DirectConv;
+use diffshield::backend::tract_opt::{optimise, prepare};
+use std::collections::HashMap;
+use tract_onnx::prelude::*;
+
+/// Runs `path` at batch `n` with and without the direct kernel on the same inputs; returns
+/// (DirectConv nodes, GroupNorm nodes, largest |difference| / (1 + |reference|), output length).
+fn compare(path: &str, n: usize, with_t: bool) -> (usize, usize, f32, usize) {
+    let typed =
+        tract_onnx::onnx().model_for_path(path).expect("loads").into_typed().expect("typed");
+    let x = tract_ndarray::Array4::from_shape_fn((n, 3, 32, 32), |(b, c, h, w)| {
+        ((b * 7 + c * 5 + h * 3 + w) % 29) as f32 / 14.0 - 1.0
+    });
+    let mut inputs: TVec<TValue> = tvec![x.into_tensor().into_tvalue()];
+    if with_t {
+        let t = tract_ndarray::Array1::from_shape_fn(n, |b| 140.0 - b as f32);
+        inputs.push(t.into_tensor().into_tvalue());
+    }
+    let run = |ours: bool| {
+        let prepared = prepare(typed.clone(), ours).expect("prepares");
+        let TDim::Sym(batch) = prepared.input_fact(0).expect("input").shape[0].clone() else {
+            panic!("{path}: symbolic batch expected")
+        };
+        let fixed = prepared.set_symbols(&HashMap::from([(batch, TDim::from(n as i64))]));
+        let plan = optimise(fixed.expect("batch")).expect("optimises");
+        let count = |name: &str| plan.nodes().iter().filter(|node| node.op.name() == name).count();
+        let counts = (count("DirectConv"), count("GroupNorm"));
+        let out = plan.into_runnable().expect("plan").run(inputs.clone()).expect("runs");
+        let out: Vec<f32> =
+            out[0].to_plain_array_view::<f32>().expect("f32").iter().copied().collect();
+        (counts, out)
+    };
+    let ((convs, norms), direct) = run(true);
+    let (none, reference) = run(false);
+    assert_eq!(none, (0, 0), "the reference plan must not use our kernels");
+    let worst = direct
+        .iter()
+        .zip(&reference)
+        .map(|(d, r)| (d - r).abs() / (1.0 + r.abs()))
+        .fold(0f32, f32::max);
+    (convs, norms, worst, direct.len())
+}
+
+#[test]
+fn shipped_models_match_tracts_own_ops() {
+    // denoiser_s has 38 3x3 stride-1 convs, 22 1x1 convs and 41 GroupNorms, the classifier 8
+    // 3x3 stride-1 convs and no norm (the ONNX files); their stride-2 convs stay with tract.
+    // Without AVX-512 only the GroupNorms are ours.
+    let convs = |n: usize| if DirectConv::supported() { n } else { 0 };
+    for (path, with_t, want) in [
+        ("models/denoiser_s.onnx", true, (convs(60), 41)),
+        ("models/classifier.onnx", false, (convs(8), 0)),
+    ] {
+        for n in [1, 3] {
+            let (convs, norms, worst, len) = compare(path, n, with_t);
+            assert_eq!((convs, norms), want, "{path} batch {n}: (direct convs, GroupNorms)");
+            assert!(len > 0);
+            // Same sums in a different order: float32 rounding, ~1e-6 relative per op.
+            assert!(worst < 1e-4, "{path} batch {n}: outputs differ by {worst:e}");
+            eprintln!("{path} batch {n}: {convs} direct convs, {norms} GroupNorms, worst relative difference {worst:e}");
+        }
+    }
+}
