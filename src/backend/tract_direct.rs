@@ -99,9 +99,7 @@ pub fn use_direct_convs(model: &mut TypedModel) -> TractResult<usize> {
             inputs.push(patch.tap_model(model, node.inputs[2])?);
         }
         let y = patch.wire_node(&name, DirectConvOp { conv: Arc::new(packed) }, &inputs)?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
-        patch.obliterate(id)?;
-        patch.apply(model)?;
+        super::tract_opt::replace_node(model, patch, id, y)?;
         count += 1;
     }
     model.compact()?;

@@ -121,8 +121,7 @@ pub fn fuse_group_norms(model: &mut TypedModel) -> TractResult<usize> {
         let mut patch = TypedModelPatch::new(format!("group-norm {name}"));
         let x = patch.tap_model(model, input)?;
         let y = patch.wire_node(format!("{name}.group_norm"), op, &[x])?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
-        patch.apply(model)?;
+        super::tract_opt::replace_node(model, patch, id, y)?;
         count += 1;
     }
     model.compact()?;

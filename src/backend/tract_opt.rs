@@ -91,9 +91,7 @@ pub fn tile_batch_broadcast_consts(model: &mut TypedModel) -> TractResult<usize>
             let mut inputs = patch.taps(model, &node.inputs)?;
             inputs[k] = patch.add_const(name, tiled)?;
             let out = patch.wire_node(&node.name, node.op.clone(), &inputs)?[0];
-            patch.shunt_outside(model, OutletId::new(id, 0), out)?;
-            patch.obliterate(id)?;
-            patch.apply(model)?;
+            replace_node(model, patch, id, out)?;
             count += 1;
             break;
         }
@@ -134,11 +132,22 @@ pub fn split_batched_convs(model: &mut TypedModel) -> TractResult<usize> {
             outs.push(patch.wire_node(format!("{name}.b{b}"), conv.clone(), &inputs)?[0]);
         }
         let y = patch.wire_node(format!("{name}.concat"), TypedConcat::new(0), &outs)?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
-        patch.obliterate(id)?;
-        patch.apply(model)?;
+        replace_node(model, patch, id, y)?;
         count += 1;
     }
     model.compact()?;
     Ok(count)
+}
+
+/// Applies `patch`, in which `replacement` computes what node `id`'s single output did: its
+/// readers are moved over and the node removed.
+pub(super) fn replace_node(
+    model: &mut TypedModel,
+    mut patch: TypedModelPatch,
+    id: usize,
+    replacement: OutletId,
+) -> TractResult<()> {
+    patch.shunt_outside(model, OutletId::new(id, 0), replacement)?;
+    patch.obliterate(id)?;
+    patch.apply(model)
 }
