@@ -127,24 +127,33 @@ impl DirectConv {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            let mut scratch = Scratch::default();
-            if let Some(b) = bias {
-                scratch.bias = self.bias.clone();
-                scratch.bias[..self.co].copy_from_slice(b);
-            }
-            for b in 0..n {
-                let xi = &x[b * self.ci * h * w..(b + 1) * self.ci * h * w];
-                let yi = &mut y[b * self.co * h * w..(b + 1) * self.co * h * w];
-                // SAFETY: AVX-512F was detected above; `image` keeps every access inside the
-                // buffers it sizes (see its comments).
-                unsafe { self.image(xi, h, w, yi, &mut scratch) };
-            }
+            SCRATCH.with(|scratch| {
+                let scratch = &mut *scratch.borrow_mut();
+                scratch.bias.clear();
+                if let Some(b) = bias {
+                    scratch.bias.extend_from_slice(&self.bias);
+                    scratch.bias[..self.co].copy_from_slice(b);
+                }
+                for b in 0..n {
+                    let xi = &x[b * self.ci * h * w..(b + 1) * self.ci * h * w];
+                    let yi = &mut y[b * self.co * h * w..(b + 1) * self.co * h * w];
+                    // SAFETY: AVX-512F was detected above; `image` keeps every access inside
+                    // the buffers it sizes (see its comments).
+                    unsafe { self.image(xi, h, w, yi, scratch) };
+                }
+            });
         }
         Ok(())
     }
 }
 
-/// Buffers reused across the images of one call.
+thread_local! {
+    /// Each thread's buffers, kept between calls: allocating and zeroing a fresh padded copy
+    /// per conv was ~8 % of a frame (memset and page faults). A few MB at most per thread.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// Buffers reused across images and calls; every call writes what it reads.
 #[derive(Default)]
 struct Scratch {
     /// The zero-padded input, `ci` planes of `(h + k - 1) x (w + k - 1)`, plus slack for the
@@ -174,16 +183,25 @@ impl DirectConv {
             x.as_ptr()
         } else {
             // Flat mode reads up to 2 * wp + 2 + LANES - 1 past a vector start; slack keeps the
-            // last plane's throw-away lanes inside the buffer.
-            s.padded.clear();
-            s.padded.resize(self.ci * plane + 2 * LANES, 0.0);
+            // last plane's throw-away lanes inside the buffer. The buffer is reused, so the
+            // padding ring and the slack are zeroed here, the interior overwritten.
+            let len = self.ci * plane + 2 * LANES;
+            if s.padded.len() < len {
+                s.padded.resize(len, 0.0);
+            }
+            let padded = &mut s.padded[..len];
             for i in 0..self.ci {
+                let p = &mut padded[i * plane..(i + 1) * plane];
+                p[..pad * wp].fill(0.0);
+                p[(h + pad) * wp..].fill(0.0);
                 for r in 0..h {
-                    let dst = i * plane + (r + pad) * wp + pad;
-                    s.padded[dst..dst + w]
-                        .copy_from_slice(&x[(i * h + r) * w..(i * h + r + 1) * w]);
+                    let row = &mut p[(r + pad) * wp..(r + pad + 1) * wp];
+                    row[..pad].fill(0.0);
+                    row[pad + w..].fill(0.0);
+                    row[pad..pad + w].copy_from_slice(&x[(i * h + r) * w..(i * h + r + 1) * w]);
                 }
             }
+            padded[self.ci * plane..].fill(0.0);
             s.padded.as_ptr()
         };
         let in_place = rows || exact;
@@ -200,8 +218,11 @@ impl DirectConv {
             }
         };
         let vectors = if rows { h * w / LANES } else { vectors };
-        s.wide.clear();
-        s.wide.resize(if in_place { 0 } else { self.co.div_ceil(OCB) * OCB * out_plane }, 0.0);
+        // Every lane of `wide` that is copied out is written first: no zeroing needed.
+        let wide = if in_place { 0 } else { self.co.div_ceil(OCB) * OCB * out_plane };
+        if s.wide.len() < wide {
+            s.wide.resize(wide, 0.0);
+        }
         let out = if in_place { y.as_mut_ptr() } else { s.wide.as_mut_ptr() };
         let out_stride = out_plane;
         let bias = if s.bias.is_empty() { self.bias.as_ptr() } else { s.bias.as_ptr() };

@@ -60,7 +60,9 @@ impl EvalOp for DirectConvOp {
             Some(b) => Some(b.as_slice().context("DirectConv: bias is not contiguous")?),
             None => None,
         };
-        let mut y = Tensor::zero::<f32>(&[n, self.conv.output_channels(), h, w])?;
+        // SAFETY: f32 has no invalid bit patterns, and `run` writes every value of `y`.
+        let mut y =
+            unsafe { Tensor::uninitialized::<f32>(&[n, self.conv.output_channels(), h, w])? };
         {
             let mut view = y.to_plain_array_view_mut::<f32>()?;
             let out = view.as_slice_mut().context("DirectConv: output is not contiguous")?;

@@ -51,7 +51,8 @@ impl EvalOp for GroupNormOp {
         let channels = self.gamma.len();
         ensure!(shape.len() >= 2 && shape[1] == channels, "GroupNorm: input {shape:?}");
         let x = x.as_slice().context("GroupNorm: input is not contiguous")?;
-        let mut y = Tensor::zero::<f32>(&shape)?;
+        // SAFETY: f32 has no invalid bit patterns, and `run` writes every value of `y`.
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         {
             let mut view = y.to_plain_array_view_mut::<f32>()?;
             let out = view.as_slice_mut().context("GroupNorm: output is not contiguous")?;
