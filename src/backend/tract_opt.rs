@@ -1,4 +1,5 @@
-//! Load-time rewrites of tract models: the direct convs of [`super::tract_direct`] (in
+//! Load-time rewrites of tract models: this crate's own ops, the direct convs of
+//! [`super::tract_direct`] and the fused GroupNorm of [`super::tract_groupnorm`] (in
 //! [`prepare`]), and the workaround below for tract 0.23.9's conv lowering at batch > 1 (in
 //! [`optimise`], for the convs left to tract).
 //!
