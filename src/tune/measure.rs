@@ -136,7 +136,16 @@ pub fn robust_accuracy(
             let mut twins = Twins { classifier: None, denoiser: None };
             harness_accuracy(pipeline, &mut twins, images, labels, attack, seed, Crafting::Square)
         }
+        #[cfg(feature = "twin")]
         AttackKind::Bpda => bpda_accuracy(pipeline, images, labels, attack, seed, models),
+        // Without the twin there is no gradient (and no use for `models`): check_available
+        // returns the error naming the missing feature.
+        #[cfg(not(feature = "twin"))]
+        AttackKind::Bpda => {
+            let _ = models;
+            attack.kind.check_available()?;
+            Ok(None)
+        }
     }
 }
 
@@ -197,17 +206,4 @@ fn bpda_accuracy(
     let mut classifier = crate::grad::burn_twin::TwinClassifier::load(&manifest)?;
     let mut twins = Twins { classifier: Some(&mut classifier), denoiser: None };
     harness_accuracy(pipeline, &mut twins, images, labels, attack, seed, Crafting::Pgd)
-}
-
-#[cfg(not(feature = "twin"))]
-fn bpda_accuracy(
-    _: &mut Pipeline,
-    _: ArrayView4<f32>,
-    _: &[usize],
-    attack: &AttackSettings,
-    _: u64,
-    _: &std::path::Path,
-) -> Result<Option<RobustResult>> {
-    attack.kind.check_available()?;
-    Ok(None)
 }
