@@ -542,8 +542,9 @@ struct TuneArgs {
     /// Untimed single-frame decisions before the timed ones.
     #[arg(long, default_value_t = diffshield::tune::DEFAULT_WARMUP)]
     warmup: usize,
-    /// Attack for robust accuracy: bpda (PGD with BPDA+EOT), square or none.
-    #[arg(long, default_value = "bpda")]
+    /// Attack for robust accuracy: bpda (PGD with BPDA+EOT; the default), square or none. A
+    /// build without the `twin` feature has no bpda and defaults to square.
+    #[arg(long, default_value = diffshield::tune::DEFAULT_ATTACK)]
     attack: String,
     /// Threat model of the attack.
     #[arg(long, default_value = "linf:8/255")]

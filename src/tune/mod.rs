@@ -37,6 +37,10 @@ pub const DEFAULT_QUERIES: usize = 12;
 pub const DEFAULT_ATTACK_IMAGES: usize = 8;
 /// Default fresh-noise evaluations per adversarial image.
 pub const DEFAULT_RUNS: u32 = 2;
+/// The attack `tune` measures robust accuracy under unless told otherwise: BPDA where this build
+/// has the differentiable twin, else the gradient-free Square Attack (so that a plain
+/// `--no-default-features` build still tunes robustness instead of refusing its own default).
+pub const DEFAULT_ATTACK: &str = if cfg!(feature = "twin") { "bpda" } else { "square" };
 /// Default PGD steps of the BPDA attack.
 pub const DEFAULT_PGD_STEPS: usize = 5;
 /// Default EOT samples per BPDA gradient.
