@@ -1,4 +1,4 @@
-//! This crate's kernels inside real plans (direct convs, fused GroupNorm): the shipped models
+//! This crate's kernels inside real plans (direct convs, fused GroupNorm, attention): the shipped models
 //! prepared with them give the outputs tract's own ops give, at batch 1 and at a batch > 1.
 
 use diffshield::backend::direct_conv::DirectConv;
@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use tract_onnx::prelude::*;
 
 /// Runs `path` at batch `n` with and without the direct kernel on the same inputs; returns
-/// (DirectConv nodes, GroupNorm nodes, largest |difference| / (1 + |reference|), output length).
-fn compare(path: &str, n: usize, with_t: bool) -> (usize, usize, f32, usize) {
+/// ([DirectConv, GroupNorm, Attention] node counts, largest |difference| / (1 + |reference|),
+/// output length).
+fn compare(path: &str, n: usize, with_t: bool) -> ([usize; 3], f32, usize) {
     let typed =
         tract_onnx::onnx().model_for_path(path).expect("loads").into_typed().expect("typed");
     let x = tract_ndarray::Array4::from_shape_fn((n, 3, 32, 32), |(b, c, h, w)| {
@@ -27,40 +28,43 @@ fn compare(path: &str, n: usize, with_t: bool) -> (usize, usize, f32, usize) {
         let fixed = prepared.set_symbols(&HashMap::from([(batch, TDim::from(n as i64))]));
         let plan = optimise(fixed.expect("batch")).expect("optimises");
         let count = |name: &str| plan.nodes().iter().filter(|node| node.op.name() == name).count();
-        let counts = (count("DirectConv"), count("GroupNorm"));
+        let counts = ["DirectConv", "GroupNorm", "Attention"].map(count);
         let out = plan.into_runnable().expect("plan").run(inputs.clone()).expect("runs");
         let out: Vec<f32> =
             out[0].to_plain_array_view::<f32>().expect("f32").iter().copied().collect();
         (counts, out)
     };
-    let ((convs, norms), direct) = run(true);
+    let (counts, direct) = run(true);
     let (none, reference) = run(false);
-    assert_eq!(none, (0, 0), "the reference plan must not use our kernels");
+    assert_eq!(none, [0; 3], "the reference plan must not use our kernels");
     let worst = direct
         .iter()
         .zip(&reference)
         .map(|(d, r)| (d - r).abs() / (1.0 + r.abs()))
         .fold(0f32, f32::max);
-    (convs, norms, worst, direct.len())
+    (counts, worst, direct.len())
 }
 
 #[test]
 fn shipped_models_match_tracts_own_ops() {
-    // denoiser_s has 38 3x3 stride-1 convs, 22 1x1 convs and 41 GroupNorms, the classifier 8
-    // 3x3 stride-1 convs and no norm (the ONNX files); their stride-2 convs stay with tract.
-    // Without AVX-512 only the GroupNorms are ours.
-    let convs = |n: usize| if DirectConv::supported() { n } else { 0 };
+    // denoiser_s (and m, wider) has 38 3x3 stride-1 convs, 22 1x1 convs, 41 GroupNorms and 6 attention
+    // blocks, the classifier 8 3x3 stride-1 convs and neither norm nor attention (the ONNX
+    // files); their stride-2 convs stay with tract. Without AVX-512 only the GroupNorms are ours.
+    let avx512 = |n: usize| if DirectConv::supported() { n } else { 0 };
     for (path, with_t, want) in [
-        ("models/denoiser_s.onnx", true, (convs(60), 41)),
-        ("models/classifier.onnx", false, (convs(8), 0)),
+        ("models/denoiser_s.onnx", true, [avx512(60), 41, avx512(6)]),
+        ("models/denoiser_m.onnx", true, [avx512(60), 41, avx512(6)]),
+        ("models/classifier.onnx", false, [avx512(8), 0, 0]),
     ] {
         for n in [1, 3] {
-            let (convs, norms, worst, len) = compare(path, n, with_t);
-            assert_eq!((convs, norms), want, "{path} batch {n}: (direct convs, GroupNorms)");
+            let (counts, worst, len) = compare(path, n, with_t);
+            assert_eq!(counts, want, "{path} batch {n}: [direct convs, GroupNorms, attention]");
             assert!(len > 0);
             // Same sums in a different order: float32 rounding, ~1e-6 relative per op.
             assert!(worst < 1e-4, "{path} batch {n}: outputs differ by {worst:e}");
-            eprintln!("{path} batch {n}: {convs} direct convs, {norms} GroupNorms, worst relative difference {worst:e}");
+            eprintln!(
+                "{path} batch {n}: {counts:?} of our ops, worst relative difference {worst:e}"
+            );
         }
     }
 }

@@ -1,8 +1,10 @@
 //! The narrow interfaces the purifier and the pipeline run on. They never learn which engine
 //! (tract on the CPU, CUDA, an analytic test model) is behind them.
 
+pub mod attention;
 pub mod direct_conv;
 pub mod tract;
+mod tract_attention;
 mod tract_direct;
 mod tract_groupnorm;
 pub mod tract_opt;

@@ -25,7 +25,11 @@ pub fn prepare(mut model: TypedModel, own_kernels: bool) -> TractResult<TypedMod
     if own_kernels {
         let norms = super::tract_groupnorm::fuse_group_norms(&mut model)?;
         let convs = super::tract_direct::use_direct_convs(&mut model)?;
-        log::debug!("own kernels: {norms} fused GroupNorms, {convs} direct convs");
+        let attention = super::tract_attention::fuse_attention(&mut model)?;
+        log::debug!(
+            "own kernels: {norms} fused GroupNorms, {convs} direct convs, {attention} attention \
+             blocks"
+        );
     }
     model.into_decluttered()
 }
