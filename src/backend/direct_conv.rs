@@ -12,7 +12,10 @@
 //!
 //! Pixel vectors run along rows when the width is a multiple of 16 (1x1: when the plane is);
 //! otherwise they run over the flattened padded grid (rows of `w + 2`), computing two
-//! throw-away columns per row that are dropped when the result is copied out. Summation order differs from tract's, so
+//! throw-away columns per row that are dropped when the result is copied out. 3x3 convs on
+//! planes narrower than 16 (the classifier's 8x8 and 4x4 levels) turn the tile around instead:
+//! vectors along output channels, pixels of all images of the batch broadcast against them (see
+//! `DirectConv::small`). Summation order differs from tract's, so
 //! results agree to float rounding (relative ~1e-6), not bit for bit.
 
 /// Output channels per register tile.
@@ -21,6 +24,14 @@ const OCB: usize = 8;
 const PV: usize = 3;
 /// f32 lanes of one AVX-512 vector.
 const LANES: usize = 16;
+/// Small planes: output channels per register tile (four vectors of channels).
+const SCB: usize = 4 * LANES;
+/// Small planes: pixels per register tile.
+const SPT: usize = 6;
+/// Small planes: input channels per pass over the pixels. A chunk's weights (16 x 9 x 64 f32,
+/// 36 KB) stay in L1 for all pixel tiles; without chunking, each tile re-streamed a 1.2 MB
+/// channel block of the 4x4 convs' weights from L3 (the cost at batch 1).
+const SCI: usize = 16;
 
 /// A 3x3 or 1x1 convolution's weights, packed once for the kernel.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +44,8 @@ pub struct DirectConv {
     packed: Vec<f32>,
     /// One value per output channel, zero-padded to whole blocks.
     bias: Vec<f32>,
+    /// The small-plane layout `[co / SCB][ci][k * k][SCB]`, packed from `packed` on first use.
+    by_channel: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl DirectConv {
@@ -75,7 +88,7 @@ impl DirectConv {
                 }
             }
         }
-        Some(DirectConv { ci, co, k, packed, bias: padded_bias })
+        Some(DirectConv { ci, co, k, packed, bias: padded_bias, by_channel: Default::default() })
     }
 
     /// Input channels.
@@ -134,6 +147,11 @@ impl DirectConv {
                     scratch.bias.extend_from_slice(&self.bias);
                     scratch.bias[..self.co].copy_from_slice(b);
                 }
+                if self.k == 3 && w < LANES {
+                    // SAFETY: AVX-512F was detected above; `small` sizes its buffers itself.
+                    unsafe { self.small(x, n, h, w, y, scratch) };
+                    return;
+                }
                 for b in 0..n {
                     let xi = &x[b * self.ci * h * w..(b + 1) * self.ci * h * w];
                     let yi = &mut y[b * self.co * h * w..(b + 1) * self.co * h * w];
@@ -156,6 +174,10 @@ thread_local! {
 /// Buffers reused across images and calls; every call writes what it reads.
 #[derive(Default)]
 struct Scratch {
+    /// Small planes: each output pixel's offset into `padded` (image and position).
+    pixels: Vec<usize>,
+    /// Small planes: the output pixel-major, `pixels x co` rounded up to whole tiles.
+    by_pixel: Vec<f32>,
     /// The zero-padded input, `ci` planes of `(h + k - 1) x (w + k - 1)`, plus slack for the
     /// flat mode.
     padded: Vec<f32>,
@@ -262,6 +284,189 @@ impl DirectConv {
                     let src = o * out_plane + r * wp;
                     y[(o * h + r) * w..(o * h + r + 1) * w].copy_from_slice(&s.wide[src..src + w]);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl DirectConv {
+    /// The weights as `[co / SCB][ci][k * k][SCB]` (zero-padded channels), packed once.
+    fn by_channel(&self) -> &[f32] {
+        self.by_channel.get_or_init(|| {
+            let taps = self.k * self.k;
+            let mut out = vec![0f32; self.co.div_ceil(SCB) * self.ci * taps * SCB];
+            for o in 0..self.co {
+                for i in 0..self.ci {
+                    for t in 0..taps {
+                        out[((o / SCB * self.ci + i) * taps + t) * SCB + o % SCB] =
+                            self.packed[((o / OCB * self.ci + i) * taps + t) * OCB + o % OCB];
+                    }
+                }
+            }
+            out
+        })
+    }
+
+    /// A 3x3 conv on planes narrower than a vector (the classifier's 8x8 and 4x4 levels), all
+    /// `n` images at once. The pixel-vector layouts would leave a third to a half of the lanes
+    /// on padding there and reload all weights per image; here the vectors run along output
+    /// channels ([`SCB`] per tile), [`SPT`] pixels of any image are broadcast against them, and
+    /// the pixel-major result is transposed into `y` at the end.
+    /// Safety: the CPU must support AVX-512F; `x` is `n x ci x h x w`, `y` `n x co x h x w`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn small(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        y: &mut [f32],
+        s: &mut Scratch,
+    ) {
+        let wp = w + 2;
+        let plane = (h + 2) * wp;
+        let len = n * self.ci * plane;
+        if s.padded.len() < len {
+            s.padded.resize(len, 0.0);
+        }
+        let padded = &mut s.padded[..len];
+        for (dst, src) in padded.chunks_exact_mut(plane).zip(x.chunks_exact(h * w)) {
+            dst[..wp].fill(0.0);
+            dst[(h + 1) * wp..].fill(0.0);
+            for (r, row) in src.chunks_exact(w).enumerate() {
+                let line = &mut dst[(r + 1) * wp..(r + 2) * wp];
+                line[0] = 0.0;
+                line[1..=w].copy_from_slice(row);
+                line[w + 1] = 0.0;
+            }
+        }
+        s.pixels.clear();
+        for b in 0..n {
+            for r in 0..h {
+                for c in 0..w {
+                    s.pixels.push(b * self.ci * plane + r * wp + c);
+                }
+            }
+        }
+        let blocks = self.co.div_ceil(SCB);
+        let width = blocks * SCB;
+        let count = n * h * w;
+        if s.by_pixel.len() < count * width {
+            s.by_pixel.resize(count * width, 0.0);
+        }
+        let bias: Vec<f32> = {
+            let given = if s.bias.is_empty() { &self.bias } else { &s.bias };
+            (0..width).map(|o| given.get(o).copied().unwrap_or(0.0)).collect()
+        };
+        let weights = self.by_channel();
+        let taps = [0, 1, 2, wp, wp + 1, wp + 2, 2 * wp, 2 * wp + 1, 2 * wp + 2];
+        for block in 0..blocks {
+            let tile = ChannelTile {
+                x: s.padded.as_ptr(),
+                plane,
+                w: weights.as_ptr().add(block * self.ci * 9 * SCB),
+                bias: bias.as_ptr().add(block * SCB),
+                out: s.by_pixel.as_mut_ptr().add(block * SCB),
+                width,
+            };
+            for inputs in (0..self.ci).step_by(SCI) {
+                let inputs = inputs..(inputs + SCI).min(self.ci);
+                for first in (0..count).step_by(SPT) {
+                    let p = &s.pixels[first..(first + SPT).min(count)];
+                    let i = inputs.clone();
+                    match p.len() {
+                        1 => tile.run::<1>(&taps, p, first, i),
+                        2 => tile.run::<2>(&taps, p, first, i),
+                        3 => tile.run::<3>(&taps, p, first, i),
+                        4 => tile.run::<4>(&taps, p, first, i),
+                        5 => tile.run::<5>(&taps, p, first, i),
+                        _ => tile.run::<SPT>(&taps, p, first, i),
+                    }
+                }
+            }
+        }
+        let hw = h * w;
+        for (b, image) in y.chunks_exact_mut(self.co * hw).enumerate() {
+            for (o, out) in image.chunks_exact_mut(hw).enumerate() {
+                for (p, v) in out.iter_mut().enumerate() {
+                    *v = s.by_pixel[(b * hw + p) * width + o];
+                }
+            }
+        }
+    }
+}
+
+/// One channel block of the small-plane layout.
+#[cfg(target_arch = "x86_64")]
+struct ChannelTile {
+    x: *const f32,
+    plane: usize,
+    w: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    /// Row length of `out` (all channel blocks).
+    width: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ChannelTile {
+    /// Adds the input channels `inputs` (all taps) to the pixels at padded offsets `pixels`
+    /// (`N` of them, output rows `first ..`), [`SCB`] output channels in registers. The first
+    /// chunk starts from the bias, later ones from the partial sums in `out`. The first pixel
+    /// tile of a chunk also prefetches the next chunk's weights (same size, right after this
+    /// one in memory) into L2: at batch 1 the weights are the traffic that limits these convs.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const N: usize>(
+        &self,
+        taps: &[usize; 9],
+        pixels: &[usize],
+        first: usize,
+        inputs: std::ops::Range<usize>,
+    ) {
+        use std::arch::x86_64::*;
+        const V: usize = SCB / LANES;
+        let at: [usize; N] = std::array::from_fn(|p| pixels[p]);
+        let mut acc = [[_mm512_setzero_ps(); V]; N];
+        for (p, row) in acc.iter_mut().enumerate() {
+            let from = if inputs.start == 0 {
+                self.bias
+            } else {
+                self.out.add((first + p) * self.width).cast_const()
+            };
+            for (v, a) in row.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(from.add(v * LANES));
+            }
+        }
+        let next = self.w.wrapping_add(inputs.end * 9 * SCB);
+        let start = inputs.start;
+        for i in inputs {
+            let xi = self.x.add(i * self.plane);
+            let wi = self.w.add(i * 9 * SCB);
+            for (t, &tap) in taps.iter().enumerate() {
+                if first == 0 {
+                    // One tap's weights are SCB floats = 4 cache lines; past the last chunk
+                    // this prefetches nothing useful, which is harmless.
+                    let line = next.wrapping_add(((i - start) * 9 + t) * SCB);
+                    for l in 0..SCB / LANES {
+                        _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(l * LANES).cast());
+                    }
+                }
+                let mut wv = [_mm512_setzero_ps(); V];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm512_loadu_ps(wi.add(t * SCB + v * LANES));
+                }
+                for (p, row) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*xi.add(at[p] + tap));
+                    for v in 0..V {
+                        row[v] = _mm512_fmadd_ps(wv[v], xv, row[v]);
+                    }
+                }
+            }
+        }
+        for (p, row) in acc.iter().enumerate() {
+            for (v, &a) in row.iter().enumerate() {
+                _mm512_storeu_ps(self.out.add((first + p) * self.width + v * LANES), a);
             }
         }
     }
@@ -392,8 +597,9 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512, the direct conv is never used here");
             return;
         }
-        // (n, co, ci, h, w): rows mode (w % 16 == 0), flat mode (8, 5, 20, 4), partial channel
-        // blocks (co = 3, 9, 13), batches of 2, each for 3x3 and 1x1 kernels.
+        // (n, co, ci, h, w): rows mode (w % 16 == 0), flat mode (1x1, and 3x3 at w = 20), the
+        // small-plane mode (3x3 at w < 16, pixel tiles across images), partial channel blocks
+        // (co = 3, 9, 13, 80), batches of 2 and 3, each for 3x3 and 1x1 kernels.
         let shapes = [
             (1, 32, 32, 32, 32),
             (2, 13, 7, 16, 16),
@@ -401,6 +607,8 @@ mod tests {
             (2, 3, 5, 5, 5),
             (1, 9, 4, 6, 20),
             (1, 24, 16, 4, 4),
+            (3, 80, 40, 4, 4),
+            (2, 64, 33, 8, 8),
         ];
         for k in [3, 1] {
             for &(n, co, ci, h, w) in &shapes {
