@@ -124,11 +124,15 @@ fn int8_models_load_and_give_finite_outputs_at_any_batch() {
     let e = d.predict_eps(x_t.view(), 140).unwrap();
     assert_eq!(e.shape(), x.shape());
     assert!(e.iter().all(|v| v.is_finite()));
-    // a batch-1 call agrees with the same item inside the batch (separate plans per batch size)
+    // A batch-1 call agrees with the same item inside the batch (separate plans per batch
+    // size). Not to float rounding: tract's time-embedding matmul differs by ~1e-7 between
+    // batch sizes, which can move a quantized conv input across a rounding boundary, and one
+    // input step of the last conv moves eps by ~0.005 (0.0054 measured). A real batching bug
+    // (another image's data, a stale buffer) moves eps by O(1).
     let one = d.predict_eps(x_t.slice(s![3..4, .., .., ..]), 140).unwrap();
     let diff = (&one.slice(s![0, .., .., ..]) - &e.slice(s![3, .., .., ..]))
         .fold(0f32, |m, v| m.max(v.abs()));
-    assert!(diff < 1e-3, "batch-1 and batched int8 eps differ by {diff}");
+    assert!(diff < 0.03, "batch-1 and batched int8 eps differ by {diff}");
 }
 
 #[test]

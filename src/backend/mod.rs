@@ -3,11 +3,13 @@
 
 pub mod attention;
 pub mod direct_conv;
+pub mod quant_conv;
 pub mod tract;
 mod tract_attention;
 mod tract_direct;
 mod tract_groupnorm;
 pub mod tract_opt;
+mod tract_quant;
 
 use crate::error::Result;
 use ndarray::{Array2, Array4, ArrayView4};

@@ -26,9 +26,10 @@ pub fn prepare(mut model: TypedModel, own_kernels: bool) -> TractResult<TypedMod
         let norms = super::tract_groupnorm::fuse_group_norms(&mut model)?;
         let convs = super::tract_direct::use_direct_convs(&mut model)?;
         let attention = super::tract_attention::fuse_attention(&mut model)?;
+        let int8 = super::tract_quant::use_quant_convs(&mut model)?;
         log::debug!(
             "own kernels: {norms} fused GroupNorms, {convs} direct convs, {attention} attention \
-             blocks"
+             blocks, {int8} int8 convs"
         );
     }
     model.into_decluttered()

@@ -1,0 +1,208 @@
+//! Puts [`QuantConv`] into tract plans of the int8 (QOperator) models: every
+//! `QuantizeLinear -> [Pad] -> QLinearConv -> DequantizeLinear` chain with a 3x3 (padding 1,
+//! as an explicit u8 `Pad` of the zero point) or 1x1 kernel, stride 1, one group, constant
+//! s8 weights with zero point 0, becomes one op from the f32 input to the f32 output.
+//!
+//! The pass runs before tract's first declutter on a freshly typed model and leaves anything
+//! that differs (the stride-2 convs, a conv whose u8 output has other readers) to tract. It
+//! does nothing on CPUs without AVX-512 VNNI.
+
+use super::quant_conv::{InputQuant, QuantConv};
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::{Pad, PadMode};
+use tract_onnx::tract_core::ops::cast::Cast;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::nn::DataFormat;
+use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearU8};
+
+/// The tract op wrapping a packed int8 convolution: `[n, ci, h, w]` f32 in, `[n, co, h, w]`
+/// f32 out.
+#[derive(Debug, Clone)]
+pub struct QuantConvOp {
+    conv: Arc<QuantConv>,
+}
+
+/// Two ops are equal when they share the packed weights (see `DirectConvOp`).
+impl PartialEq for QuantConvOp {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.conv, &other.conv)
+    }
+}
+
+impl Eq for QuantConvOp {}
+
+impl Op for QuantConvOp {
+    fn name(&self) -> StaticName {
+        "QuantConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let c = &self.conv;
+        let k = c.kernel_size();
+        Ok(vec![format!(
+            "{k}x{k}, {} -> {} channels, int8",
+            c.input_channels(),
+            c.output_channels()
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QuantConvOp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs[0].to_plain_array_view::<f32>()?;
+        let &[n, ci, h, w] = x.shape() else {
+            bail!("QuantConv wants a rank-4 input, got {:?}", x.shape())
+        };
+        ensure!(ci == self.conv.input_channels(), "QuantConv: {ci} input channels");
+        let x = x.as_slice().context("QuantConv: input is not contiguous")?;
+        // SAFETY: f32 has no invalid bit patterns, and `run` writes every value of `y`.
+        let mut y =
+            unsafe { Tensor::uninitialized::<f32>(&[n, self.conv.output_channels(), h, w])? };
+        {
+            let mut view = y.to_plain_array_view_mut::<f32>()?;
+            let out = view.as_slice_mut().context("QuantConv: output is not contiguous")?;
+            self.conv.run(x, n, h, w, out).map_err(|e| anyhow!(e))?;
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for QuantConvOp {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == f32::datum_type() && inputs[0].rank() == 4);
+        let mut shape = inputs[0].shape.to_tvec();
+        shape[1] = self.conv.output_channels().to_dim();
+        Ok(tvec!(f32::fact(&*shape)))
+    }
+
+    as_op!();
+}
+
+/// Replaces every eligible quantized conv chain of a typed model by [`QuantConvOp`]. Returns
+/// how many it replaced (0 on CPUs without AVX-512 VNNI).
+pub fn use_quant_convs(model: &mut TypedModel) -> TractResult<usize> {
+    if !QuantConv::supported() {
+        return Ok(0);
+    }
+    let mut count = 0;
+    for id in model.eval_order()? {
+        let Some((input, conv)) = chain_at(model, id) else { continue };
+        let name = model.node(id).name.clone();
+        let mut patch = TypedModelPatch::new(format!("int8-conv {name}"));
+        let x = patch.tap_model(model, input)?;
+        let y = patch.wire_node(&name, QuantConvOp { conv: Arc::new(conv) }, &[x])?[0];
+        super::tract_opt::replace_node(model, patch, id, y)?;
+        count += 1;
+    }
+    model.compact()?;
+    Ok(count)
+}
+
+/// The values of a constant outlet, looking through a `Cast` of a constant (how tract types
+/// QLinearConv's int32 bias).
+fn constant(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
+    if let Some(k) = model.outlet_fact(outlet).ok()?.konst.clone() {
+        return Some(k);
+    }
+    let node = model.node(outlet.node);
+    let cast = node.op_as::<Cast>()?;
+    let inner = model.outlet_fact(*node.inputs.first()?).ok()?.konst.clone()?;
+    inner.cast_to_dt(cast.to).ok().map(|t| Arc::new(t.into_owned()))
+}
+
+/// Scalar or per-channel f32 values of a constant outlet.
+fn floats(model: &TypedModel, outlet: OutletId) -> Option<Vec<f32>> {
+    let t = constant(model, outlet)?.cast_to::<f32>().ok()?.into_owned();
+    Some(t.to_plain_array_view::<f32>().ok()?.iter().copied().collect())
+}
+
+/// Integer values of a constant outlet as i64.
+fn integers(model: &TypedModel, outlet: OutletId) -> Option<Vec<i64>> {
+    let t = constant(model, outlet)?.cast_to::<i64>().ok()?.into_owned();
+    Some(t.to_plain_array_view::<i64>().ok()?.iter().copied().collect())
+}
+
+/// Matches the chain ending at node `id` (the `DequantizeLinearF32`): its f32 input and the
+/// packed conv.
+fn chain_at(model: &TypedModel, id: usize) -> Option<(OutletId, QuantConv)> {
+    let dequant = model.node(id);
+    dequant.op_as::<DequantizeLinearF32>()?;
+    let conv_node = model.node(dequant.inputs.first()?.node);
+    let conv = conv_node.op_as::<Conv>()?;
+    // The u8 output must feed this DequantizeLinear only: the op replaces both.
+    if model.outlet_successors(OutletId::new(conv_node.id, 0)).len() != 1 {
+        return None;
+    }
+    let spec = &conv.pool_spec;
+    let k = *spec.kernel_shape.first()?;
+    let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|d| d.iter().all(|&x| x == 1));
+    let valid = match &spec.padding {
+        PaddingSpec::Valid => true,
+        PaddingSpec::Explicit(a, b) => a.iter().chain(b.iter()).all(|&p| p == 0),
+        _ => false,
+    };
+    if conv.q_params != Some(u8::datum_type())
+        || conv.group != 1
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.data_format != DataFormat::NCHW
+        || !(k == 1 || k == 3)
+        || spec.kernel_shape.as_slice() != [k, k]
+        || !ones(&spec.strides)
+        || !ones(&spec.dilations)
+        || !valid
+        || conv_node.inputs.len() != 9
+    {
+        return None;
+    }
+    let inputs = &conv_node.inputs;
+    // x0, xs, w0, ws (y0, ys describe the output quantization this op skips).
+    let x_zero = integers(model, inputs[3])?;
+    let x_scale = floats(model, inputs[4])?;
+    let w_zero = integers(model, inputs[5])?;
+    let w_scales = floats(model, inputs[6])?;
+    if x_zero.len() != 1 || x_scale.len() != 1 || w_zero.iter().any(|&z| z != 0) {
+        return None;
+    }
+    // The quantized input: Pad(zero point) for 3x3, then QuantizeLinearU8 of an f32 outlet.
+    let mut quantized = inputs[0];
+    if k == 3 {
+        let pad_node = model.node(quantized.node);
+        let pad = pad_node.op_as::<Pad>()?;
+        let PadMode::Constant(value) = &pad.mode else { return None };
+        let value = value.cast_to_scalar::<i64>().ok()?;
+        if pad.pads.as_slice() != [(0, 0), (0, 0), (1, 1), (1, 1)] || value != x_zero[0] {
+            return None;
+        }
+        quantized = *pad_node.inputs.first()?;
+    }
+    let quant_node = model.node(quantized.node);
+    let mini = quant_node.op_as::<ElementWiseOp>()?;
+    let q = mini.0.downcast_ref::<QuantizeLinearU8>()?;
+    if q.zero_point as i64 != x_zero[0] {
+        return None;
+    }
+    let source = *quant_node.inputs.first()?;
+    let fact = model.outlet_fact(source).ok()?;
+    if fact.datum_type != f32::datum_type() || fact.rank() != 4 {
+        return None;
+    }
+    let weights = constant(model, inputs[1])?;
+    let &[co, ci, kh, kw] = weights.shape() else { return None };
+    if (kh, kw) != (k, k) || weights.datum_type() != i8::datum_type() {
+        return None;
+    }
+    let weights: Vec<i8> = weights.to_plain_array_view::<i8>().ok()?.iter().copied().collect();
+    // A bias that is not a constant (never the case in these exports) keeps tract's conv.
+    let bias = integers(model, inputs[2])?;
+    let bias: Vec<i32> = bias.iter().map(|&v| i32::try_from(v).ok()).collect::<Option<_>>()?;
+    let input = InputQuant { inv_scale: q.scale, zero: q.zero_point };
+    let conv = QuantConv::new(&weights, &w_scales, Some(&bias), x_scale[0], input, co, ci, k)?;
+    Some((source, conv))
+}
