@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """int8 against float32: tract f32, tract int8 (examples/int8_timing.rs, interleaved in one
 process) and onnxruntime f32 (and, for information, onnxruntime on the same int8 files), same
-ONNX files, same thread count, same loop as benches/compare_ort.py: one denoiser_s call at
+ONNX files, same thread count, same loop as benches/compare_ort.py: one denoiser call at
 t=140 and one defended frame (T*=140, stride 10, eta 1, 1 vote: 14 denoiser calls with the DDIM
 update in numpy, then the classifier), batch 1 and 8.
 
@@ -9,7 +9,7 @@ Prints, per case, the medians and the ratios
   speedup  = tract f32 time / tract int8 time   (> 1: int8 is faster; the target is >= 1.5)
   vs ort   = tract int8 time / onnxruntime f32 time   (< 1: int8 on tract beats ort f32)
 
-Usage: python3 benches/compare_int8.py [threads] [reps]   (needs onnxruntime and numpy)
+Usage: python3 benches/compare_int8.py [threads] [reps] [s|m]   (needs onnxruntime and numpy)
 """
 import json, subprocess, sys, time
 import numpy as np
@@ -19,6 +19,7 @@ from ort_frame import frame
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 reps = int(sys.argv[2]) if len(sys.argv) > 2 else 7
+tier = sys.argv[3] if len(sys.argv) > 3 else "s"
 
 
 def session(path):
@@ -39,10 +40,10 @@ def medians(fs, n):
 
 
 ours = subprocess.run(["cargo", "run", "--release", "-q", "--example", "int8_timing",
-                       str(threads), str(reps)], check=True, capture_output=True, text=True).stdout
-den32, den8 = session("models/denoiser_s.onnx"), session("models/denoiser_s.int8.onnx")
+                       str(threads), str(reps), tier], check=True, capture_output=True, text=True).stdout
+den32, den8 = session(f"models/denoiser_{tier}.onnx"), session(f"models/denoiser_{tier}.int8.onnx")
 clf32, clf8 = session("models/classifier.onnx"), session("models/classifier.int8.onnx")
-print(f"threads={threads} reps={reps}; ms are medians")
+print(f"denoiser_{tier}, threads={threads} reps={reps}; ms are medians")
 print(f"{'case':<12}{'tract f32':>10}{'tract i8':>10}{'ort f32':>10}{'ort i8':>10}"
       f"{'speedup':>9}{'vs ort':>8}")
 for line in ours.splitlines():

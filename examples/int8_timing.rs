@@ -1,8 +1,8 @@
-//! int8 against float32 on tract, interleaved in one process: one denoiser_s call at t=140 and
+//! int8 against float32 on tract, interleaved in one process: one denoiser call at t=140 and
 //! one defended frame (T*=140, stride 10, eta 1, 1 vote), batch 1 and 8. Each repetition runs
 //! the f32 case then the int8 case, so both see the same machine load; prints one JSON line per
 //! case with the medians. `benches/compare_int8.py` adds onnxruntime f32 beside it.
-//! Usage: int8_timing [threads] [reps]
+//! Usage: int8_timing [threads] [reps] [denoiser tier: s (default) or m]
 
 use diffshield::config::{DefenseConfig, Precision};
 use diffshield::pipeline::Pipeline;
@@ -24,8 +24,15 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let threads: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let reps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(7);
+    let denoiser = args.get(3).cloned().unwrap_or_else(|| "s".into());
     let pipe = |precision| {
-        Pipeline::from_config(&DefenseConfig { threads, precision, ..DefenseConfig::default() })
+        let denoiser = denoiser.clone();
+        Pipeline::from_config(&DefenseConfig {
+            threads,
+            precision,
+            denoiser,
+            ..DefenseConfig::default()
+        })
     };
     let mut p = [pipe(Precision::F32)?, pipe(Precision::Int8)?];
     for batch in [1usize, 8] {
@@ -54,7 +61,7 @@ fn main() -> anyhow::Result<()> {
         let [f32_, f8] = frame.map(median);
         println!(
             "{}",
-            serde_json::json!({"denoiser": "s", "batch": batch, "threads": threads, "reps": reps,
+            serde_json::json!({"denoiser": denoiser, "batch": batch, "threads": threads, "reps": reps,
                 "f32_call_ms": c32, "int8_call_ms": c8, "f32_frame_ms": f32_, "int8_frame_ms": f8,
                 "call_speedup": c32 / c8, "frame_speedup": f32_ / f8})
         );
