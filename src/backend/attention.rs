@@ -253,18 +253,7 @@ unsafe fn exp(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::backend::test_values::values;
 
     /// Plain f64 attention, and the largest |score|.
     fn reference(

@@ -90,27 +90,20 @@ impl DirectConv {
         }
         Some(DirectConv { ci, co, k, packed, bias: padded_bias, by_channel: Default::default() })
     }
+}
 
-    /// Input channels.
-    pub fn input_channels(&self) -> usize {
-        self.ci
-    }
+impl super::conv_kernel::ConvKernel for DirectConv {
+    const NAME: &'static str = "DirectConv";
 
-    /// Output channels.
-    pub fn output_channels(&self) -> usize {
-        self.co
-    }
-
-    /// Kernel size (3 or 1).
-    pub fn kernel_size(&self) -> usize {
-        self.k
+    fn shape(&self) -> super::conv_kernel::ConvShape {
+        super::conv_kernel::ConvShape { ci: self.ci, co: self.co, k: self.k }
     }
 
     /// Convolves `x` (`n x ci x h x w`, contiguous NCHW) into `y` (`n x co x h x w`), adding
     /// `bias` (`co` values) instead of the packed one when given: tract folds per-call terms
     /// such as the denoiser's time embedding into a conv's bias.
     /// Errors when the slice lengths disagree with the shapes or the CPU lacks AVX-512.
-    pub fn run(
+    fn run(
         &self,
         x: &[f32],
         n: usize,
@@ -541,55 +534,8 @@ impl Tile {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Plain f64 reference for a k x k kernel with padding k / 2.
-    #[allow(clippy::too_many_arguments)]
-    fn reference(
-        x: &[f32],
-        ci: usize,
-        h: usize,
-        w: usize,
-        wt: &[f32],
-        bias: &[f32],
-        co: usize,
-        k: usize,
-    ) -> Vec<f32> {
-        let pad = (k / 2) as isize;
-        let mut y = vec![0f32; co * h * w];
-        for o in 0..co {
-            for r in 0..h {
-                for c in 0..w {
-                    let mut s = bias[o] as f64;
-                    for i in 0..ci {
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                let (rr, cc) = ((r + ky) as isize - pad, (c + kx) as isize - pad);
-                                if rr < 0 || cc < 0 || rr >= h as isize || cc >= w as isize {
-                                    continue;
-                                }
-                                let xv = x[(i * h + rr as usize) * w + cc as usize] as f64;
-                                s += xv * wt[((o * ci + i) * k + ky) * k + kx] as f64;
-                            }
-                        }
-                    }
-                    y[(o * h + r) * w + c] = s as f32;
-                }
-            }
-        }
-        y
-    }
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 20_001) as f32 / 10_000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::backend::conv_kernel::ConvKernel;
+    use crate::backend::test_values::{reference_conv, values};
 
     #[test]
     fn matches_the_reference_on_row_and_flat_layouts() {
@@ -620,10 +566,13 @@ mod tests {
                 conv.run(&x, n, h, w, None, &mut y).expect("runs");
                 for b in 0..n {
                     let image = &x[b * ci * h * w..(b + 1) * ci * h * w];
-                    let want = reference(image, ci, h, w, &wt, &bias, co, k);
+                    let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+                    let want =
+                        reference_conv(&f64s(image), (ci, h, w), &f64s(&wt), &f64s(&bias), (co, k));
                     let got = &y[b * co * h * w..(b + 1) * co * h * w];
-                    for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                    for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
                         let case = format!("k{k} n{b} i{i} ({co},{ci},{h},{w})");
+                        let g = g as f64;
                         assert!((g - r).abs() <= 1e-5 * (1.0 + r.abs()), "{case}: {g} vs {r}");
                     }
                 }

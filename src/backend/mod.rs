@@ -2,13 +2,66 @@
 //! (tract on the CPU, CUDA, an analytic test model) is behind them.
 
 pub mod attention;
+pub mod conv_kernel;
 pub mod direct_conv;
 pub mod quant_conv;
 pub mod tract;
 mod tract_attention;
 mod tract_direct;
 mod tract_groupnorm;
+mod tract_kernel_op;
 pub mod tract_opt;
+
+/// Deterministic test inputs for the kernels' unit tests.
+#[cfg(test)]
+mod test_values {
+    /// `n` values in [-1, 1] on a 1e-4 grid from a xorshift stream keyed by `seed`.
+    pub fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 20_001) as f32 / 10_000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Plain f64 convolution of one `ci x h x w` image `x` with OIHW weights `wt` (`co x ci x
+    /// k x k`), zero padding k / 2, stride 1, plus `bias`: `co x h x w` values.
+    pub fn reference_conv(
+        x: &[f64],
+        (ci, h, w): (usize, usize, usize),
+        wt: &[f64],
+        bias: &[f64],
+        (co, k): (usize, usize),
+    ) -> Vec<f64> {
+        let pad = (k / 2) as isize;
+        let mut y = vec![0f64; co * h * w];
+        for o in 0..co {
+            for r in 0..h {
+                for c in 0..w {
+                    let mut s = bias[o];
+                    for i in 0..ci {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (rr, cc) = ((r + ky) as isize - pad, (c + kx) as isize - pad);
+                                if rr < 0 || cc < 0 || rr >= h as isize || cc >= w as isize {
+                                    continue;
+                                }
+                                let xv = x[(i * h + rr as usize) * w + cc as usize];
+                                s += xv * wt[((o * ci + i) * k + ky) * k + kx];
+                            }
+                        }
+                    }
+                    y[(o * h + r) * w + c] = s;
+                }
+            }
+        }
+        y
+    }
+}
 mod tract_quant;
 
 use crate::error::Result;

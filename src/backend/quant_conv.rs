@@ -124,21 +124,6 @@ impl QuantConv {
         Some(QuantConv { ci, co, k, input, packed, multiplier, offset })
     }
 
-    /// Input channels.
-    pub fn input_channels(&self) -> usize {
-        self.ci
-    }
-
-    /// Output channels.
-    pub fn output_channels(&self) -> usize {
-        self.co
-    }
-
-    /// Kernel size (3 or 1).
-    pub fn kernel_size(&self) -> usize {
-        self.k
-    }
-
     /// Convolves `x` (`n x ci x h x w` f32, contiguous NCHW) into `y` (`n x co x h x w` f32).
     /// Errors when the slice lengths disagree with the shapes or the CPU lacks AVX-512 VNNI.
     pub fn run(
@@ -171,6 +156,32 @@ impl QuantConv {
             }
         });
         Ok(())
+    }
+}
+
+impl super::conv_kernel::ConvKernel for QuantConv {
+    const NAME: &'static str = "QuantConv";
+
+    fn shape(&self) -> super::conv_kernel::ConvShape {
+        super::conv_kernel::ConvShape { ci: self.ci, co: self.co, k: self.k }
+    }
+
+    /// The int8 bias is packed; a run-time bias is refused.
+    fn run(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Result<(), String> {
+        match bias {
+            Some(_) => {
+                Err("int8 conv: the bias is packed, a run-time bias is not supported".into())
+            }
+            None => QuantConv::run(self, x, n, h, w, y),
+        }
     }
 }
 
@@ -331,63 +342,38 @@ impl QuantTile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::test_values::{reference_conv, values};
 
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 20_001) as f32 / 10_000.0 - 1.0
-            })
-            .collect()
-    }
-
-    /// The quantized model's arithmetic in f64: quantize x, exact integer conv with zero
-    /// padding in the real domain (i.e. padding with the zero point), dequantize.
+    /// The quantized model's arithmetic in f64: quantize x (relative to the zero point, so
+    /// zero padding in the real domain is padding with the zero point), an exact integer conv
+    /// with the int32 bias, dequantize per output channel.
     #[allow(clippy::too_many_arguments)]
     fn reference(
         x: &[f32],
-        ci: usize,
-        h: usize,
-        w: usize,
+        (ci, h, w): (usize, usize, usize),
         wt: &[i8],
         scales: &[f32],
         bias: &[i32],
         input_scale: f32,
         quant: InputQuant,
-        co: usize,
-        k: usize,
+        (co, k): (usize, usize),
     ) -> Vec<f64> {
-        let pad = (k / 2) as isize;
-        let q = |v: f32| -> i64 {
+        let q = |v: f32| {
             let r = (v * quant.inv_scale).round_ties_even() as i64 + quant.zero as i64;
-            r.clamp(0, 255) - quant.zero as i64
+            (r.clamp(0, 255) - quant.zero as i64) as f64
         };
-        let mut y = vec![0f64; co * h * w];
-        for o in 0..co {
-            for r in 0..h {
-                for c in 0..w {
-                    let mut s = bias[o] as i64;
-                    for i in 0..ci {
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                let (rr, cc) = ((r + ky) as isize - pad, (c + kx) as isize - pad);
-                                if rr < 0 || cc < 0 || rr >= h as isize || cc >= w as isize {
-                                    continue;
-                                }
-                                let xv = q(x[(i * h + rr as usize) * w + cc as usize]);
-                                s += xv * wt[((o * ci + i) * k + ky) * k + kx] as i64;
-                            }
-                        }
-                    }
-                    let scale = scales[if scales.len() == 1 { 0 } else { o }] as f64;
-                    y[(o * h + r) * w + c] = s as f64 * input_scale as f64 * scale;
-                }
-            }
-        }
-        y
+        let xq: Vec<f64> = x.iter().map(|&v| q(v)).collect();
+        let wt: Vec<f64> = wt.iter().map(|&v| v as f64).collect();
+        let bias: Vec<f64> = bias.iter().map(|&v| v as f64).collect();
+        let sums = reference_conv(&xq, (ci, h, w), &wt, &bias, (co, k));
+        let plane = h * w;
+        sums.iter()
+            .enumerate()
+            .map(|(j, &s)| {
+                let scale = scales[if scales.len() == 1 { 0 } else { j / plane }] as f64;
+                s * input_scale as f64 * scale
+            })
+            .collect()
     }
 
     #[test]
@@ -422,8 +408,16 @@ mod tests {
                 conv.run(&x, n, h, w, &mut y).expect("runs");
                 for b in 0..n {
                     let image = &x[b * ci * h * w..(b + 1) * ci * h * w];
-                    let want =
-                        reference(image, ci, h, w, &wt, &scales, &bias, input_scale, quant, co, k);
+                    let want = reference(
+                        image,
+                        (ci, h, w),
+                        &wt,
+                        &scales,
+                        &bias,
+                        input_scale,
+                        quant,
+                        (co, k),
+                    );
                     let got = &y[b * co * h * w..(b + 1) * co * h * w];
                     for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
                         let case = format!("k{k} n{b} i{i} ({co},{ci},{h},{w})");

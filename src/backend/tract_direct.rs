@@ -8,82 +8,13 @@
 //! It does nothing on CPUs without AVX-512.
 
 use super::direct_conv::DirectConv;
-use std::sync::Arc;
+use super::tract_kernel_op::KernelOp;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-/// The tract op wrapping a packed convolution. Inputs `[n, ci, h, w]` f32 and, when the bias
-/// is computed at run time, the bias `[co]` f32; output `[n, co, h, w]` f32.
-#[derive(Debug, Clone)]
-pub struct DirectConvOp {
-    conv: Arc<DirectConv>,
-}
-
-/// tract compares ops to merge duplicates; f32 weights have no total equality, so two ops are
-/// equal when they share the packed weights.
-impl PartialEq for DirectConvOp {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.conv, &other.conv)
-    }
-}
-
-impl Eq for DirectConvOp {}
-
-impl Op for DirectConvOp {
-    fn name(&self) -> StaticName {
-        "DirectConv".into()
-    }
-
-    fn info(&self) -> TractResult<Vec<String>> {
-        let c = &self.conv;
-        let k = c.kernel_size();
-        Ok(vec![format!("{k}x{k}, {} -> {} channels", c.input_channels(), c.output_channels())])
-    }
-
-    op_as_typed_op!();
-}
-
-impl EvalOp for DirectConvOp {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = inputs[0].to_plain_array_view::<f32>()?;
-        let &[n, ci, h, w] = x.shape() else {
-            bail!("DirectConv wants a rank-4 input, got {:?}", x.shape())
-        };
-        ensure!(ci == self.conv.input_channels(), "DirectConv: {ci} input channels");
-        let x = x.as_slice().context("DirectConv: input is not contiguous")?;
-        let bias = inputs.get(1).map(|b| b.to_plain_array_view::<f32>()).transpose()?;
-        let bias = match &bias {
-            Some(b) => Some(b.as_slice().context("DirectConv: bias is not contiguous")?),
-            None => None,
-        };
-        // SAFETY: f32 has no invalid bit patterns, and `run` writes every value of `y`.
-        let mut y =
-            unsafe { Tensor::uninitialized::<f32>(&[n, self.conv.output_channels(), h, w])? };
-        {
-            let mut view = y.to_plain_array_view_mut::<f32>()?;
-            let out = view.as_slice_mut().context("DirectConv: output is not contiguous")?;
-            self.conv.run(x, n, h, w, bias, out).map_err(|e| anyhow!(e))?;
-        }
-        Ok(tvec!(y.into_tvalue()))
-    }
-}
-
-impl TypedOp for DirectConvOp {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs[0].datum_type == f32::datum_type() && inputs[0].rank() == 4);
-        let mut shape = inputs[0].shape.to_tvec();
-        shape[1] = self.conv.output_channels().to_dim();
-        Ok(tvec!(f32::fact(&*shape)))
-    }
-
-    as_op!();
-}
-
-/// Replaces every eligible conv of a typed model by [`DirectConvOp`]. Returns how many it
+/// Replaces every eligible conv of a typed model by a [`KernelOp`] of [`DirectConv`]. Returns how many it
 /// replaced (0 on CPUs without AVX-512).
 pub fn use_direct_convs(model: &mut TypedModel) -> TractResult<usize> {
     if !DirectConv::supported() {
@@ -100,7 +31,7 @@ pub fn use_direct_convs(model: &mut TypedModel) -> TractResult<usize> {
         if runtime_bias {
             inputs.push(patch.tap_model(model, node.inputs[2])?);
         }
-        let y = patch.wire_node(&name, DirectConvOp { conv: Arc::new(packed) }, &inputs)?[0];
+        let y = patch.wire_node(&name, KernelOp::new(packed), &inputs)?[0];
         super::tract_opt::replace_node(model, patch, id, y)?;
         count += 1;
     }

@@ -8,9 +8,8 @@
 //! does nothing on CPUs without AVX-512 VNNI.
 
 use super::quant_conv::{InputQuant, QuantConv};
-use std::sync::Arc;
+use super::tract_kernel_op::KernelOp;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::{Pad, PadMode};
 use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
@@ -18,74 +17,8 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearU8};
 
-/// The tract op wrapping a packed int8 convolution: `[n, ci, h, w]` f32 in, `[n, co, h, w]`
-/// f32 out.
-#[derive(Debug, Clone)]
-pub struct QuantConvOp {
-    conv: Arc<QuantConv>,
-}
-
-/// Two ops are equal when they share the packed weights (see `DirectConvOp`).
-impl PartialEq for QuantConvOp {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.conv, &other.conv)
-    }
-}
-
-impl Eq for QuantConvOp {}
-
-impl Op for QuantConvOp {
-    fn name(&self) -> StaticName {
-        "QuantConv".into()
-    }
-
-    fn info(&self) -> TractResult<Vec<String>> {
-        let c = &self.conv;
-        let k = c.kernel_size();
-        Ok(vec![format!(
-            "{k}x{k}, {} -> {} channels, int8",
-            c.input_channels(),
-            c.output_channels()
-        )])
-    }
-
-    op_as_typed_op!();
-}
-
-impl EvalOp for QuantConvOp {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = inputs[0].to_plain_array_view::<f32>()?;
-        let &[n, ci, h, w] = x.shape() else {
-            bail!("QuantConv wants a rank-4 input, got {:?}", x.shape())
-        };
-        ensure!(ci == self.conv.input_channels(), "QuantConv: {ci} input channels");
-        let x = x.as_slice().context("QuantConv: input is not contiguous")?;
-        // SAFETY: f32 has no invalid bit patterns, and `run` writes every value of `y`.
-        let mut y =
-            unsafe { Tensor::uninitialized::<f32>(&[n, self.conv.output_channels(), h, w])? };
-        {
-            let mut view = y.to_plain_array_view_mut::<f32>()?;
-            let out = view.as_slice_mut().context("QuantConv: output is not contiguous")?;
-            self.conv.run(x, n, h, w, out).map_err(|e| anyhow!(e))?;
-        }
-        Ok(tvec!(y.into_tvalue()))
-    }
-}
-
-impl TypedOp for QuantConvOp {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs[0].datum_type == f32::datum_type() && inputs[0].rank() == 4);
-        let mut shape = inputs[0].shape.to_tvec();
-        shape[1] = self.conv.output_channels().to_dim();
-        Ok(tvec!(f32::fact(&*shape)))
-    }
-
-    as_op!();
-}
-
-/// Replaces every eligible quantized conv chain of a typed model by [`QuantConvOp`]. Returns
+/// Replaces every eligible quantized conv chain of a typed model by a [`KernelOp`] of
+/// [`QuantConv`]. Returns
 /// how many it replaced (0 on CPUs without AVX-512 VNNI).
 pub fn use_quant_convs(model: &mut TypedModel) -> TractResult<usize> {
     if !QuantConv::supported() {
@@ -97,7 +30,7 @@ pub fn use_quant_convs(model: &mut TypedModel) -> TractResult<usize> {
         let name = model.node(id).name.clone();
         let mut patch = TypedModelPatch::new(format!("int8-conv {name}"));
         let x = patch.tap_model(model, input)?;
-        let y = patch.wire_node(&name, QuantConvOp { conv: Arc::new(conv) }, &[x])?[0];
+        let y = patch.wire_node(&name, KernelOp::new(conv), &[x])?[0];
         super::tract_opt::replace_node(model, patch, id, y)?;
         count += 1;
     }

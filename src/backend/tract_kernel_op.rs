@@ -1,0 +1,90 @@
+//! One tract op for every convolution kernel of this crate ([`super::direct_conv`] in f32,
+//! [`super::quant_conv`] in int8): the kernels differ, the tract plumbing (shapes, output
+//! allocation, the optional run-time bias) does not.
+
+use super::conv_kernel::{ConvKernel, ConvShape};
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+/// The tract op wrapping a packed kernel. Inputs `[n, ci, h, w]` f32 and, when the bias is
+/// computed at run time, the bias `[co]` f32; output `[n, co, h, w]` f32.
+#[derive(Debug)]
+pub struct KernelOp<K: ConvKernel> {
+    kernel: Arc<K>,
+}
+
+impl<K: ConvKernel> KernelOp<K> {
+    /// Wraps `kernel`.
+    pub fn new(kernel: K) -> Self {
+        KernelOp { kernel: Arc::new(kernel) }
+    }
+}
+
+impl<K: ConvKernel> Clone for KernelOp<K> {
+    fn clone(&self) -> Self {
+        KernelOp { kernel: Arc::clone(&self.kernel) }
+    }
+}
+
+/// tract compares ops to merge duplicates; f32 weights have no total equality, so two ops are
+/// equal when they share the packed weights.
+impl<K: ConvKernel> PartialEq for KernelOp<K> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.kernel, &other.kernel)
+    }
+}
+
+impl<K: ConvKernel> Eq for KernelOp<K> {}
+
+impl<K: ConvKernel> Op for KernelOp<K> {
+    fn name(&self) -> StaticName {
+        K::NAME.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let ConvShape { ci, co, k } = self.kernel.shape();
+        Ok(vec![format!("{k}x{k}, {ci} -> {co} channels")])
+    }
+
+    op_as_typed_op!();
+}
+
+impl<K: ConvKernel> EvalOp for KernelOp<K> {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let name = K::NAME;
+        let shape = self.kernel.shape();
+        let x = inputs[0].to_plain_array_view::<f32>()?;
+        let &[n, ci, h, w] = x.shape() else {
+            bail!("{name} wants a rank-4 input, got {:?}", x.shape())
+        };
+        ensure!(ci == shape.ci, "{name}: {ci} input channels, {} expected", shape.ci);
+        let x = x.as_slice().with_context(|| format!("{name}: input is not contiguous"))?;
+        let bias = inputs.get(1).map(|b| b.to_plain_array_view::<f32>()).transpose()?;
+        let bias = match &bias {
+            Some(b) => Some(b.as_slice().with_context(|| format!("{name}: bias not contiguous"))?),
+            None => None,
+        };
+        // SAFETY: f32 has no invalid bit patterns, and `run` writes every value of `y`.
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, shape.co, h, w])? };
+        {
+            let mut view = y.to_plain_array_view_mut::<f32>()?;
+            let out = view.as_slice_mut().with_context(|| format!("{name}: output layout"))?;
+            self.kernel.run(x, n, h, w, bias, out).map_err(|e| anyhow!(e))?;
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl<K: ConvKernel> TypedOp for KernelOp<K> {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == f32::datum_type() && inputs[0].rank() == 4);
+        let mut shape = inputs[0].shape.to_tvec();
+        shape[1] = self.kernel.shape().co.to_dim();
+        Ok(tvec!(f32::fact(&*shape)))
+    }
+
+    as_op!();
+}
