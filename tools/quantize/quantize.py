@@ -8,17 +8,21 @@ in QOperator format (QLinearConv / QLinearMatMul, u8 activations, s8 weights, Mi
 calibration) restricted to ops tract 0.23.9 runs, then rewrites the graph for tract:
 
 * every padded QLinearConv gets an explicit u8 `Pad` (value = the input zero point) in front
-  and pads 0: tract's quantized conv always materialises an im2col buffer, and its unpadded
-  ("valid") im2col path is about 1.6x faster than the padded one;
+  and pads 0: the runtime's int8 conv (src/backend/tract_quant.rs) matches that form, and
+  tract's own quantized conv runs its unpadded im2col about 1.6x faster than the padded one;
 * the opset imports are reduced to the standard domain (the model uses no other).
 
-Weights are per tensor by default: tract 0.23.9 runs per-channel requantization as a chain of
-generic broadcasting ops, which made the int8 denoiser_s 2.6x slower than float32 (53 ms
-against 20 ms per call, see docs/int8.md). `--per-channel` is kept for comparison.
+The shipped models use `--per-channel` weights (one scale per output channel): the runtime's
+int8 conv applies them at no cost. Its stride-1 kernel does not cover the denoisers' two
+stride-2 convs, so those are excluded (`--exclude`) and stay float: left quantized, tract
+would run them with per-channel requantization as a chain of generic broadcasting ops (53 ms
+against 20 ms per denoiser_s call when every conv ran that way, docs/int8.md), and their u8
+outputs would feed the next 1x1 conv directly, outside the pattern the runtime matches.
 
-Usage (from the repository root; see docs/int8.md for the full recipe):
-  python3 tools/quantize/quantize.py --model denoiser_s --dump /tmp/diffshield_calib_s
-  python3 tools/quantize/quantize.py --model classifier --dump /tmp/diffshield_calib_s
+Usage (from the repository root; see tools/quantize/README.md for the full recipe):
+  python3 tools/quantize/quantize.py --model classifier --dump /tmp/diffshield_calib_s --per-channel
+  python3 tools/quantize/quantize.py --model denoiser_s --dump /tmp/diffshield_calib_s \
+      --op-types Conv --per-channel --exclude /down.2.0/Conv,/down.5.0/Conv
 """
 import argparse
 import json
@@ -138,7 +142,8 @@ def main():
     ap.add_argument("--dump", required=True, help="folder written by the dump_calib example")
     ap.add_argument("--models", default="models")
     ap.add_argument("--out", help="default: MODELS/MODEL.int8.onnx")
-    ap.add_argument("--per-channel", action="store_true", help="per-channel weights (slow in tract)")
+    ap.add_argument("--per-channel", action="store_true",
+                    help="per-channel weights (the shipped models; slow in tract's own int8 ops)")
     ap.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy"])
     ap.add_argument("--max-samples", type=int, default=2400,
                     help="calibration samples used (a fixed random subset, seed 0)")
