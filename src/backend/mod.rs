@@ -10,6 +10,7 @@ mod tract_attention;
 mod tract_direct;
 mod tract_groupnorm;
 mod tract_kernel_op;
+mod tract_match;
 pub mod tract_opt;
 
 /// Deterministic test inputs for the kernels' unit tests.

@@ -10,10 +10,10 @@
 //! does everything on CPUs without AVX-512.
 
 use super::attention::{attend, supported, AttentionShape};
+use super::tract_match::{binary, unary, with_constant};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::Slice;
-use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
@@ -99,13 +99,6 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
     Ok(count)
 }
 
-/// The single input of the node feeding `outlet` when its op is `T`, with the op.
-fn unary<T: Op>(model: &TypedModel, outlet: OutletId) -> Option<(OutletId, &T)> {
-    let node = model.node(outlet.node);
-    let op = node.op_as::<T>()?;
-    (node.inputs.len() == 1).then(|| (node.inputs[0], op))
-}
-
 /// The two inputs of `EinSum amk,akn->amn` (a batched matrix product) at `outlet`.
 fn batched_matmul(model: &TypedModel, outlet: OutletId) -> Option<(OutletId, OutletId)> {
     let node = model.node(outlet.node);
@@ -145,21 +138,8 @@ fn attention_at(model: &TypedModel, id: usize) -> Option<(OutletId, AttentionOp)
     if softmax.quant_output_dt.is_some() {
         return None;
     }
-    let mul = model.node(scaled.node);
-    let bin = mul.op_as::<TypedBinOp>()?;
-    if bin.0.name() != "Mul" || mul.inputs.len() != 2 {
-        return None;
-    }
-    let scale = |o: OutletId| {
-        let konst = model.outlet_fact(o).ok()?.konst.clone()?;
-        (konst.len() == 1).then_some(())?;
-        konst.cast_to_scalar::<f32>().ok()
-    };
-    let (scores, scale) = match (scale(mul.inputs[0]), scale(mul.inputs[1])) {
-        (None, Some(s)) => (mul.inputs[0], s),
-        (Some(s), None) => (mul.inputs[1], s),
-        _ => return None,
-    };
+    let (scores, scale) = with_constant(model, binary(model, scaled, "Mul")?)?;
+    let &[scale] = scale.as_slice() else { return None };
     let (moved_q, keys) = batched_matmul(model, scores)?;
     let (source, q) = part_of(model, transposed(model, moved_q)?)?;
     let (k_source, k) = part_of(model, keys)?;

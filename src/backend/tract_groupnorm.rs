@@ -11,9 +11,9 @@
 //! rewrites it) and leaves anything that differs untouched, so a model exported another way
 //! simply keeps tract's ops.
 
+use super::tract_match::{binary, floats, producer, with_constant};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
@@ -129,36 +129,10 @@ pub fn fuse_group_norms(model: &mut TypedModel) -> TractResult<usize> {
     Ok(count)
 }
 
-/// The node feeding `outlet`, if it is a single-output node of op type `T`.
-fn producer<T: Op>(model: &TypedModel, outlet: OutletId) -> Option<(&TypedNode, &T)> {
-    let node = model.node(outlet.node);
-    node.op_as::<T>().map(|op| (node, op))
-}
-
-/// The inputs of a binary op called `name` (Add, Sub, Mul, Div) at `outlet`.
-fn binary(model: &TypedModel, outlet: OutletId, name: &str) -> Option<(OutletId, OutletId)> {
-    let (node, _) = producer::<TypedBinOp>(model, outlet)?;
-    (node.op.name() == name && node.inputs.len() == 2).then(|| (node.inputs[0], node.inputs[1]))
-}
-
-/// The f32 values of a constant outlet.
-fn constant(model: &TypedModel, outlet: OutletId) -> Option<Vec<f32>> {
-    let fact = model.outlet_fact(outlet).ok()?;
-    let konst = fact.konst.as_ref()?;
-    let values = konst.cast_to::<f32>().ok()?;
-    let view = values.to_plain_array_view::<f32>().ok()?;
-    Some(view.iter().copied().collect())
-}
-
-/// For `a + b` with one constant side: (the other side, the constant's values).
-fn with_constant(model: &TypedModel, (a, b): (OutletId, OutletId)) -> Option<(OutletId, Vec<f32>)> {
-    constant(model, b).map(|c| (a, c)).or_else(|| constant(model, a).map(|c| (b, c)))
-}
-
 /// `x / count` where `x = ReduceSum(axis 2)(from)`: returns `from` when count is `len`.
 fn mean_of(model: &TypedModel, outlet: OutletId, len: usize) -> Option<OutletId> {
     let (sum, count) = binary(model, outlet, "Div")?;
-    let count = constant(model, count)?;
+    let count = floats(model, count)?;
     let (node, reduce) = producer::<Reduce>(model, sum)?;
     (count.len() == 1
         && count[0] == len as f32

@@ -9,9 +9,9 @@
 
 use super::quant_conv::{InputQuant, QuantConv};
 use super::tract_kernel_op::KernelOp;
+use super::tract_match::{constant, floats, integers};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::array::{Pad, PadMode};
-use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::nn::DataFormat;
@@ -36,30 +36,6 @@ pub fn use_quant_convs(model: &mut TypedModel) -> TractResult<usize> {
     }
     model.compact()?;
     Ok(count)
-}
-
-/// The values of a constant outlet, looking through a `Cast` of a constant (how tract types
-/// QLinearConv's int32 bias).
-fn constant(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
-    if let Some(k) = model.outlet_fact(outlet).ok()?.konst.clone() {
-        return Some(k);
-    }
-    let node = model.node(outlet.node);
-    let cast = node.op_as::<Cast>()?;
-    let inner = model.outlet_fact(*node.inputs.first()?).ok()?.konst.clone()?;
-    inner.cast_to_dt(cast.to).ok().map(|t| Arc::new(t.into_owned()))
-}
-
-/// Scalar or per-channel f32 values of a constant outlet.
-fn floats(model: &TypedModel, outlet: OutletId) -> Option<Vec<f32>> {
-    let t = constant(model, outlet)?.cast_to::<f32>().ok()?.into_owned();
-    Some(t.to_plain_array_view::<f32>().ok()?.iter().copied().collect())
-}
-
-/// Integer values of a constant outlet as i64.
-fn integers(model: &TypedModel, outlet: OutletId) -> Option<Vec<i64>> {
-    let t = constant(model, outlet)?.cast_to::<i64>().ok()?.into_owned();
-    Some(t.to_plain_array_view::<i64>().ok()?.iter().copied().collect())
 }
 
 /// Matches the chain ending at node `id` (the `DequantizeLinearF32`): its f32 input and the
