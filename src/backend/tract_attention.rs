@@ -85,18 +85,9 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
     if !supported() {
         return Ok(0);
     }
-    let mut count = 0;
-    for id in model.eval_order()? {
-        let Some((input, op)) = attention_at(model, id) else { continue };
-        let name = model.node(id).name.clone();
-        let mut patch = TypedModelPatch::new(format!("attention {name}"));
-        let x = patch.tap_model(model, input)?;
-        let y = patch.wire_node(format!("{name}.attention"), op, &[x])?[0];
-        super::tract_opt::replace_node(model, patch, id, y)?;
-        count += 1;
-    }
-    model.compact()?;
-    Ok(count)
+    super::tract_opt::replace_matches(model, "attention", |model, id| {
+        Ok(attention_at(model, id).map(|(input, op)| (tvec![input], op)))
+    })
 }
 
 /// The two inputs of `EinSum amk,akn->amn` (a batched matrix product) at `outlet`.

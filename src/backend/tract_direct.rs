@@ -14,29 +14,22 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-/// Replaces every eligible conv of a typed model by a [`KernelOp`] of [`DirectConv`]. Returns how many it
-/// replaced (0 on CPUs without AVX-512).
+/// Replaces every eligible conv of a typed model by a [`KernelOp`] of [`DirectConv`]. Returns
+/// how many it replaced (0 on CPUs without AVX-512).
 pub fn use_direct_convs(model: &mut TypedModel) -> TractResult<usize> {
     if !DirectConv::supported() {
         return Ok(0);
     }
-    let mut count = 0;
-    for id in model.eval_order()? {
+    super::tract_opt::replace_matches(model, "direct_conv", |model, id| {
         let node = model.node(id);
-        let Some(conv) = node.op_as::<Conv>() else { continue };
-        let Some((packed, runtime_bias)) = eligible(model, node, conv)? else { continue };
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::new(format!("direct-conv {name}"));
-        let mut inputs = tvec![patch.tap_model(model, node.inputs[0])?];
+        let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
+        let Some((packed, runtime_bias)) = eligible(model, node, conv)? else { return Ok(None) };
+        let mut inputs = tvec![node.inputs[0]];
         if runtime_bias {
-            inputs.push(patch.tap_model(model, node.inputs[2])?);
+            inputs.push(node.inputs[2]);
         }
-        let y = patch.wire_node(&name, KernelOp::new(packed), &inputs)?[0];
-        super::tract_opt::replace_node(model, patch, id, y)?;
-        count += 1;
-    }
-    model.compact()?;
-    Ok(count)
+        Ok(Some((inputs, KernelOp::new(packed))))
+    })
 }
 
 /// The packed kernel when `conv` (at `node`) is one the direct kernel computes exactly, and

@@ -115,18 +115,9 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 /// Replaces every exported GroupNorm pattern of a freshly typed model by [`GroupNormOp`].
 /// Returns how many it replaced.
 pub fn fuse_group_norms(model: &mut TypedModel) -> TractResult<usize> {
-    let mut count = 0;
-    for id in model.eval_order()? {
-        let Some((input, op)) = group_norm_at(model, id)? else { continue };
-        let name = model.node(id).name.clone();
-        let mut patch = TypedModelPatch::new(format!("group-norm {name}"));
-        let x = patch.tap_model(model, input)?;
-        let y = patch.wire_node(format!("{name}.group_norm"), op, &[x])?[0];
-        super::tract_opt::replace_node(model, patch, id, y)?;
-        count += 1;
-    }
-    model.compact()?;
-    Ok(count)
+    super::tract_opt::replace_matches(model, "group_norm", |model, id| {
+        Ok(group_norm_at(model, id)?.map(|(input, op)| (tvec![input], op)))
+    })
 }
 
 /// `x / count` where `x = ReduceSum(axis 2)(from)`: returns `from` when count is `len`.

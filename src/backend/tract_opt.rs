@@ -145,6 +145,30 @@ pub fn split_batched_convs(model: &mut TypedModel) -> TractResult<usize> {
     Ok(count)
 }
 
+/// Replaces every node that `find` matches (its single output) by one node of the op `find`
+/// returns, wired to the outlets it returns and named `<old name>.<label>`. Returns how many
+/// it replaced. The shared loop of the pattern passes (direct convs, GroupNorm, attention,
+/// int8 convs).
+pub(super) fn replace_matches<O: TypedOp>(
+    model: &mut TypedModel,
+    label: &str,
+    mut find: impl FnMut(&TypedModel, usize) -> TractResult<Option<(TVec<OutletId>, O)>>,
+) -> TractResult<usize> {
+    let mut count = 0;
+    for id in model.eval_order()? {
+        let Some((inputs, op)) = find(model, id)? else { continue };
+        let name = format!("{}.{label}", model.node(id).name);
+        let mut patch = TypedModelPatch::new(format!("{label} {name}"));
+        let taps =
+            inputs.iter().map(|&i| patch.tap_model(model, i)).collect::<TractResult<TVec<_>>>()?;
+        let y = patch.wire_node(name, op, &taps)?[0];
+        replace_node(model, patch, id, y)?;
+        count += 1;
+    }
+    model.compact()?;
+    Ok(count)
+}
+
 /// Applies `patch`, in which `replacement` computes what node `id`'s single output did: its
 /// readers are moved over and the node removed.
 pub(super) fn replace_node(

@@ -24,18 +24,9 @@ pub fn use_quant_convs(model: &mut TypedModel) -> TractResult<usize> {
     if !QuantConv::supported() {
         return Ok(0);
     }
-    let mut count = 0;
-    for id in model.eval_order()? {
-        let Some((input, conv)) = chain_at(model, id) else { continue };
-        let name = model.node(id).name.clone();
-        let mut patch = TypedModelPatch::new(format!("int8-conv {name}"));
-        let x = patch.tap_model(model, input)?;
-        let y = patch.wire_node(&name, KernelOp::new(conv), &[x])?[0];
-        super::tract_opt::replace_node(model, patch, id, y)?;
-        count += 1;
-    }
-    model.compact()?;
-    Ok(count)
+    super::tract_opt::replace_matches(model, "int8_conv", |model, id| {
+        Ok(chain_at(model, id).map(|(input, conv)| (tvec![input], KernelOp::new(conv))))
+    })
 }
 
 /// Matches the chain ending at node `id` (the `DequantizeLinearF32`): its f32 input and the
