@@ -42,7 +42,8 @@ pub struct DirectConv {
     k: usize,
     /// `[co / OCB][ci][k * k][OCB]`, zero-padded to whole blocks.
     packed: Vec<f32>,
-    /// One value per output channel, zero-padded to whole blocks.
+    /// One value per output channel, zero-padded to whole blocks of either layout (a multiple
+    /// of [`SCB`], which [`OCB`] divides).
     bias: Vec<f32>,
     /// The small-plane layout `[co / SCB][ci][k * k][SCB]`, packed from `packed` on first use.
     by_channel: std::sync::OnceLock<Vec<f32>>,
@@ -74,7 +75,7 @@ impl DirectConv {
             n if n == co => Some(bias[o]),
             _ => None,
         };
-        let mut padded_bias = vec![0f32; blocks * OCB];
+        let mut padded_bias = vec![0f32; co.div_ceil(SCB) * SCB];
         for (o, b) in padded_bias.iter_mut().enumerate().take(co) {
             *b = bias_of(o)?;
         }
@@ -205,17 +206,7 @@ impl DirectConv {
                 s.padded.resize(len, 0.0);
             }
             let padded = &mut s.padded[..len];
-            for i in 0..self.ci {
-                let p = &mut padded[i * plane..(i + 1) * plane];
-                p[..pad * wp].fill(0.0);
-                p[(h + pad) * wp..].fill(0.0);
-                for r in 0..h {
-                    let row = &mut p[(r + pad) * wp..(r + pad + 1) * wp];
-                    row[..pad].fill(0.0);
-                    row[pad + w..].fill(0.0);
-                    row[pad..pad + w].copy_from_slice(&x[(i * h + r) * w..(i * h + r + 1) * w]);
-                }
-            }
+            pad_planes(&mut padded[..self.ci * plane], x, h, w, pad);
             padded[self.ci * plane..].fill(0.0);
             s.padded.as_ptr()
         };
@@ -323,17 +314,7 @@ impl DirectConv {
         if s.padded.len() < len {
             s.padded.resize(len, 0.0);
         }
-        let padded = &mut s.padded[..len];
-        for (dst, src) in padded.chunks_exact_mut(plane).zip(x.chunks_exact(h * w)) {
-            dst[..wp].fill(0.0);
-            dst[(h + 1) * wp..].fill(0.0);
-            for (r, row) in src.chunks_exact(w).enumerate() {
-                let line = &mut dst[(r + 1) * wp..(r + 2) * wp];
-                line[0] = 0.0;
-                line[1..=w].copy_from_slice(row);
-                line[w + 1] = 0.0;
-            }
-        }
+        pad_planes(&mut s.padded[..len], x, h, w, 1);
         s.pixels.clear();
         for b in 0..n {
             for r in 0..h {
@@ -348,10 +329,8 @@ impl DirectConv {
         if s.by_pixel.len() < count * width {
             s.by_pixel.resize(count * width, 0.0);
         }
-        let bias: Vec<f32> = {
-            let given = if s.bias.is_empty() { &self.bias } else { &s.bias };
-            (0..width).map(|o| given.get(o).copied().unwrap_or(0.0)).collect()
-        };
+        // Both the packed bias and the call's copy of it are padded to whole SCB blocks.
+        let bias = if s.bias.is_empty() { self.bias.as_ptr() } else { s.bias.as_ptr() };
         let weights = self.by_channel();
         let taps = [0, 1, 2, wp, wp + 1, wp + 2, 2 * wp, 2 * wp + 1, 2 * wp + 2];
         for block in 0..blocks {
@@ -359,7 +338,7 @@ impl DirectConv {
                 x: s.padded.as_ptr(),
                 plane,
                 w: weights.as_ptr().add(block * self.ci * 9 * SCB),
-                bias: bias.as_ptr().add(block * SCB),
+                bias: bias.add(block * SCB),
                 out: s.by_pixel.as_mut_ptr().add(block * SCB),
                 width,
             };
@@ -461,6 +440,22 @@ impl ChannelTile {
             for (v, &a) in row.iter().enumerate() {
                 _mm512_storeu_ps(self.out.add((first + p) * self.width + v * LANES), a);
             }
+        }
+    }
+}
+
+/// Copies the `h x w` planes of `x` into the `(h + 2 pad) x (w + 2 pad)` planes of `dst` with a
+/// ring of `pad` zeros (every value of `dst` is written: the buffer is reused between calls).
+fn pad_planes(dst: &mut [f32], x: &[f32], h: usize, w: usize, pad: usize) {
+    let wp = w + 2 * pad;
+    for (p, src) in dst.chunks_exact_mut((h + 2 * pad) * wp).zip(x.chunks_exact(h * w)) {
+        p[..pad * wp].fill(0.0);
+        p[(h + pad) * wp..].fill(0.0);
+        for (r, src_row) in src.chunks_exact(w).enumerate() {
+            let row = &mut p[(r + pad) * wp..(r + pad + 1) * wp];
+            row[..pad].fill(0.0);
+            row[pad + w..].fill(0.0);
+            row[pad..pad + w].copy_from_slice(src_row);
         }
     }
 }
