@@ -9,7 +9,7 @@
 
 use super::quant_conv::{InputQuant, QuantConv};
 use super::tract_kernel_op::KernelOp;
-use super::tract_match::{constant, floats, integers};
+use super::tract_match::{constant, floats, integers, producer, unary};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::array::{Pad, PadMode};
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
@@ -34,8 +34,7 @@ pub fn use_quant_convs(model: &mut TypedModel) -> TractResult<usize> {
 fn chain_at(model: &TypedModel, id: usize) -> Option<(OutletId, QuantConv)> {
     let dequant = model.node(id);
     dequant.op_as::<DequantizeLinearF32>()?;
-    let conv_node = model.node(dequant.inputs.first()?.node);
-    let conv = conv_node.op_as::<Conv>()?;
+    let (conv_node, conv) = producer::<Conv>(model, *dequant.inputs.first()?)?;
     // The u8 output must feed this DequantizeLinear only: the op replaces both.
     if model.outlet_successors(OutletId::new(conv_node.id, 0)).len() != 1 {
         return None;
@@ -73,22 +72,19 @@ fn chain_at(model: &TypedModel, id: usize) -> Option<(OutletId, QuantConv)> {
     // The quantized input: Pad(zero point) for 3x3, then QuantizeLinearU8 of an f32 outlet.
     let mut quantized = inputs[0];
     if k == 3 {
-        let pad_node = model.node(quantized.node);
-        let pad = pad_node.op_as::<Pad>()?;
+        let (unpadded, pad) = unary::<Pad>(model, quantized)?;
         let PadMode::Constant(value) = &pad.mode else { return None };
         let value = value.cast_to_scalar::<i64>().ok()?;
         if pad.pads.as_slice() != [(0, 0), (0, 0), (1, 1), (1, 1)] || value != x_zero[0] {
             return None;
         }
-        quantized = *pad_node.inputs.first()?;
+        quantized = unpadded;
     }
-    let quant_node = model.node(quantized.node);
-    let mini = quant_node.op_as::<ElementWiseOp>()?;
+    let (source, mini) = unary::<ElementWiseOp>(model, quantized)?;
     let q = mini.0.downcast_ref::<QuantizeLinearU8>()?;
     if q.zero_point as i64 != x_zero[0] {
         return None;
     }
-    let source = *quant_node.inputs.first()?;
     let fact = model.outlet_fact(source).ok()?;
     if fact.datum_type != f32::datum_type() || fact.rank() != 4 {
         return None;
