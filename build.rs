@@ -1,15 +1,40 @@
 //! With the `twin` feature, generates the differentiable twins of the shipped networks from the
 //! ONNX files in models/ (burn code plus embedded weights), and records a fingerprint of each
 //! file so that the runtime can refuse a twin that no longer matches the model it attacks.
+//!
+//! It also sets `cfg(shared_data)` when the shared CIFAR-10 test set
+//! (`../shared/data/cifar10_test_2000.bin`, not part of a clone) is present, so that the tests
+//! needing it are marked ignored, with the reason, where it is not: counted and named in
+//! `cargo test`'s output instead of passing silently.
+
+/// The shared data file the data-dependent tests read, relative to the package.
+const SHARED_DATA: &str = "../shared/data/cifar10_test_2000.bin";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/fingerprint.rs");
+    println!("cargo:rustc-check-cfg=cfg(shared_data)");
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
+    let shared = std::path::Path::new(&manifest_dir).join(SHARED_DATA);
+    if shared.is_file() {
+        println!("cargo:rustc-cfg=shared_data");
+        // Rerun (and stop claiming the data) if it goes away. A path that does not exist would
+        // make cargo rerun this script on every build, so an absent file is not watched: after
+        // adding ../shared, `touch build.rs`.
+        println!("cargo:rerun-if-changed={}", shared.display());
+    }
     #[cfg(feature = "twin")]
     twin::generate();
 }
 
+/// The same hash the runtime applies to the model file it loads.
+#[cfg(feature = "twin")]
+#[path = "src/fingerprint.rs"]
+mod fingerprint;
+
 #[cfg(feature = "twin")]
 mod twin {
+    use super::fingerprint::fnv1a64;
     use std::fmt::Write as _;
     use std::path::PathBuf;
 
@@ -40,12 +65,5 @@ mod twin {
         }
         std::fs::write(out.join("twin/fingerprints.rs"), fingerprints)
             .expect("twin: writing fingerprints");
-    }
-
-    /// FNV-1a, 64 bit: the same function the runtime applies to the file it loads.
-    fn fnv1a64(bytes: &[u8]) -> u64 {
-        bytes
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
     }
 }

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 fn config(denoiser: &str) -> DefenseConfig {
     DefenseConfig {
-        models: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"),
+        models: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")),
+        seed: Some(0),
         denoiser: denoiser.into(),
         ..DefenseConfig::default()
     }

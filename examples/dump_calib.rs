@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
         let idx: Vec<usize> = (p..n).step_by(T_STARS.len()).collect();
         for chunk in idx.chunks(BATCH) {
             let images = set.images.select(Axis(0), chunk);
-            let ids = chunk.iter().map(|&i| StreamId { frame: i as u64, vote: 0 }).collect();
+            let ids = chunk.iter().map(|&i| StreamId::of_frame(i as u64, 0)).collect();
             let mut noise = SeededNoise::new(0, ids);
             let mut run = Purification::start(&plan, images.view(), &mut noise)?;
             for c in plan.steps() {

@@ -104,6 +104,15 @@ pub struct BudgetLimits {
     pub max_votes: u32,
 }
 
+/// A per-frame latency budget and what the planner may choose within it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// Seconds allowed for purifying and classifying one frame.
+    pub seconds: f64,
+    /// Step and vote limits.
+    pub limits: BudgetLimits,
+}
+
 /// The planner's choice for one frame.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FramePlan {

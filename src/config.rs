@@ -57,8 +57,11 @@ pub struct DefenseConfig {
     pub votes: u32,
     /// How votes are combined.
     pub vote_rule: VoteRule,
-    /// Seed of the noise streams: (seed, frame index) reproduces a decision exactly.
-    pub seed: u64,
+    /// Seed of the noise streams: (seed, frame index) reproduces a decision exactly. `None`
+    /// (the default) draws a fresh seed from the operating system's entropy source for every
+    /// [`crate::Defense`] or pipeline built, so an attacker cannot predict the defence's noise;
+    /// each decision reports the seed it used. Fix it only to replay, test or attack.
+    pub seed: Option<u64>,
     /// Denoiser tier from the manifest ("s": 1.6 M params, edge; "m": 6.5 M params).
     pub denoiser: String,
     /// CPU threads for tract's matrix kernels.
@@ -69,8 +72,10 @@ pub struct DefenseConfig {
     pub precision: Precision,
     /// Frames purified together in one batch (each with `votes` purifications).
     pub batch: usize,
-    /// Folder holding models.toml and the ONNX files.
-    pub models: PathBuf,
+    /// Folder holding models.toml and the ONNX files; `None`: the `DIFFSHIELD_MODELS`
+    /// environment variable, else the models folder this build was made from (see
+    /// [`DefenseConfig::models_dir`]). A relative path in a config file is relative to the file.
+    pub models: Option<PathBuf>,
     /// Per-frame latency budget in milliseconds; `None` runs the full plan with `votes` votes.
     /// Under a budget the planner picks the steps (at the same T*) and votes per frame, within
     /// `min_steps..=plan steps` and `min_votes..=votes`.
@@ -79,6 +84,11 @@ pub struct DefenseConfig {
     pub min_steps: usize,
     /// Fewest votes the budget planner may choose.
     pub min_votes: u32,
+    /// Classes listed in each decision's `top_k`, best first (1..=the number of classes).
+    pub top_k: usize,
+    /// Abstain (label `None`, class "unknown") when the chosen label's mean probability over
+    /// the votes is below this, in [0, 1]; `None` never abstains.
+    pub min_confidence: Option<f32>,
 }
 
 impl Default for DefenseConfig {
@@ -91,30 +101,77 @@ impl Default for DefenseConfig {
             eta: 1.0,
             votes: 1,
             vote_rule: VoteRule::Majority,
-            seed: 0,
+            seed: None,
             denoiser: "s".into(),
             threads: 1,
             backend: BackendKind::Cpu,
             precision: Precision::F32,
             batch: 1,
-            models: PathBuf::from("models"),
+            models: None,
             budget_ms: None,
             min_steps: 1,
             min_votes: 1,
+            top_k: 3,
+            min_confidence: None,
         }
     }
 }
+
+/// The environment variable naming the models folder when no `models` is configured.
+pub const MODELS_ENV: &str = "DIFFSHIELD_MODELS";
+
+/// The `models/` folder of the source tree the library was compiled from.
+const BUILT_MODELS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
 
 /// Stride used when a configuration names neither stride, steps nor timesteps.
 pub const DEFAULT_STRIDE: u32 = 10;
 
 impl DefenseConfig {
-    /// Reads a TOML file; unknown keys are refused so a typo never passes silently.
+    /// Reads a TOML file; unknown keys are refused so a typo never passes silently. A relative
+    /// `models` path is taken relative to the file's folder, so a config works from any
+    /// working directory.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::ConfigFile { path: path.into(), reason: e.to_string() })?;
-        toml::from_str(&text)
-            .map_err(|e| Error::ConfigFile { path: path.into(), reason: e.to_string() })
+        let bad = |reason: String| Error::ConfigFile { path: path.into(), reason };
+        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(bad("not a regular file".into()));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if let Some(m) = config.models.as_mut().filter(|m| m.is_relative()) {
+            *m = path.parent().unwrap_or(Path::new("")).join(&*m);
+        }
+        Ok(config)
+    }
+
+    /// The models folder: `models` if set; else the `DIFFSHIELD_MODELS` environment variable;
+    /// else the `models/` folder of the source tree this library was built from, when it
+    /// still holds a `models.toml`. An error names all three ways of giving one.
+    pub fn models_dir(&self) -> Result<PathBuf> {
+        if let Some(m) = &self.models {
+            return Ok(m.clone());
+        }
+        if let Some(m) = std::env::var_os(MODELS_ENV).filter(|m| !m.is_empty()) {
+            return Ok(PathBuf::from(m));
+        }
+        let built = Path::new(BUILT_MODELS_DIR);
+        if built.join("models.toml").is_file() {
+            return Ok(built.to_path_buf());
+        }
+        Err(Error::InvalidConfig(format!(
+            "no models folder: give one with --models DIR (config key `models`) or the \
+             {MODELS_ENV} environment variable; the folder this build came from, {}, has no \
+             models.toml",
+            built.display()
+        )))
+    }
+
+    /// The noise seed to use: `seed` if set, else a fresh one from the OS entropy source.
+    pub fn resolve_seed(&self) -> Result<u64> {
+        match self.seed {
+            Some(s) => Ok(s),
+            None => crate::noise::os_seed(),
+        }
     }
 
     /// The DDIM sub-sequence the configuration asks for (at most one of stride/steps/timesteps).
@@ -153,6 +210,14 @@ impl DefenseConfig {
         if self.min_steps == 0 {
             return bad("min_steps must be at least 1".into());
         }
+        if self.top_k == 0 {
+            return bad("top_k must be at least 1".into());
+        }
+        if let Some(c) = self.min_confidence {
+            if !(c.is_finite() && (0.0..=1.0).contains(&c)) {
+                return bad(format!("min_confidence must be in [0, 1], got {c}"));
+            }
+        }
         if self.min_votes == 0 || self.min_votes > self.votes {
             return bad(format!(
                 "min_votes must be in 1..=votes ({}), got {}",
@@ -164,8 +229,8 @@ impl DefenseConfig {
 
     /// The latency budget and the planner's limits for a plan of `plan_steps` steps, if a
     /// budget is set.
-    pub fn budget(&self, plan_steps: usize) -> Option<crate::pipeline::Budget> {
-        self.budget_ms.map(|ms| crate::pipeline::Budget {
+    pub fn budget(&self, plan_steps: usize) -> Option<crate::budget::Budget> {
+        self.budget_ms.map(|ms| crate::budget::Budget {
             seconds: ms / 1e3,
             limits: crate::budget::BudgetLimits {
                 min_steps: self.min_steps.min(plan_steps),

@@ -54,6 +54,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The operating system's entropy source failed (no seed could be drawn).
+    #[error("cannot draw a noise seed from the operating system: {0}; pass a fixed seed")]
+    Entropy(String),
     /// The inference engine failed on valid input (an internal fault, not the user's).
     #[error("inference backend failed: {0}")]
     Backend(String),
@@ -65,6 +68,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// True where the error is the caller's input or configuration, not an internal fault.
     pub fn is_user_error(&self) -> bool {
-        !matches!(self, Error::Backend(_))
+        !matches!(self, Error::Backend(_) | Error::Entropy(_))
     }
 }

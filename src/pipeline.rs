@@ -1,54 +1,22 @@
 //! frame → purifier → classifier → decision, with several purifications ("votes") per frame
 //! run as one batch and combined into one decision.
+//!
+//! [`Pipeline`] is the engine beneath [`crate::Defense`]: it takes frames at the models' input
+//! size with explicit frame indices and noise domains, which the attack harness and the tuning
+//! sweep need. A camera app wants [`crate::Defense`], which numbers frames and resizes them.
 
 use crate::backend::{Classifier, Denoiser};
-use crate::budget::{plan_frame, BudgetLimits, CostModel};
+use crate::budget::{plan_frame, Budget, CostModel};
 use crate::config::VoteRule;
+use crate::decision::{softmax_rows, Decision, DecisionRule};
 use crate::error::{Error, Result};
-use crate::noise::{SeededNoise, StreamId};
+use crate::noise::{NoiseDomain, SeededNoise, StreamId};
 use crate::purify::{validate_images, Purification};
 use crate::schedule::{DdimPlan, PlanSpec, Schedule};
 use ndarray::{Array2, Array4, ArrayView4, Axis};
-use serde::Serialize;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The outcome for one frame.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Decision {
-    /// Index of the frame in its stream or data set (keys its noise streams).
-    pub frame: u64,
-    /// Predicted class index.
-    pub label: usize,
-    /// Predicted class name.
-    pub class: String,
-    /// Mean softmax probabilities over the votes, one per class.
-    pub probs: Vec<f32>,
-    /// The label each vote chose, in vote order.
-    pub vote_labels: Vec<usize>,
-    /// DDIM steps planned for the frame (0 for the undefended classifier).
-    pub planned_steps: usize,
-    /// DDIM steps actually run; fewer than planned when the deadline cut the frame short.
-    pub steps: usize,
-    /// True when the frame was classified from an intermediate x0 estimate (deadline reached).
-    pub anytime: bool,
-    /// Whether the frame finished within its latency budget; `None` without a budget.
-    pub deadline_met: Option<bool>,
-    /// This frame's share of the batch's purification time, seconds.
-    pub purify_s: f64,
-    /// This frame's share of the batch's classification time, seconds.
-    pub classify_s: f64,
-}
-
-/// A per-frame latency budget and what the planner may choose within it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Budget {
-    /// Seconds allowed for purifying and classifying one frame.
-    pub seconds: f64,
-    /// Step and vote limits.
-    pub limits: BudgetLimits,
-}
 
 /// Untimed warm-up runs per batch size in [`Pipeline::calibrate`].
 const CALIBRATION_WARMUP: usize = 2;
@@ -73,7 +41,7 @@ pub struct Pipeline {
     classifier: Box<dyn Classifier>,
     classes: Vec<String>,
     votes: u32,
-    rule: VoteRule,
+    rule: DecisionRule,
     seed: u64,
     costs: CostModel,
 }
@@ -81,7 +49,9 @@ pub struct Pipeline {
 impl Pipeline {
     /// Assembles a pipeline; `plan` must come from `schedule` and the denoiser's `trained` t
     /// range (the budget planner derives coarser plans from them); `classes` are the
-    /// classifier's class names in logit order.
+    /// classifier's class names in logit order; `seed` keys every noise stream (see
+    /// [`crate::noise`]). Decisions list the top 3 classes and never abstain until
+    /// [`Pipeline::set_decision_rule`] says otherwise.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         schedule: Schedule,
@@ -108,10 +78,20 @@ impl Pipeline {
             classifier,
             classes,
             votes,
-            rule,
+            rule: DecisionRule { vote_rule: rule, ..DecisionRule::default() },
             seed,
             costs: CostModel::default(),
         })
+    }
+
+    /// Replaces how votes become decisions (vote rule, top-k, abstention threshold).
+    pub fn set_decision_rule(&mut self, rule: DecisionRule) {
+        self.rule = rule;
+    }
+
+    /// The seed of the noise streams.
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// The DDIM plan in use.
@@ -132,11 +112,6 @@ impl Pipeline {
     /// Measured costs of the backend so far.
     pub fn costs(&self) -> &CostModel {
         &self.costs
-    }
-
-    /// The classifier, for undefended use and attacks.
-    pub fn classifier_mut(&mut self) -> &mut dyn Classifier {
-        self.classifier.as_mut()
     }
 
     /// The denoiser, for attacks and diagnostics.
@@ -170,14 +145,20 @@ impl Pipeline {
     fn run_purification(
         &mut self,
         frames: ArrayView4<f32>,
-        first_frame: u64,
+        ids: FrameIds,
         votes: u32,
         steps: usize,
         deadline: Option<(Instant, f64)>,
     ) -> Result<Purified> {
         let v = votes as usize;
         let items: Vec<StreamId> = (0..frames.shape()[0] as u64)
-            .flat_map(|f| (0..votes).map(move |vote| StreamId { frame: first_frame + f, vote }))
+            .flat_map(|f| {
+                (0..votes).map(move |vote| StreamId {
+                    domain: ids.domain,
+                    frame: ids.first + f,
+                    vote,
+                })
+            })
             .collect();
         // One vote needs no copy: the purifier copies its input into its own state anyway.
         let repeated;
@@ -225,13 +206,27 @@ impl Pipeline {
         first_frame: u64,
     ) -> Result<Array4<f32>> {
         let steps = self.plan.steps().len();
-        Ok(self.run_purification(frames, first_frame, self.votes, steps, None)?.images)
+        let ids = FrameIds::frames(first_frame);
+        Ok(self.run_purification(frames, ids, self.votes, steps, None)?.images)
     }
 
-    /// Classifies `frames` through the defence; frame i has index `first_frame + i`.
+    /// Classifies `frames` ([0,1] pixels, NCHW at the models' input size) through the defence;
+    /// frame i is deployed frame `first_frame + i` ([`NoiseDomain::Frames`]).
     pub fn decide(&mut self, frames: ArrayView4<f32>, first_frame: u64) -> Result<Vec<Decision>> {
+        self.decide_in(frames, NoiseDomain::Frames, first_frame)
+    }
+
+    /// Like [`Pipeline::decide`] with the noise streams of `domain` (attack queries and
+    /// evaluation runs, warm-up frames): frame i is frame `first_frame + i` of that domain.
+    pub fn decide_in(
+        &mut self,
+        frames: ArrayView4<f32>,
+        domain: NoiseDomain,
+        first_frame: u64,
+    ) -> Result<Vec<Decision>> {
         let steps = self.plan.steps().len();
-        self.decide_with(frames, first_frame, self.votes, steps, None)
+        let ids = FrameIds { domain, first: first_frame };
+        self.decide_with(frames, ids, self.votes, steps, None)
     }
 
     /// Classifies one frame (`frame` is [1, C, H, W]) within `budget`: plans steps and votes
@@ -256,7 +251,8 @@ impl Pipeline {
             None => (l.min_steps.max(1), l.min_votes.max(1)),
         };
         let start = Instant::now();
-        let mut d = self.decide_with(frame, index, votes, steps, Some((start, budget.seconds)))?;
+        let deadline = Some((start, budget.seconds));
+        let mut d = self.decide_with(frame, FrameIds::frames(index), votes, steps, deadline)?;
         let mut d = d.pop().ok_or_else(|| Error::Backend("no decision for the frame".into()))?;
         d.deadline_met = Some(start.elapsed().as_secs_f64() <= budget.seconds);
         Ok(d)
@@ -272,12 +268,13 @@ impl Pipeline {
             // The first runs at a batch size build tract's plan and fault in its buffers; they
             // are several times slower than the steady state and would skew the estimate.
             let saved = std::mem::take(&mut self.costs);
-            for _ in 0..CALIBRATION_WARMUP {
-                self.decide_with(probe.view(), 0, votes, 2, None)?;
+            let probes = |k: usize| FrameIds { domain: NoiseDomain::Calibration, first: k as u64 };
+            for k in 0..CALIBRATION_WARMUP {
+                self.decide_with(probe.view(), probes(k), votes, 2, None)?;
             }
             self.costs = saved;
-            for _ in 0..CALIBRATION_RUNS {
-                self.decide_with(probe.view(), 0, votes, 2, None)?;
+            for k in 0..CALIBRATION_RUNS {
+                self.decide_with(probe.view(), probes(CALIBRATION_WARMUP + k), votes, 2, None)?;
             }
         }
         if plan_frame(&self.costs, budget.seconds, &l).is_none() {
@@ -297,7 +294,7 @@ impl Pipeline {
     fn decide_with(
         &mut self,
         frames: ArrayView4<f32>,
-        first_frame: u64,
+        ids: FrameIds,
         votes: u32,
         steps: usize,
         deadline: Option<(Instant, f64)>,
@@ -307,14 +304,14 @@ impl Pipeline {
             return Ok(Vec::new());
         }
         let t0 = Instant::now();
-        let purified = self.run_purification(frames, first_frame, votes, steps, deadline)?;
+        let purified = self.run_purification(frames, ids, votes, steps, deadline)?;
         let t1 = Instant::now();
         let logits = self.classifier.logits(purified.images.view())?;
         let t2 = Instant::now();
         self.costs.record_classify(purified.images.shape()[0], (t2 - t1).as_secs_f64());
-        let share = |d: std::time::Duration| d.as_secs_f64() / n as f64;
+        let share = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n as f64;
         let mut out =
-            self.combine(&logits, votes as usize, first_frame, share(t1 - t0), share(t2 - t1));
+            self.combine(&logits, votes as usize, ids.first, share(t1 - t0), share(t2 - t1))?;
         for d in &mut out {
             d.planned_steps = steps;
             d.steps = purified.steps;
@@ -336,91 +333,59 @@ impl Pipeline {
         validate_images(frames, "classifier input")?;
         let t0 = Instant::now();
         let logits = self.classifier.logits(frames)?;
-        let classify_s = t0.elapsed().as_secs_f64() / n as f64;
-        Ok(self.combine(&logits, 1, first_frame, 0.0, classify_s))
+        let classify_ms = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
+        self.combine(&logits, 1, first_frame, 0.0, classify_ms)
     }
 
-    /// Groups `votes` consecutive logit rows per frame into decisions (steps filled by caller).
+    /// Groups `votes` consecutive logit rows per frame into decisions (steps filled by caller);
+    /// `purify_ms` and `classify_ms` are each frame's share of the batch's time.
     fn combine(
         &self,
         logits: &Array2<f32>,
         votes: usize,
         first_frame: u64,
-        purify_s: f64,
-        classify_s: f64,
-    ) -> Vec<Decision> {
+        purify_ms: f64,
+        classify_ms: f64,
+    ) -> Result<Vec<Decision>> {
+        if let Some((row, _)) =
+            logits.outer_iter().enumerate().find(|(_, r)| r.iter().any(|v| !v.is_finite()))
+        {
+            return Err(Error::Backend(format!(
+                "the classifier returned non-finite logits for image {row} of its batch"
+            )));
+        }
         let probs = softmax_rows(logits);
-        probs
+        Ok(probs
             .axis_chunks_iter(Axis(0), votes)
             .enumerate()
             .map(|(f, p)| {
-                let mean = p.mean_axis(Axis(0)).expect("a frame has at least one vote").to_vec();
-                let vote_labels: Vec<usize> =
-                    p.outer_iter().map(|r| argmax(r.iter().copied())).collect();
-                let label = match self.rule {
-                    VoteRule::MeanProb => argmax(mean.iter().copied()),
-                    VoteRule::Majority => majority(&vote_labels, &mean),
-                };
-                Decision {
-                    frame: first_frame + f as u64,
-                    label,
-                    class: self.classes.get(label).cloned().unwrap_or_else(|| label.to_string()),
-                    probs: mean,
-                    vote_labels,
-                    planned_steps: 0,
-                    steps: 0,
-                    anytime: false,
-                    deadline_met: None,
-                    purify_s,
-                    classify_s,
-                }
+                let mut d = self.rule.decide(p, &self.classes, first_frame + f as u64, self.seed);
+                d.purify_ms = purify_ms;
+                d.classify_ms = classify_ms;
+                d
             })
-            .collect()
+            .collect())
     }
 }
 
-/// Row-wise softmax, computed stably.
-pub fn softmax_rows(logits: &Array2<f32>) -> Array2<f32> {
-    let mut p = logits.clone();
-    for mut row in p.outer_iter_mut() {
-        let m = row.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        row.mapv_inplace(|x| (x - m).exp());
-        let s = row.sum();
-        row.mapv_inplace(|x| x / s);
-    }
-    p
+/// The noise streams of a batch of frames: frame i is frame `first + i` of `domain`.
+#[derive(Debug, Clone, Copy)]
+struct FrameIds {
+    domain: NoiseDomain,
+    first: u64,
 }
 
-/// Index of the largest value (the first one on ties).
-pub fn argmax(values: impl IntoIterator<Item = f32>) -> usize {
-    let mut best = (0, f32::NEG_INFINITY);
-    for (i, v) in values.into_iter().enumerate() {
-        if v > best.1 {
-            best = (i, v);
-        }
+impl FrameIds {
+    fn frames(first: u64) -> Self {
+        Self { domain: NoiseDomain::Frames, first }
     }
-    best.0
-}
-
-/// The most frequent label; ties go to the tied label with the highest mean probability.
-fn majority(labels: &[usize], mean_probs: &[f32]) -> usize {
-    let mut counts = vec![0usize; mean_probs.len().max(1)];
-    for &l in labels {
-        if let Some(c) = counts.get_mut(l) {
-            *c += 1;
-        }
-    }
-    let top = counts.iter().copied().max().unwrap_or(0);
-    argmax(
-        mean_probs.iter().zip(&counts).map(|(&p, &c)| if c == top { p } else { f32::NEG_INFINITY }),
-    )
 }
 
 impl Pipeline {
     /// Builds the pipeline a configuration describes: manifest, plan, backends.
     pub fn from_config(config: &crate::config::DefenseConfig) -> Result<Self> {
         config.validate()?;
-        let manifest = crate::manifest::Manifest::load(&config.models)?;
+        let manifest = crate::manifest::Manifest::load(&config.models_dir()?)?;
         let entry = manifest.denoiser(&config.denoiser)?;
         let plan = DdimPlan::new(
             &manifest.schedule()?,
@@ -430,7 +395,7 @@ impl Pipeline {
             config.eta,
         )?;
         let (denoiser, classifier) = crate::backend::load(&manifest, config)?;
-        Self::new(
+        let mut pipeline = Self::new(
             manifest.schedule()?,
             entry.trained_range(),
             plan,
@@ -439,25 +404,13 @@ impl Pipeline {
             manifest.classifier.classes.clone(),
             config.votes,
             config.vote_rule,
-            config.seed,
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn majority_breaks_ties_by_mean_probability() {
-        assert_eq!(majority(&[1, 2, 2, 1], &[0.0, 0.3, 0.7]), 2);
-        assert_eq!(majority(&[1, 1, 2], &[0.0, 0.3, 0.7]), 1);
-    }
-
-    #[test]
-    fn softmax_rows_sum_to_one_and_survive_large_logits() {
-        let p = softmax_rows(&ndarray::array![[1000.0, 0.0], [0.0, 0.0]]);
-        assert!((p[[0, 0]] - 1.0).abs() < 1e-6 && p[[0, 1]] < 1e-6);
-        assert!((p[[1, 0]] - 0.5).abs() < 1e-6);
+            config.resolve_seed()?,
+        )?;
+        pipeline.set_decision_rule(DecisionRule {
+            vote_rule: config.vote_rule,
+            top_k: config.top_k,
+            min_confidence: config.min_confidence,
+        });
+        Ok(pipeline)
     }
 }

@@ -1,15 +1,16 @@
 //! The paper's Algorithm 2: noise the image to T*, then run the reduced DDIM sampler with a
-//! fresh noise injection at every step. The [-1,1] diffusion space lives only in this module;
-//! images come in and go out as [0,1] f32 pixels.
+//! fresh noise injection at every step. Images come in and go out as [0,1] f32 pixels; the
+//! arithmetic of each step and the [-1,1] diffusion space are [`crate::ddim`]'s.
 //!
 //! [`Purification`] is a step iterator: after every step the current x0 estimate is available,
 //! so a caller that runs out of time can stop early and classify the latest estimate.
 
 use crate::backend::Denoiser;
+use crate::ddim;
 use crate::error::{Error, Result};
-use crate::noise::NoiseSource;
+use crate::noise::{draw_batch, NoiseSource};
 use crate::schedule::DdimPlan;
-use ndarray::{Array4, ArrayView4, Zip};
+use ndarray::{Array4, ArrayView4};
 
 /// What one DDIM step did, for logging and anytime use.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,7 +33,6 @@ pub struct Purification<'p> {
     /// eps predicted at the last step.
     eps: Option<Array4<f32>>,
     done: usize,
-    noise_buf: Vec<f32>,
 }
 
 /// Checks that `images` is NCHW with every pixel finite and in [0,1].
@@ -61,18 +61,9 @@ impl<'p> Purification<'p> {
         noise: &mut dyn NoiseSource,
     ) -> Result<Self> {
         validate_images(images, "purifier input")?;
-        let (a, b) = plan.start_coeffs();
-        let (a, b) = (a as f32, b as f32);
-        let per_item: usize = images.shape()[1..].iter().product();
-        let mut noise_buf = vec![0.0f32; per_item];
-        let mut x = images.to_owned();
-        for (i, mut item) in x.outer_iter_mut().enumerate() {
-            noise.fill(0, i, &mut noise_buf);
-            for (v, z) in item.iter_mut().zip(&noise_buf) {
-                *v = a * (2.0 * *v - 1.0) + b * z;
-            }
-        }
-        Ok(Self { plan, x, x0_hat: None, eps: None, done: 0, noise_buf })
+        let z = draw_batch(noise, 0, images.raw_dim());
+        let x = ddim::noise_to_start(plan.start_coeffs(), images, z.view());
+        Ok(Self { plan, x, x0_hat: None, eps: None, done: 0 })
     }
 
     /// Runs the next DDIM step; `None` once the plan is complete.
@@ -92,25 +83,10 @@ impl<'p> Purification<'p> {
                 self.x.shape()
             )));
         }
-        let (sa_t, s1m_t) = (c.sqrt_abar_t as f32, c.sqrt_one_minus_abar_t as f32);
-        let (sa_s, dir, sigma) = (c.sqrt_abar_s as f32, c.dir_coeff as f32, c.sigma as f32);
-        let mut x0_hat = self.x0_hat.take().unwrap_or_else(|| Array4::zeros(self.x.raw_dim()));
-        Zip::from(&mut x0_hat).and(&mut self.x).and(&eps).for_each(|x0, x, &e| {
-            let est = ((*x - s1m_t * e) / sa_t).clamp(-1.0, 1.0);
-            *x0 = est;
-            *x = sa_s * est + dir * e;
-        });
-        // sigma = 0 (eta = 0, or the last step) consumes no noise, as the golden vectors expect.
-        if sigma > 0.0 {
-            let draw = self.done + 1;
-            for (i, mut item) in self.x.outer_iter_mut().enumerate() {
-                noise.fill(draw, i, &mut self.noise_buf);
-                for (v, z) in item.iter_mut().zip(&self.noise_buf) {
-                    *v += sigma * z;
-                }
-            }
-        }
-        self.x0_hat = Some(x0_hat);
+        let z = ddim::needs_noise(&c).then(|| draw_batch(noise, self.done + 1, self.x.raw_dim()));
+        let out = ddim::step(&c, self.x.view(), eps.view(), z.as_ref().map(|z| z.view()));
+        self.x = out.x_s;
+        self.x0_hat = Some(out.x0_hat);
         self.eps = Some(eps);
         self.done += 1;
         Ok(Some(StepInfo { index: self.done, t: c.t, s: c.s }))
@@ -145,7 +121,7 @@ impl<'p> Purification<'p> {
     /// the latest x0 estimate; `None` before the first step (nothing denoised yet).
     pub fn current_image(&self) -> Option<Array4<f32>> {
         let src = if self.is_complete() { Some(&self.x) } else { self.x0_hat.as_ref() };
-        src.map(to_pixels)
+        src.map(|x| ddim::to_pixels(x.view()))
     }
 
     /// Runs the remaining steps and returns the purified images ([0,1] pixels).
@@ -155,7 +131,7 @@ impl<'p> Purification<'p> {
         noise: &mut dyn NoiseSource,
     ) -> Result<Array4<f32>> {
         while self.step(denoiser, noise)?.is_some() {}
-        Ok(to_pixels(&self.x))
+        Ok(ddim::to_pixels(self.x.view()))
     }
 }
 
@@ -167,9 +143,4 @@ pub fn purify(
     noise: &mut dyn NoiseSource,
 ) -> Result<Array4<f32>> {
     Purification::start(plan, images, noise)?.finish(denoiser, noise)
-}
-
-/// Diffusion space to pixels: clip((x + 1) / 2, 0, 1).
-fn to_pixels(x: &Array4<f32>) -> Array4<f32> {
-    x.mapv(|v| ((v + 1.0) / 2.0).clamp(0.0, 1.0))
 }

@@ -39,14 +39,11 @@ impl Schedule {
         Self::linear(1000, 1e-4, 0.02).expect("constant parameters are valid")
     }
 
-    /// Number of noising steps T.
+    /// Number of noising steps T (the largest t with an abar). A schedule always has at least
+    /// two steps, so there is no `is_empty`.
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u32 {
         (self.abar.len() - 1) as u32
-    }
-
-    /// Always false: a schedule has at least two steps.
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// abar(t); t must be in 0..=T.

@@ -28,7 +28,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// Output size `(h, w)` in pixels of every frame image: the classifier's 32x32 input.
+/// Default output size `(h, w)` in pixels of the sources' frames: the shipped models' 32x32
+/// input (`with_size` sets another; [`crate::Defense::input_size`] is the models' own).
 pub const FRAME_SIZE: (usize, usize) = (CIFAR_SIDE, CIFAR_SIDE);
 
 /// How often (100 ms) a watching [`FolderSource`] lists its folder again for new files, and
@@ -103,6 +104,7 @@ pub struct FolderSource {
     pending: VecDeque<PathBuf>,
     seen: HashSet<OsString>,
     failing_since: Option<Instant>,
+    size: (usize, usize),
 }
 
 impl FolderSource {
@@ -135,9 +137,16 @@ impl FolderSource {
             pending: VecDeque::new(),
             seen: HashSet::new(),
             failing_since: None,
+            size: FRAME_SIZE,
         };
         source.enqueue_new(paths);
         Ok(source)
+    }
+
+    /// Frames fitted to `size = (h, w)` pixels instead of [`FRAME_SIZE`].
+    pub fn with_size(mut self, size: (usize, usize)) -> Self {
+        self.size = size;
+        self
     }
 
     /// The folder (or file) this source reads.
@@ -165,7 +174,7 @@ impl FrameSource for FolderSource {
     fn next_frame(&mut self) -> Result<Option<SourceFrame>> {
         loop {
             if let Some(path) = self.pending.front() {
-                match load_image(path, FRAME_SIZE) {
+                match load_image(path, self.size) {
                     Ok(image) => {
                         let name = path.display().to_string();
                         self.pending.pop_front();
@@ -214,6 +223,7 @@ pub struct RawSource<R: Read + Send> {
     buf: Vec<u8>,
     next: u64,
     done: bool,
+    size: (usize, usize),
 }
 
 impl<R: Read + Send> RawSource<R> {
@@ -245,7 +255,14 @@ impl<R: Read + Send> RawSource<R> {
             buf: vec![0; len],
             next: 0,
             done: false,
+            size: FRAME_SIZE,
         })
+    }
+
+    /// Frames fitted to `size = (h, w)` pixels instead of [`FRAME_SIZE`].
+    pub fn with_size(mut self, size: (usize, usize)) -> Self {
+        self.size = size;
+        self
     }
 
     /// Bytes of one frame: `width * height * 3`.
@@ -287,7 +304,7 @@ impl<R: Read + Send> FrameSource for RawSource<R> {
                 got: format!("{got} bytes (the input ended mid-frame)"),
             });
         }
-        let image = raw_rgb8_to_chw(&self.buf, self.width, self.height, FRAME_SIZE)?;
+        let image = raw_rgb8_to_chw(&self.buf, self.width, self.height, self.size)?;
         self.next += 1;
         Ok(Some((format!("{}#{k}", self.name), image, None)))
     }
@@ -316,31 +333,11 @@ impl CifarSource {
     /// not a regular file, empty or not a whole number of records.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        let cifar_err = |reason: String| Error::Cifar { path: path.clone(), reason };
-        let file = File::open(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
-        let meta = file.metadata().map_err(|e| Error::Io { path: path.clone(), source: e })?;
-        if !meta.is_file() {
-            return Err(cifar_err("not a regular file".into()));
-        }
-        let size = meta.len();
-        let record = CIFAR_RECORD_BYTES as u64;
-        if size == 0 {
-            return Err(cifar_err(format!(
-                "empty file (0 bytes), expected records of {record} bytes"
-            )));
-        }
-        if !size.is_multiple_of(record) {
-            return Err(cifar_err(format!(
-                "size {size} bytes is not a multiple of the record size {record} bytes \
-                 ({} whole records and {} bytes left over)",
-                size / record,
-                size % record
-            )));
-        }
+        let (file, records) = crate::data::cifar::open_records(&path)?;
         Ok(CifarSource {
             reader: BufReader::new(file),
             path,
-            records: size / record,
+            records,
             next: 0,
             buf: vec![0; CIFAR_RECORD_BYTES],
         })
@@ -508,15 +505,6 @@ impl FrameQueue {
         }
     }
 
-    /// The oldest frame if one is queued, without waiting.
-    pub fn try_pop(&self) -> Option<Frame> {
-        let frame = self.lock().frames.pop_front();
-        if frame.is_some() {
-            self.ready.notify_all();
-        }
-        frame
-    }
-
     /// Closes the queue: later pushes are discarded, and once the queued frames are popped
     /// every waiting and later `pop` returns `None`. Idempotent.
     pub fn close(&self) {
@@ -665,9 +653,8 @@ impl LatencySummary {
     /// `ceil(p/100 * n)` (1-based, at least 1), so it is always one of the inputs. No input
     /// gives 0 for every percentile. Values are ordered with [`f64::total_cmp`].
     pub fn from_latencies(latencies_s: &[f64], deadline_missed: u64, dropped: u64) -> Self {
-        let mut sorted = latencies_s.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        let ms = |p: f64| nearest_rank(&sorted, p).map_or(0.0, |s| s * 1e3);
+        let sorted = crate::stats::sorted(latencies_s.iter().copied());
+        let ms = |p: f64| crate::stats::percentile(&sorted, p).map_or(0.0, |s| s * 1e3);
         LatencySummary {
             frames: sorted.len() as u64,
             deadline_missed,
@@ -677,18 +664,6 @@ impl LatencySummary {
             p99_ms: ms(99.0),
         }
     }
-}
-
-/// Nearest-rank `p`-th percentile (0 < p <= 100) of ascending `sorted`; `None` where empty.
-fn nearest_rank(sorted: &[f64], p: f64) -> Option<f64> {
-    let n = sorted.len();
-    if n == 0 {
-        return None;
-    }
-    // Integer arithmetic on per-mille ranks avoids float round-off (0.95 * 100 = 95.000...01).
-    let per_mille = (p * 10.0).round() as u64;
-    let rank = (per_mille * n as u64).div_ceil(1000).clamp(1, n as u64);
-    sorted.get(rank as usize - 1).copied()
 }
 
 impl std::fmt::Display for LatencySummary {

@@ -227,7 +227,7 @@ fn eta_case(t_star: u32, spec: PlanSpec, eta: f64, input: Input) -> Moments {
         }
     };
     let images = Array4::from_shape_vec((N_B, 3, 4, 4), x0).unwrap();
-    let ids = (0..N_B as u64).map(|frame| StreamId { frame, vote: 0 }).collect();
+    let ids = (0..N_B as u64).map(|frame| StreamId::of_frame(frame, 0)).collect();
     let mut noise = SeededNoise::new(7, ids);
     let mut den = GaussianDenoiser::new(MU_B, S_B);
 
@@ -402,7 +402,7 @@ fn mixture_case(k: usize, t_star: u32, stride: u32, eta: f64, sign: f64) -> MixS
         eta,
     )
     .unwrap();
-    let ids = (0..N as u64).map(|frame| StreamId { frame, vote: 0 }).collect();
+    let ids = (0..N as u64).map(|frame| StreamId::of_frame(frame, 0)).collect();
     let mut noise = SeededNoise::new(2022, ids);
     let mut den =
         MixtureDenoiser { schedule: Schedule::ddpm_linear_1000(), modes: ms.clone(), sign };

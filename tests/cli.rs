@@ -69,8 +69,8 @@ fn classify_samples_prints_one_json_line_per_image() {
         t.lines()
             .map(|l| {
                 let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v["purify_s"] = 0.into();
-                v["classify_s"] = 0.into();
+                v["purify_ms"] = 0.into();
+                v["classify_ms"] = 0.into();
                 v
             })
             .collect()
@@ -78,9 +78,10 @@ fn classify_samples_prints_one_json_line_per_image() {
     assert_eq!(strip(&text), strip(&String::from_utf8(again.stdout).unwrap()));
 }
 
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data (absent at build time)")]
 #[test]
 fn eval_no_purify_reports_clean_accuracy_json() {
-    let Some(data) = common::shared_data("cifar10_test_2000.bin") else { return };
+    let data = common::shared_data("cifar10_test_2000.bin");
     let out =
         diffshield(&["eval", "--data", data.to_str().unwrap(), "--limit", "200", "--no-purify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -322,9 +323,10 @@ fn classify_under_a_budget_reports_its_plan() {
     assert_eq!(lines[1]["anytime"], false);
 }
 
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data (absent at build time)")]
 #[test]
 fn attack_writes_a_report_with_the_robust_accuracy_keys() {
-    let Some(data) = common::shared_data("cifar10_test_2000.bin") else { return };
+    let data = common::shared_data("cifar10_test_2000.bin");
     let d = scratch("attack");
     let report = d.join("report.json");
     let out = diffshield(&[
@@ -371,9 +373,10 @@ fn attack_writes_a_report_with_the_robust_accuracy_keys() {
 }
 
 #[cfg(feature = "twin")]
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data (absent at build time)")]
 #[test]
 fn pgd_attack_resumes_and_writes_table_and_junit() {
-    let Some(data) = common::shared_data("cifar10_test_2000.bin") else { return };
+    let data = common::shared_data("cifar10_test_2000.bin");
     let d = scratch("pgd");
     let (report, md, junit) = (d.join("r.json"), d.join("t.md"), d.join("j.xml"));
     let args = |limit: &str| {
@@ -430,4 +433,129 @@ fn pgd_attack_resumes_and_writes_table_and_junit() {
     other[10] = "5".into();
     other.push("--resume".into());
     assert_user_error(&run(other), "--resume");
+}
+
+/// The binary run in `dir` with `env` set.
+fn diffshield_in(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_diffshield"));
+    cmd.args(args).current_dir(dir).env_remove("DIFFSHIELD_MODELS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("binary runs")
+}
+
+#[test]
+fn runs_without_a_seed_differ_and_the_reported_seed_replays_them() {
+    let sample = models_dir().join("../samples/02_cat.png");
+    let sample = sample.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["classify", sample, "--votes", "2", "--t-star", "60", "--stride", "20"];
+        args.extend_from_slice(extra);
+        let out = diffshield(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["purify_ms"] = 0.into();
+        v["classify_ms"] = 0.into();
+        v
+    };
+    let (a, b) = (run(&[]), run(&[]));
+    assert_ne!(a["seed"], b["seed"], "two runs drew the same seed");
+    assert_ne!(a["probs"], b["probs"], "two runs drew the same noise");
+    let seed = a["seed"].as_u64().unwrap().to_string();
+    assert_eq!(run(&["--seed", &seed]), a, "the reported seed replays the decision");
+    let batch = |n: &str| {
+        let out = diffshield(&["classify", "samples", "--limit", "4", "--seed", "9", "--batch", n]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        json_lines(&out)
+    };
+    for (x, y) in batch("1").iter().zip(&batch("4")) {
+        assert_eq!((&x["frame"], &x["label"], &x["seed"]), (&y["frame"], &y["label"], &y["seed"]));
+    }
+}
+
+#[test]
+fn models_are_found_from_any_directory_and_a_missing_folder_names_the_option() {
+    let elsewhere = scratch("cwd");
+    let sample = models_dir().join("../samples/02_cat.png");
+    let sample = sample.to_str().unwrap();
+    let out = diffshield_in(&elsewhere, &[], &["classify", sample, "--stride", "70"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let models = models_dir();
+    let out = diffshield_in(
+        &elsewhere,
+        &[("DIFFSHIELD_MODELS", models.to_str().unwrap())],
+        &["classify", sample, "--stride", "70"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = diffshield_in(&elsewhere, &[("DIFFSHIELD_MODELS", "nowhere")], &["classify", sample]);
+    assert_user_error(&out, "--models");
+    // A relative models path in a config file is relative to the file.
+    let conf = elsewhere.join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::os::unix::fs::symlink(&models, elsewhere.join("my-models")).unwrap();
+    std::fs::write(conf.join("d.toml"), "models = \"../my-models\"\nstride = 70\n").unwrap();
+    let out = diffshield(&["classify", sample, "--config", conf.join("d.toml").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn text_format_top_k_and_abstention() {
+    let out = diffshield(&[
+        "classify", "samples", "--limit", "2", "--stride", "70", "--format", "text", "--seed", "1",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 2);
+    assert!(text.lines().all(|l| l.contains("top: ") && l.contains("seed 1]")), "{text}");
+    let out = diffshield(&[
+        "classify",
+        "samples",
+        "--limit",
+        "2",
+        "--stride",
+        "70",
+        "--top-k",
+        "5",
+        "--abstain-below",
+        "0.99",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for l in json_lines(&out) {
+        assert_eq!(l["type"], "decision");
+        assert_eq!(l["top_k"].as_array().unwrap().len(), 5);
+        assert!(l["label"].is_null() && l["class"] == "unknown", "{l}");
+        assert!(l["confidence"]["mean_prob"].as_f64().unwrap() < 0.99);
+    }
+    assert_user_error(
+        &diffshield(&["classify", "samples", "--abstain-below", "2"]),
+        "min_confidence",
+    );
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly_and_a_full_one_is_an_error() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diffshield"))
+        .args(["classify", "samples", "--limit", "6", "--stride", "70"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before the first line
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
+    let full = std::fs::File::options().write(true).open("/dev/full").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_diffshield"))
+        .args(["classify", "samples/02_cat.png", "--stride", "70"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("stdout") && !err.contains("panicked"), "{err}");
 }

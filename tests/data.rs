@@ -467,9 +467,10 @@ fn samples_are_twenty_32x32_pngs() {
     }
 }
 
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data (absent at build time)")]
 #[test]
 fn samples_match_shared_cifar_records() {
-    let Some(bin) = common::shared_data("cifar10_test_2000.bin") else { return };
+    let bin = common::shared_data("cifar10_test_2000.bin");
     let set = read_cifar_bin(&bin, Some(20)).unwrap();
     let paths = sample_pngs();
     assert_eq!(paths.len(), 20);

@@ -100,7 +100,7 @@ fn plan(t_star: u32, stride: u32, eta: f64) -> DdimPlan {
 }
 
 fn noise(n: usize) -> SeededNoise {
-    SeededNoise::new(7, (0..n as u64).map(|frame| StreamId { frame, vote: 0 }).collect())
+    SeededNoise::new(7, (0..n as u64).map(|frame| StreamId::of_frame(frame, 0)).collect())
 }
 
 #[test]
@@ -132,7 +132,7 @@ fn the_gradient_depends_on_the_noise_and_is_reproducible_for_a_seed() {
     let x = images(1);
     let (mut d, mut c) = (ToyDenoiser, ToyClassifier::new(3 * 8 * 8));
     let mut run = |seed: u64| {
-        let mut n = SeededNoise::new(seed, vec![StreamId { frame: 0, vote: 0 }]);
+        let mut n = SeededNoise::new(seed, vec![StreamId::of_frame(0, 0)]);
         purified_loss_grad(&p, &mut d, &mut c, x.view(), &[1], Loss::CrossEntropy, &mut n)
             .unwrap()
             .grad

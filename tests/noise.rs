@@ -9,7 +9,7 @@ use ndarray::{concatenate, s, Array4, ArrayView4, Axis};
 const PER_IMAGE: usize = 3 * 32 * 32;
 
 fn id(frame: u64, vote: u32) -> StreamId {
-    StreamId { frame, vote }
+    StreamId::of_frame(frame, vote)
 }
 
 /// Noise of (seed, frame, vote, draw) through the public `NoiseSource` interface.

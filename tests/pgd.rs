@@ -1,14 +1,9 @@
-//! PGD's invariants and the attack report, without any network: a pseudo-random gradient
-//! oracle drives PGD as hard as any real one could, and the iterates must stay in the eps-ball
-//! and the [0,1] box; reports round-trip and count as documented.
+//! PGD's invariants without any network: a pseudo-random gradient oracle drives PGD as hard as
+//! any real one could, and the iterates must stay in the eps-ball and the [0,1] box. (The
+//! report's counting tests live beside the report writers, in src/attack/report.rs.)
 
-use diffshield::attack::gradients::AttackMode;
-use diffshield::attack::harness::{AttackKind, HarnessConfig, ImageOutcome};
 use diffshield::attack::pgd::{distances, pgd, LossGradient, PgdConfig};
-use diffshield::attack::report::{AttackReport, COUNTING};
 use diffshield::attack::ThreatModel;
-use diffshield::config::DefenseConfig;
-use diffshield::grad::Loss;
 use diffshield::Result;
 use ndarray::{Array4, ArrayView4};
 
@@ -70,78 +65,4 @@ fn pgd_refuses_mismatched_labels_and_bad_steps() {
     };
     assert!(pgd(&mut Wild(1), x.view(), &[0], &cfg).is_err());
     assert!(pgd(&mut Wild(1), x.view(), &[0, 1], &cfg).unwrap_err().to_string().contains("step"));
-}
-
-fn outcome(index: usize, runs_correct: u32) -> ImageOutcome {
-    ImageOutcome { index, label: index % 10, runs_correct, distance: 0.01 }
-}
-
-fn report() -> AttackReport {
-    let mut r = AttackReport {
-        data: "x.bin".into(),
-        images: 2,
-        config: DefenseConfig::default(),
-        harness: HarnessConfig {
-            attack: AttackKind::Pgd,
-            steps: 10,
-            step_size: None,
-            eot: 2,
-            queries: 0,
-            runs: 4,
-            seed: 0,
-            loss: Loss::CrossEntropy,
-            random_start: true,
-        },
-        threats: vec!["linf:8/255".into(), "l2:1".into()],
-        modes: vec![AttackMode::Bpda, AttackMode::WhiteBox],
-        counting: COUNTING.into(),
-        clean_acc: 0.75,
-        clean_acc_worst: 0.5,
-        clean_acc_majority: 0.5,
-        undefended_clean_acc: 1.0,
-        results: Vec::new(),
-        summary: Vec::new(),
-        complete: false,
-        seconds: 1.0,
-    };
-    r.cell_mut("linf:8/255", AttackMode::Bpda).add(vec![outcome(0, 4), outcome(1, 1)], 4, 0.5);
-    r.cell_mut("l2:1", AttackMode::Bpda).add(vec![outcome(0, 2), outcome(1, 3)], 4, 0.5);
-    r.cell_mut("linf:8/255", AttackMode::WhiteBox).add(vec![outcome(1, 0)], 4, 0.5);
-    r.summarise(4);
-    r
-}
-
-#[test]
-fn reports_count_as_documented_and_round_trip() {
-    let r = report();
-    let bpda = &r.results[0];
-    assert_eq!(bpda.robust_acc, (1.0 + 0.25) / 2.0);
-    assert_eq!(bpda.robust_acc_worst, 0.5);
-    assert_eq!(bpda.robust_acc_majority, 0.5);
-    // AwT: mean over threat models; AoA: per image the worst threat model.
-    let s = r.summary[0];
-    assert_eq!(s.awt, (0.625 + 0.625) / 2.0);
-    assert_eq!(s.aoa, (0.5 + 0.25) / 2.0);
-    assert!(!r.complete, "white-box has one image of two and no l2 cell");
-    let text = serde_json::to_string(&r).unwrap();
-    let back: AttackReport = serde_json::from_str(&text).unwrap();
-    assert_eq!(back, r);
-    assert!(back.resumable_with(&r).is_ok());
-    let mut other = r.clone();
-    other.harness.eot = 3;
-    assert!(back.resumable_with(&other).is_err());
-}
-
-#[test]
-fn markdown_and_junit_show_every_cell() {
-    let r = report();
-    let md = r.markdown();
-    assert!(md.contains("| attack mode | clean | linf:8/255 | l2:1 | AwT | AoA |"), "{md}");
-    assert!(md.contains("| bpda | 75.0 | 62.5 | 62.5 | 62.5 | 37.5 |"), "{md}");
-    assert!(md.contains("0.0 (1/2)"), "a partial cell says so: {md}");
-    let xml = r.junit(&|m, _| (m == AttackMode::Bpda).then_some(0.6));
-    assert!(xml.contains("tests=\"3\" failures=\"0\""), "{xml}");
-    let xml = r.junit(&|_, _| Some(0.7));
-    assert!(xml.contains("failures=\"3\""), "{xml}");
-    assert!(xml.contains("robust_acc 0.6250 below min-acc 0.7000"), "{xml}");
 }

@@ -10,10 +10,10 @@ use ndarray::Array4;
 
 fn pipeline(votes: u32, rule: VoteRule, seed: u64) -> Pipeline {
     let config = DefenseConfig {
-        models: models_dir(),
+        models: Some(models_dir()),
         votes,
         vote_rule: rule,
-        seed,
+        seed: Some(seed),
         t_star: 60,
         stride: Some(20),
         ..DefenseConfig::default()
@@ -72,7 +72,10 @@ fn votes_are_batched_independent_purifications() {
     assert_eq!(d[1].frame, 6);
     assert_eq!(d[0].vote_labels.len(), 3);
     let count = |l| d[0].vote_labels.iter().filter(|&&v| v == l).count();
-    assert!(d[0].vote_labels.iter().all(|&l| count(d[0].label) >= count(l)));
+    assert!(d[0]
+        .vote_labels
+        .iter()
+        .all(|&l| d[0].label.is_some_and(|label| count(label) >= count(l))));
 }
 
 #[test]

@@ -3,13 +3,12 @@
 
 mod common;
 
+use common::svg::assert_svg;
+use diffshield::attack::AttackKind;
 use diffshield::attack::ThreatModel;
 use diffshield::config::DefenseConfig;
 use diffshield::tune::grid::{Grid, GridAxes, GridPoint, PlanChoice};
-use diffshield::tune::{
-    self, pareto, AttackKind, AttackSettings, LatencyStats, MeasureSettings, PointResult, Progress,
-    RobustResult, TuneOutcome,
-};
+use diffshield::tune::{self, pareto, AttackSettings, MeasureSettings, Progress, TuneOutcome};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -120,7 +119,7 @@ votes = [1, 3]
     // The built-in grid is valid and plans against the shipped models.
     let pts = Grid::default_grid().points().unwrap();
     assert!(pts.len() >= 20, "{}", pts.len());
-    let base = DefenseConfig { models: common::models_dir(), ..Default::default() };
+    let base = DefenseConfig { models: Some(common::models_dir()), ..Default::default() };
     tune::check_points(&pts, &base).unwrap();
 }
 
@@ -144,124 +143,6 @@ fn pareto_frontier_of_hand_made_points() {
     assert_eq!(pareto::frontier(&[(5.0, 0.0)]), vec![true]);
 }
 
-fn hand_result(t_star: u32, denoiser: &str, p50: f64, clean: f64, robust: f64) -> PointResult {
-    let point = GridPoint {
-        denoiser: denoiser.into(),
-        t_star,
-        plan: PlanChoice::Steps(4),
-        eta: 1.0,
-        votes: 1,
-        threads: 1,
-    };
-    PointResult {
-        key: format!("test|{}", point.canonical()),
-        label: point.label(),
-        point,
-        timesteps: vec![t_star, t_star * 3 / 4, t_star / 2, t_star / 4, 0],
-        latency: LatencyStats {
-            p50_ms: p50,
-            p99_ms: p50 * 1.5,
-            mean_ms: p50,
-            frames: 8,
-            cpu_p50_ms: Some(p50 * 0.9),
-        },
-        clean_acc: clean,
-        clean_images: 8,
-        robust: Some(RobustResult {
-            attack: "square linf:8/255, 4 queries, 4 images, 2 runs".into(),
-            images: 4,
-            runs: 2,
-            clean_acc: Some(clean),
-            mean: robust,
-            worst: robust / 2.0,
-            fooled_during_attack: 1,
-        }),
-        seconds: 1.0,
-        finished_unix: 0,
-        cached: false,
-    }
-}
-
-fn hand_outcome() -> TuneOutcome {
-    let results = vec![
-        hand_result(20, "s", 40.0, 0.9, 0.3),
-        hand_result(60, "s", 41.0, 0.8, 0.5),
-        hand_result(140, "s", 42.0, 0.6, 0.45),
-        hand_result(60, "m", 90.0, 0.85, 0.6),
-    ];
-    let pairs: Vec<(f64, f64)> =
-        results.iter().map(|r| (r.latency.p50_ms, r.objective())).collect();
-    TuneOutcome {
-        clock: tune::LatencyClock::Wall,
-        on_frontier: pareto::frontier(&pairs),
-        frontier: pareto::frontier_order(&pairs),
-        results,
-        measured: 4,
-        cached: 0,
-        pending: vec![],
-        seconds: 1.0,
-        files: None,
-    }
-}
-
-#[test]
-fn csv_has_the_header_and_one_row_per_point() {
-    let o = hand_outcome();
-    assert_eq!(o.on_frontier, vec![true, true, false, true]);
-    let text = tune::report::csv(&o.results, &o.on_frontier);
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 1 + o.results.len());
-    assert_eq!(lines[0], tune::report::CSV_COLUMNS.join(","));
-    assert!(lines[0].starts_with("label,denoiser,t_star,stride,steps_spec,ddim_steps,eta,votes"));
-    // The attack description has commas and is quoted; every row has the header's field count.
-    let fields = |l: &str| {
-        let mut n = 1;
-        let mut quoted = false;
-        for c in l.chars() {
-            match c {
-                '"' => quoted = !quoted,
-                ',' if !quoted => n += 1,
-                _ => {}
-            }
-        }
-        n
-    };
-    for l in &lines {
-        assert_eq!(fields(l), tune::report::CSV_COLUMNS.len(), "{l}");
-    }
-    assert!(
-        lines[2].starts_with("s T*60 4steps eta1 v1 t1,s,60,,4,4,1,1,1,41.00,61.50,41.00,36.90,")
-    );
-    assert!(lines[2].contains(",0.8000,0.5000,0.2500,4,2,true,"), "{}", lines[2]);
-    assert!(lines[3].contains(",false,"), "{}", lines[3]);
-    let md = tune::report::markdown(&o, &settings(Path::new("x.bin"), 8, AttackKind::Square));
-    assert_eq!(md.lines().filter(|l| l.starts_with("| s ") || l.starts_with("| m ")).count(), 3);
-}
-
-fn assert_svg(text: &str, must_contain: &[&str]) {
-    assert!(text.starts_with("<svg"), "not an SVG: {}", &text[..text.len().min(80)]);
-    assert!(text.trim_end().ends_with("</svg>"));
-    assert_eq!(text.matches("<svg").count(), 1);
-    assert_eq!(text.matches("<text").count(), text.matches("</text>").count());
-    for s in must_contain {
-        assert!(text.contains(s), "the SVG lacks {s:?}");
-    }
-}
-
-#[test]
-fn plots_are_valid_svg_with_labels() {
-    let o = hand_outcome();
-    let svg = tune::plot::pareto_svg(&o, "robust accuracy (%)").unwrap();
-    assert_svg(&svg, &["Pareto frontier", "p50 latency", "s T*60 4steps eta1 v1 t1", "<circle"]);
-    // The dominated point is drawn but not labelled.
-    assert!(!svg.contains("s T*140 4steps"));
-    let svg = tune::plot::depth_svg(&o.results, "square").unwrap();
-    assert_svg(&svg, &["T*", "clean, s 4steps eta1 v1 t1", "robust (square)"]);
-    // Only the group with the most T* values (denoiser s: three) is plotted.
-    assert!(!svg.contains("clean, m "));
-    assert_eq!(tune::plot::depth_groups(&o.results).len(), 1);
-}
-
 /// A CIFAR-10 binary file of `n` synthetic images (smooth colour ramps) with labels 0..n.
 fn synthetic_cifar(dir: &Path, n: usize) -> PathBuf {
     let mut bytes = Vec::new();
@@ -280,8 +161,8 @@ fn synthetic_cifar(dir: &Path, n: usize) -> PathBuf {
     p
 }
 
-fn settings(data: &Path, images: usize, kind: AttackKind) -> MeasureSettings {
-    let base = DefenseConfig { models: common::models_dir(), ..Default::default() };
+fn settings(data: &Path, images: usize, kind: Option<AttackKind>) -> MeasureSettings {
+    let base = DefenseConfig { models: Some(common::models_dir()), ..Default::default() };
     MeasureSettings {
         data: data.to_path_buf(),
         clean_images: images,
@@ -324,7 +205,7 @@ fn cache_skips_finished_points_and_extends_with_new_ones() {
     let dir = temp_dir("cache");
     let data = synthetic_cifar(&dir, 2);
     let out = dir.join("out");
-    let s = settings(&data, 2, AttackKind::Square);
+    let s = settings(&data, 2, Some(AttackKind::Square));
     let small = axes(&[("t_star", "10"), ("steps", "1")]).unwrap();
     let grid = Grid::resolve(None, &small).unwrap();
 

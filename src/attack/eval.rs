@@ -2,13 +2,10 @@
 //! noise, counted three ways (mean over runs, correct in every run, correct in most runs).
 
 use crate::error::Result;
+use crate::noise::NoiseDomain;
 use crate::pipeline::Pipeline;
 use ndarray::ArrayView4;
 use serde::{Deserialize, Serialize};
-
-/// Frame indices of attack queries and evaluation runs start here, far from any data index, so
-/// their noise streams never coincide with a plain `eval` of the same images.
-pub const ATTACK_FRAME_BASE: u64 = 1 << 40;
 
 /// Accuracy of a set of images over several fresh-noise runs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -44,25 +41,28 @@ pub enum Evaluated {
 }
 
 /// Per-image number of correct runs out of `runs`, each run deciding every image with fresh
-/// noise. `tag` separates the noise of different evaluations of the same images.
+/// noise: run r draws from [`NoiseDomain::Evaluation`] `{ cell, run: r }`, image i being frame
+/// `first + i` (its index in the data), so an image's noise does not depend on its batch.
 pub fn correct_runs(
     pipeline: &mut Pipeline,
     what: Evaluated,
     images: ArrayView4<f32>,
     labels: &[usize],
     runs: u32,
-    tag: u64,
+    cell: u32,
+    first: usize,
 ) -> Result<Vec<u32>> {
     let n = labels.len();
     let mut correct = vec![0u32; n];
-    for r in 0..u64::from(runs) {
-        let first = ATTACK_FRAME_BASE + (tag * 64 + r) * (n as u64) * 1024;
+    for run in 0..runs {
         let decisions = match what {
-            Evaluated::Defended => pipeline.decide(images, first)?,
-            Evaluated::Undefended => pipeline.decide_undefended(images, first)?,
+            Evaluated::Defended => {
+                pipeline.decide_in(images, NoiseDomain::Evaluation { cell, run }, first as u64)?
+            }
+            Evaluated::Undefended => pipeline.decide_undefended(images, first as u64)?,
         };
         for (i, d) in decisions.iter().enumerate() {
-            correct[i] += u32::from(d.label == labels[i]);
+            correct[i] += u32::from(d.label == Some(labels[i]));
         }
     }
     Ok(correct)

@@ -7,7 +7,7 @@ use crate::backend::Denoiser;
 use crate::error::{Error, Result};
 use crate::grad::purifier::purified_loss_grad;
 use crate::grad::{classifier_loss_grad, DifferentiableClassifier, DifferentiableDenoiser, Loss};
-use crate::noise::{SeededNoise, StreamId};
+use crate::noise::{NoiseDomain, SeededNoise, StreamId};
 use crate::purify::purify;
 use crate::schedule::DdimPlan;
 use ndarray::{concatenate, Array4, ArrayView4, Axis};
@@ -39,11 +39,6 @@ impl AttackMode {
     /// Whether the adversarial images are evaluated through the purifier.
     pub fn evaluates_defended(self) -> bool {
         self != AttackMode::Undefended
-    }
-
-    /// Whether the attacker's gradient involves the purifier (and so EOT).
-    pub fn uses_purifier(self) -> bool {
-        matches!(self, AttackMode::Bpda | AttackMode::WhiteBox)
     }
 }
 
@@ -84,7 +79,8 @@ impl LossGradient for ClassifierGradient<'_> {
     }
 }
 
-/// Where the EOT samples' noise comes from.
+/// Where the EOT samples' noise comes from: the streams of [`NoiseDomain::AttackEot`] of the
+/// attack's cell, one frame per image, one vote per (PGD iteration, sample).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EotNoise {
     /// Seed of the attack's noise streams.
@@ -93,6 +89,8 @@ pub struct EotNoise {
     pub eot: u32,
     /// Frame index of the first image of the batch (its streams are frame, frame + 1, ...).
     pub first_frame: u64,
+    /// The attack cell (keeps the EOT streams of different cells apart).
+    pub cell: u32,
 }
 
 impl EotNoise {
@@ -112,6 +110,7 @@ impl EotNoise {
         let items = (0..self.eot)
             .flat_map(|e| {
                 (0..n).map(move |i| StreamId {
+                    domain: NoiseDomain::AttackEot { cell: self.cell },
                     frame: self.first_frame + i as u64,
                     vote: iteration as u32 * self.eot + e,
                 })

@@ -1,31 +1,19 @@
-//! The attack harness: one cell = (threat model, mode) on one batch of images. It crafts the
-//! adversarial images with the mode's gradient (or Square's queries), then evaluates them on the
-//! deployed pipeline with fresh noise, `runs` times. The caller drives the cells and batches,
-//! so it can save after every batch and resume.
+//! The attack harness: one cell = (threat model, mode) on one batch of images. The configured
+//! [`Attack`] crafts the adversarial images against a [`Target`] (the mode's gradient, or the
+//! evaluated model's scores), then they are evaluated on the deployed pipeline with fresh noise,
+//! `runs` times. [`super::suite`] drives the cells and batches, saving after every batch.
 
-use super::eval::{correct_runs, Evaluated, ATTACK_FRAME_BASE};
+use super::eval::{correct_runs, Evaluated};
 use super::gradients::{AttackMode, BpdaGradient, ClassifierGradient, EotNoise, WhiteBoxGradient};
-use super::pgd::{distances, pgd, PgdConfig};
-use super::square::{square_attack, SquareConfig};
-use super::{Norm, ThreatModel};
+use super::pgd::{distances, LossGradient, Pgd};
+use super::square::Square;
+use super::{Attack, AttackKind, Scored, ThreatModel};
 use crate::error::{Error, Result};
 use crate::grad::{DifferentiableClassifier, DifferentiableDenoiser, Loss};
+use crate::noise::NoiseDomain;
 use crate::pipeline::Pipeline;
-use ndarray::{Array2, Array4, ArrayView4};
+use ndarray::{Array2, ArrayView4};
 use serde::{Deserialize, Serialize};
-
-/// Separates the EOT noise streams from the pipeline's own (same seed value or not).
-const EOT_SALT: u64 = 0x454f_545f_4e4f_4953;
-
-/// Which attack crafts a cell's images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AttackKind {
-    /// PGD along the mode's gradient.
-    Pgd,
-    /// The gradient-free Square Attack on the deployed pipeline's outputs.
-    Square,
-}
 
 /// Every setting of a harness run that changes its results (echoed in reports, compared on
 /// resume).
@@ -72,16 +60,17 @@ impl HarnessConfig {
         Ok(())
     }
 
-    /// The PGD settings for `threat`, seeded per batch.
-    pub fn pgd(&self, threat: ThreatModel, batch_seed: u64) -> PgdConfig {
-        PgdConfig {
-            threat,
-            steps: self.steps,
-            step_size: self
-                .step_size
-                .unwrap_or_else(|| PgdConfig::default_step_size(threat, self.steps)),
-            random_start: self.random_start,
-            seed: self.seed ^ batch_seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    /// The configured attack for `threat`.
+    pub fn attack_for(&self, threat: ThreatModel) -> Box<dyn Attack> {
+        match self.attack {
+            AttackKind::Pgd => Box::new(Pgd {
+                steps: self.steps,
+                step_size: self.step_size.unwrap_or_else(|| {
+                    super::pgd::PgdConfig::default_step_size(threat, self.steps)
+                }),
+                random_start: self.random_start,
+            }),
+            AttackKind::Square => Box::new(Square { queries: self.queries }),
         }
     }
 }
@@ -114,7 +103,112 @@ fn needs_twin(mode: AttackMode, what: &str) -> Error {
     ))
 }
 
-/// Crafts and evaluates one cell on one batch: `images` are data items `first..first + n`.
+/// What an [`Attack`] may use of the deployed system in one cell: the mode's loss gradient
+/// ([`Target::gradient`]) or the scores of the model the mode evaluates ([`Scored`]), with
+/// noise streams of the cell's own domains.
+pub struct Target<'p, 't> {
+    pipeline: &'p mut Pipeline,
+    twins: &'p mut Twins<'t>,
+    mode: AttackMode,
+    cell: u32,
+    first: usize,
+    loss: Loss,
+    eot: u32,
+    seed: u64,
+}
+
+impl Target<'_, '_> {
+    /// The attack mode (which gradient, what is evaluated).
+    pub fn mode(&self) -> AttackMode {
+        self.mode
+    }
+
+    /// The attack's own seed (random starts, EOT noise, random search).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Data index of the batch's first image (keys per-image randomness).
+    pub fn first(&self) -> usize {
+        self.first
+    }
+
+    /// The cell's number (keys its noise domains).
+    pub fn cell(&self) -> u32 {
+        self.cell
+    }
+
+    /// Runs `f` with the mode's loss gradient: the bare classifier's (undefended, grey-box),
+    /// BPDA's or the exact one through every DDIM step (white-box), both averaged over EOT
+    /// samples drawn from [`NoiseDomain::AttackEot`] of this cell.
+    pub fn with_gradient<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn LossGradient) -> Result<R>,
+    ) -> Result<R> {
+        let mode = self.mode;
+        let eot = EotNoise {
+            seed: self.seed,
+            eot: self.eot,
+            first_frame: self.first as u64,
+            cell: self.cell,
+        };
+        let classifier =
+            self.twins.classifier.as_deref_mut().ok_or_else(|| needs_twin(mode, "classifier"))?;
+        match mode {
+            AttackMode::Undefended | AttackMode::GreyBox => {
+                f(&mut ClassifierGradient { classifier, loss: self.loss })
+            }
+            AttackMode::Bpda => {
+                let plan = self.pipeline.plan().clone();
+                let denoiser = self.pipeline.denoiser_mut();
+                f(&mut BpdaGradient {
+                    plan: &plan,
+                    denoiser,
+                    classifier,
+                    noise: eot,
+                    loss: self.loss,
+                })
+            }
+            AttackMode::WhiteBox => {
+                let denoiser = self
+                    .twins
+                    .denoiser
+                    .as_deref_mut()
+                    .ok_or_else(|| needs_twin(mode, "denoiser"))?;
+                let plan = self.pipeline.plan().clone();
+                f(&mut WhiteBoxGradient {
+                    plan: &plan,
+                    denoiser,
+                    classifier,
+                    noise: eot,
+                    loss: self.loss,
+                    replay_error: 0.0,
+                })
+            }
+        }
+    }
+}
+
+impl Scored for Target<'_, '_> {
+    /// Mean probabilities of the model the mode evaluates: the defended pipeline, query `query`
+    /// drawing from [`NoiseDomain::AttackQuery`], or the bare classifier.
+    fn scores(&mut self, x: ArrayView4<f32>, query: u64) -> Result<Array2<f32>> {
+        let query = u32::try_from(query)
+            .map_err(|_| Error::InvalidConfig(format!("query {query} beyond the noise domains")))?;
+        let domain = NoiseDomain::AttackQuery { cell: self.cell, query };
+        let d = if self.mode.evaluates_defended() {
+            self.pipeline.decide_in(x, domain, self.first as u64)?
+        } else {
+            self.pipeline.decide_undefended(x, self.first as u64)?
+        };
+        let classes = d.first().map_or(0, |d| d.probs.len());
+        let rows: Vec<f32> = d.iter().flat_map(|d| d.probs.iter().copied()).collect();
+        Array2::from_shape_vec((d.len(), classes), rows).map_err(|e| Error::Backend(e.to_string()))
+    }
+}
+
+/// Crafts and evaluates one cell on one batch: `images` are data items `first..first + n`;
+/// `cell` (from 1) numbers the (threat model, mode) cell and keys its noise domains.
 #[allow(clippy::too_many_arguments)]
 pub fn run_cell(
     pipeline: &mut Pipeline,
@@ -125,79 +219,23 @@ pub fn run_cell(
     images: ArrayView4<f32>,
     labels: &[usize],
     first: usize,
-    cell_tag: u64,
+    cell: u32,
 ) -> Result<Vec<ImageOutcome>> {
     let n = labels.len();
-    let frames = ATTACK_FRAME_BASE + (cell_tag << 32) + first as u64;
-    let adversarial: Array4<f32> = match cfg.attack {
-        AttackKind::Square => {
-            let defended = mode.evaluates_defended();
-            let square = SquareConfig {
-                threat,
-                queries: cfg.queries,
-                p_init: if threat.norm == Norm::Linf { 0.05 } else { 0.1 },
-                seed: cfg.seed ^ first as u64,
-                // A stochastic defence: one misclassified query is not yet a broken image.
-                early_stop: !defended,
-            };
-            let mut model = |x: ArrayView4<f32>, q: u64| -> Result<Array2<f32>> {
-                let at = frames + (q + 1) * (n as u64);
-                let d = if defended {
-                    pipeline.decide(x, at)?
-                } else {
-                    pipeline.decide_undefended(x, at)?
-                };
-                let classes = d.first().map_or(0, |d| d.probs.len());
-                let rows: Vec<f32> = d.iter().flat_map(|d| d.probs.iter().copied()).collect();
-                Array2::from_shape_vec((d.len(), classes), rows)
-                    .map_err(|e| Error::Backend(e.to_string()))
-            };
-            square_attack(&mut model, images, labels, &square)?.adversarial
-        }
-        AttackKind::Pgd => {
-            let pgd_cfg = cfg.pgd(threat, first as u64 ^ (cell_tag << 20));
-            // Salted so that the attacker's EOT samples never reuse the evaluation's noise streams.
-            let eot = EotNoise { seed: cfg.seed ^ EOT_SALT, eot: cfg.eot, first_frame: frames };
-            let classifier =
-                twins.classifier.as_deref_mut().ok_or_else(|| needs_twin(mode, "classifier"))?;
-            match mode {
-                AttackMode::Undefended | AttackMode::GreyBox => {
-                    let mut g = ClassifierGradient { classifier, loss: cfg.loss };
-                    pgd(&mut g, images, labels, &pgd_cfg)?
-                }
-                AttackMode::Bpda => {
-                    let plan = pipeline.plan().clone();
-                    let mut g = BpdaGradient {
-                        plan: &plan,
-                        denoiser: pipeline.denoiser_mut(),
-                        classifier,
-                        noise: eot,
-                        loss: cfg.loss,
-                    };
-                    pgd(&mut g, images, labels, &pgd_cfg)?
-                }
-                AttackMode::WhiteBox => {
-                    let denoiser = twins
-                        .denoiser
-                        .as_deref_mut()
-                        .ok_or_else(|| needs_twin(mode, "denoiser"))?;
-                    let plan = pipeline.plan().clone();
-                    let mut g = WhiteBoxGradient {
-                        plan: &plan,
-                        denoiser,
-                        classifier,
-                        noise: eot,
-                        loss: cfg.loss,
-                        replay_error: 0.0,
-                    };
-                    pgd(&mut g, images, labels, &pgd_cfg)?
-                }
-            }
-        }
+    let attack = cfg.attack_for(threat);
+    let mut target = Target {
+        pipeline: &mut *pipeline,
+        twins,
+        mode,
+        cell,
+        first,
+        loss: cfg.loss,
+        eot: cfg.eot,
+        seed: cfg.seed,
     };
+    let adversarial = attack.craft(&mut target, images, labels, threat)?;
     let what = if mode.evaluates_defended() { Evaluated::Defended } else { Evaluated::Undefended };
-    let tag = (cell_tag << 24) + 1 + first as u64;
-    let correct = correct_runs(pipeline, what, adversarial.view(), labels, cfg.runs, tag)?;
+    let correct = correct_runs(pipeline, what, adversarial.view(), labels, cfg.runs, cell, first)?;
     let dist = distances(adversarial.view(), images, threat.norm);
     Ok((0..n)
         .map(|i| ImageOutcome {

@@ -1,5 +1,6 @@
-//! Attacks on the deployed pipeline. So far: threat models and the gradient-free Square Attack,
-//! which needs only the deployed forward pass, whatever backend runs it.
+//! Attacks on the deployed pipeline: threat models, the attacks (PGD along the mode's gradient,
+//! the gradient-free Square Attack), final evaluation with fresh noise, the harness cell and the
+//! reports.
 
 pub mod eval;
 pub mod gradients;
@@ -7,9 +8,63 @@ pub mod harness;
 pub mod pgd;
 pub mod report;
 pub mod square;
+pub mod suite;
+
+pub use harness::Target;
 
 use crate::error::{Error, Result};
-use ndarray::{Array2, ArrayView4};
+use ndarray::{Array2, Array4, ArrayView4};
+
+/// One attack: crafts adversarial versions of a batch of images against a [`Target`], within a
+/// threat model. PGD and Square implement it; the harness runs any of them the same way and
+/// then evaluates the result on the deployed pipeline.
+pub trait Attack {
+    /// Adversarial `images` ([0,1] pixels, NCHW) for true `labels`, inside `threat`'s ball
+    /// around `images` and the [0,1] box.
+    fn craft(
+        &self,
+        target: &mut Target<'_, '_>,
+        images: ArrayView4<f32>,
+        labels: &[usize],
+        threat: ThreatModel,
+    ) -> Result<Array4<f32>>;
+}
+
+/// Which attack crafts a cell's images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttackKind {
+    /// PGD along the mode's gradient ([`pgd::Pgd`]).
+    Pgd,
+    /// The gradient-free Square Attack on the deployed pipeline's outputs ([`square::Square`]).
+    Square,
+}
+
+impl fmt::Display for AttackKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttackKind::Pgd => "pgd",
+            AttackKind::Square => "square",
+        })
+    }
+}
+
+/// Parses `2/255` or `0.0078` (a step size, an eps, a threshold).
+pub fn parse_fraction(s: &str) -> Result<f64> {
+    let bad = || Error::InvalidConfig(format!("{s:?} is not a number or fraction"));
+    let v = match s.split_once('/') {
+        Some((a, b)) => {
+            a.trim().parse::<f64>().map_err(|_| bad())?
+                / b.trim().parse::<f64>().map_err(|_| bad())?
+        }
+        None => s.trim().parse::<f64>().map_err(|_| bad())?,
+    };
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(bad())
+    }
+}
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -62,15 +117,8 @@ impl FromStr for ThreatModel {
             "l2" => Norm::L2,
             _ => return Err(bad()),
         };
-        let eps = match eps.split_once('/') {
-            Some((a, b)) => {
-                let (a, b): (f64, f64) =
-                    (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
-                a / b
-            }
-            None => eps.trim().parse().map_err(|_| bad())?,
-        };
-        if !eps.is_finite() || eps < 0.0 {
+        let eps = parse_fraction(eps).map_err(|_| bad())?;
+        if eps < 0.0 {
             return Err(bad());
         }
         Ok(ThreatModel { norm, eps })

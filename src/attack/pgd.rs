@@ -3,8 +3,9 @@
 //! with EOT (see [`super::gradients`]). It never leaves the eps-ball around the clean image nor
 //! the [0,1] pixel box.
 
-use super::{Norm, ThreatModel};
+use super::{Attack, Norm, Target, ThreatModel};
 use crate::error::{Error, Result};
+use crate::noise::fill_standard_normal;
 use ndarray::{Array4, ArrayView4, Axis, Zip};
 use rand_core::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -47,6 +48,38 @@ impl PgdConfig {
     }
 }
 
+/// PGD as an [`Attack`]: `steps` steps of `step_size` along the target mode's gradient, from a
+/// random point of the ball (seeded per batch from the target's seed, cell and first image).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pgd {
+    /// Gradient steps.
+    pub steps: usize,
+    /// Step length in [0,1] pixel units (see [`PgdConfig::step_size`]).
+    pub step_size: f64,
+    /// Start from a uniform random point of the ball.
+    pub random_start: bool,
+}
+
+impl Attack for Pgd {
+    fn craft(
+        &self,
+        target: &mut Target<'_, '_>,
+        images: ArrayView4<f32>,
+        labels: &[usize],
+        threat: ThreatModel,
+    ) -> Result<Array4<f32>> {
+        let batch = target.first() as u64 ^ (u64::from(target.cell()) << 20);
+        let cfg = PgdConfig {
+            threat,
+            steps: self.steps,
+            step_size: self.step_size,
+            random_start: self.random_start,
+            seed: target.seed() ^ batch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        };
+        target.with_gradient(|g| pgd(g, images, labels, &cfg))
+    }
+}
+
 /// Runs PGD from `images` ([0,1] pixels, NCHW) and returns the final iterate.
 pub fn pgd(
     grad: &mut dyn LossGradient,
@@ -72,8 +105,10 @@ pub fn pgd(
         match cfg.threat.norm {
             Norm::Linf => delta.iter_mut().for_each(|d| *d = eps * (2.0 * uniform(&mut rng) - 1.0)),
             Norm::L2 => {
+                let mut z = vec![0.0f32; images.shape()[1..].iter().product()];
                 for mut item in delta.outer_iter_mut() {
-                    item.iter_mut().for_each(|d| *d = gaussian(&mut rng));
+                    fill_standard_normal(&mut rng, &mut z);
+                    item.iter_mut().zip(&z).for_each(|(d, &zi)| *d = zi);
                     let norm = item.iter().map(|d| d * d).sum::<f32>().sqrt().max(1e-12);
                     let radius = eps * uniform(&mut rng);
                     item.iter_mut().for_each(|d| *d *= radius / norm);
@@ -157,10 +192,4 @@ fn sign(v: f32) -> f32 {
 
 fn uniform(rng: &mut Xoshiro256PlusPlus) -> f32 {
     (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-}
-
-fn gaussian(rng: &mut Xoshiro256PlusPlus) -> f32 {
-    let u1 = (((rng.next_u64() >> 11) as f64) + 0.5) / (1u64 << 53) as f64;
-    let u2 = ((rng.next_u64() >> 11) as f64) / (1u64 << 53) as f64;
-    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
 }

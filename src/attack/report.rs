@@ -5,7 +5,8 @@
 
 use super::eval::RunAccuracy;
 use super::gradients::AttackMode;
-use super::harness::{AttackKind, HarnessConfig, ImageOutcome};
+use super::harness::{HarnessConfig, ImageOutcome};
+use super::AttackKind;
 use super::{Norm, ThreatModel};
 use crate::config::DefenseConfig;
 use crate::error::{Error, Result};
@@ -228,6 +229,24 @@ impl AttackReport {
         out
     }
 
+    /// Reads a report written by [`crate::attack::suite::run_suite`].
+    pub fn read(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::InvalidConfig(format!(
+                "--resume: {} is not an attack report: {e}",
+                path.display()
+            ))
+        })
+    }
+
+    /// The report as pretty-printed JSON.
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self)
+            .map_err(|e| Error::Backend(format!("attack report: {e}")))
+    }
+
     /// Whether a saved report can be resumed with these settings.
     pub fn resumable_with(&self, other: &AttackReport) -> Result<()> {
         let same = self.data == other.data
@@ -248,7 +267,7 @@ impl AttackReport {
 
     /// The report as a Markdown table in the layout of the paper's Table 2: one row per attack
     /// mode, the clean accuracy, one column per threat model, then AwT and AoA (percent).
-    pub fn markdown(&self) -> String {
+    pub(crate) fn markdown(&self) -> String {
         let pct = |v: f64| format!("{:.1}", 100.0 * v);
         let mut s = String::new();
         let _ = write!(s, "| attack mode | clean |");
@@ -293,7 +312,7 @@ impl AttackReport {
 
     /// JUnit XML: one test case per (threat, mode), failing when its robust accuracy is below
     /// the threshold `min_acc` gives for it (`None`: no threshold, always passes).
-    pub fn junit(&self, min_acc: &dyn Fn(AttackMode, &str) -> Option<f64>) -> String {
+    pub(crate) fn junit(&self, min_acc: &dyn Fn(AttackMode, &str) -> Option<f64>) -> String {
         let mut cases = String::new();
         let mut failures = 0;
         for c in &self.results {
@@ -327,4 +346,86 @@ impl AttackReport {
 
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Reports round-trip and count as documented (moved here from tests/pgd.rs when the writers
+/// became crate-private).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grad::Loss;
+
+    fn outcome(index: usize, runs_correct: u32) -> ImageOutcome {
+        ImageOutcome { index, label: index % 10, runs_correct, distance: 0.01 }
+    }
+
+    fn report() -> AttackReport {
+        let mut r = AttackReport {
+            data: "x.bin".into(),
+            images: 2,
+            config: DefenseConfig::default(),
+            harness: HarnessConfig {
+                attack: AttackKind::Pgd,
+                steps: 10,
+                step_size: None,
+                eot: 2,
+                queries: 0,
+                runs: 4,
+                seed: 0,
+                loss: Loss::CrossEntropy,
+                random_start: true,
+            },
+            threats: vec!["linf:8/255".into(), "l2:1".into()],
+            modes: vec![AttackMode::Bpda, AttackMode::WhiteBox],
+            counting: COUNTING.into(),
+            clean_acc: 0.75,
+            clean_acc_worst: 0.5,
+            clean_acc_majority: 0.5,
+            undefended_clean_acc: 1.0,
+            results: Vec::new(),
+            summary: Vec::new(),
+            complete: false,
+            seconds: 1.0,
+        };
+        r.cell_mut("linf:8/255", AttackMode::Bpda).add(vec![outcome(0, 4), outcome(1, 1)], 4, 0.5);
+        r.cell_mut("l2:1", AttackMode::Bpda).add(vec![outcome(0, 2), outcome(1, 3)], 4, 0.5);
+        r.cell_mut("linf:8/255", AttackMode::WhiteBox).add(vec![outcome(1, 0)], 4, 0.5);
+        r.summarise(4);
+        r
+    }
+
+    #[test]
+    fn reports_count_as_documented_and_round_trip() {
+        let r = report();
+        let bpda = &r.results[0];
+        assert_eq!(bpda.robust_acc, (1.0 + 0.25) / 2.0);
+        assert_eq!(bpda.robust_acc_worst, 0.5);
+        assert_eq!(bpda.robust_acc_majority, 0.5);
+        // AwT: mean over threat models; AoA: per image the worst threat model.
+        let s = r.summary[0];
+        assert_eq!(s.awt, (0.625 + 0.625) / 2.0);
+        assert_eq!(s.aoa, (0.5 + 0.25) / 2.0);
+        assert!(!r.complete, "white-box has one image of two and no l2 cell");
+        let text = serde_json::to_string(&r).unwrap();
+        let back: AttackReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        assert!(back.resumable_with(&r).is_ok());
+        let mut other = r.clone();
+        other.harness.eot = 3;
+        assert!(back.resumable_with(&other).is_err());
+    }
+
+    #[test]
+    fn markdown_and_junit_show_every_cell() {
+        let r = report();
+        let md = r.markdown();
+        assert!(md.contains("| attack mode | clean | linf:8/255 | l2:1 | AwT | AoA |"), "{md}");
+        assert!(md.contains("| bpda | 75.0 | 62.5 | 62.5 | 62.5 | 37.5 |"), "{md}");
+        assert!(md.contains("0.0 (1/2)"), "a partial cell says so: {md}");
+        let xml = r.junit(&|m, _| (m == AttackMode::Bpda).then_some(0.6));
+        assert!(xml.contains("tests=\"3\" failures=\"0\""), "{xml}");
+        let xml = r.junit(&|_, _| Some(0.7));
+        assert!(xml.contains("failures=\"3\""), "{xml}");
+        assert!(xml.contains("robust_acc 0.6250 below min-acc 0.7000"), "{xml}");
+    }
 }

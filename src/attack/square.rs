@@ -9,7 +9,7 @@
 //! sign and projects the whole perturbation back onto the eps-ball (the paper instead moves mass
 //! between two windows to stay on the sphere).
 
-use super::{margin, Norm, Scored, ThreatModel};
+use super::{margin, Attack, Norm, Scored, Target, ThreatModel};
 use crate::error::{Error, Result};
 use crate::noise::stream;
 use ndarray::{s, Array4, ArrayView4, Axis};
@@ -81,6 +81,34 @@ fn project(x: ArrayView4<f32>, delta: &mut Array4<f32>, threat: &ThreatModel) {
             }
         }
         ndarray::Zip::from(&mut d).and(&x).for_each(|d, &x| *d = (x + *d).clamp(0.0, 1.0) - x);
+    }
+}
+
+/// Square as an [`Attack`] with a budget of `queries` per image; against the defended
+/// pipeline it spends the whole budget (one lucky noise draw proves little), against the bare
+/// classifier it stops at the first misclassifying query.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Square {
+    /// Query budget per image, the initialisation included.
+    pub queries: usize,
+}
+
+impl Attack for Square {
+    fn craft(
+        &self,
+        target: &mut Target<'_, '_>,
+        images: ArrayView4<f32>,
+        labels: &[usize],
+        threat: ThreatModel,
+    ) -> Result<Array4<f32>> {
+        let cfg = SquareConfig {
+            threat,
+            queries: self.queries,
+            p_init: if threat.norm == Norm::Linf { 0.05 } else { 0.1 },
+            seed: target.seed() ^ target.first() as u64,
+            early_stop: !target.mode().evaluates_defended(),
+        };
+        Ok(square_attack(target, images, labels, &cfg)?.adversarial)
     }
 }
 

@@ -12,21 +12,53 @@ use crate::manifest::{ClassifierEntry, DenoiserEntry, Manifest};
 use ndarray::{Array2, Array4, ArrayD, ArrayView4, Axis, Ix2, Ix4};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
-/// Sets the number of threads tract's matrix kernels use (process-wide). 1 keeps everything on
-/// the calling thread; n > 1 starts a rayon pool of n threads for the large matrix products.
-pub fn set_threads(threads: usize) -> Result<()> {
-    use tract_linalg::multithread::{set_default_executor, Executor};
-    if threads == 0 {
-        return Err(Error::InvalidConfig("threads must be at least 1".into()));
+/// Most threads per CPU core a pipeline may ask for: more only adds scheduling overhead, and a
+/// typo such as `--threads 3000` would otherwise start thousands of threads.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// The CPU threads tract's matrix kernels use for the models of one pipeline: 1 keeps
+/// everything on the calling thread, n > 1 a rayon pool of n threads made once and shared by
+/// the pipeline's models. Per pipeline, not process-wide, so two pipelines in one process keep
+/// their own thread counts.
+#[derive(Debug, Clone, Default)]
+pub struct CpuThreads(Executor);
+
+impl CpuThreads {
+    /// Everything on the calling thread.
+    pub fn single() -> Self {
+        Self(Executor::SingleThread)
     }
-    set_default_executor(if threads == 1 {
-        Executor::SingleThread
-    } else {
-        Executor::multithread(threads)
-    });
-    Ok(())
+
+    /// `threads` threads: refused when 0 or more than [`MAX_THREADS_PER_CORE`] per core of this
+    /// machine (the message names the core count), and an error rather than a panic when the
+    /// OS refuses to start them (a process limit).
+    pub fn new(threads: usize) -> Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if threads == 0 || threads > MAX_THREADS_PER_CORE * cores {
+            return Err(Error::InvalidConfig(format!(
+                "threads must be in 1..={} ({MAX_THREADS_PER_CORE} per core; this machine has \
+                 {cores} cores), got {threads}",
+                MAX_THREADS_PER_CORE * cores
+            )));
+        }
+        if threads == 1 {
+            return Ok(Self::single());
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("diffshield-cpu-{i}"))
+            .build()
+            .map_err(|e| {
+                Error::InvalidConfig(format!(
+                    "cannot start {threads} CPU threads ({e}); the process may be at its thread \
+                     limit (ulimit -u): ask for fewer"
+                ))
+            })?;
+        Ok(Self(Executor::MultiThread(std::sync::Arc::new(pool))))
+    }
 }
 
 /// Largest batch one tract plan runs; larger batches run in chunks. This bounds the plan cache
@@ -41,6 +73,7 @@ struct BatchedModel {
     base: TypedModel,
     batch: Symbol,
     states: HashMap<usize, TypedSimpleState>,
+    threads: CpuThreads,
 }
 
 impl BatchedModel {
@@ -119,7 +152,13 @@ impl BatchedModel {
                 output.0
             )));
         }
-        Ok(Self { path: path.to_path_buf(), base: typed, batch, states: HashMap::new() })
+        Ok(Self {
+            path: path.to_path_buf(),
+            base: typed,
+            batch,
+            states: HashMap::new(),
+            threads: CpuThreads::single(),
+        })
     }
 
     /// Runs `x` (plus, for a denoiser, the timestep `t` for every item) in chunks of at most
@@ -157,7 +196,9 @@ impl BatchedModel {
             self.states.insert(n, state);
         }
         let state = self.states.get_mut(&n).expect("inserted above");
-        state.run(inputs).map_err(|e| Error::Backend(format!("{e:#}")))
+        let executor = self.threads.0.clone();
+        multithread_tract_scope(executor, || state.run(inputs))
+            .map_err(|e| Error::Backend(format!("{e:#}")))
     }
 }
 
@@ -198,6 +239,12 @@ impl TractClassifier {
         )?;
         Ok(Self { model, entry: e })
     }
+
+    /// Runs the model's matrix kernels on `threads`.
+    pub fn with_threads(mut self, threads: &CpuThreads) -> Self {
+        self.model.threads = threads.clone();
+        self
+    }
 }
 
 impl Classifier for TractClassifier {
@@ -233,6 +280,12 @@ impl TractDenoiser {
         )?;
         Ok(Self { model, entry: e })
     }
+
+    /// Runs the model's matrix kernels on `threads`.
+    pub fn with_threads(mut self, threads: &CpuThreads) -> Self {
+        self.model.threads = threads.clone();
+        self
+    }
 }
 
 impl Denoiser for TractDenoiser {
@@ -242,4 +295,87 @@ impl Denoiser for TractDenoiser {
         out.into_dimensionality::<Ix4>()
             .map_err(|e| Error::Backend(format!("denoiser output: {e}")))
     }
+}
+
+/// Where one call of a model spends its time, by op type or by node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpProfile {
+    /// Mean wall time of one call, ms.
+    pub call_ms: f64,
+    /// Ops (or nodes) and their mean time per call, slowest first.
+    pub ops: Vec<OpTime>,
+}
+
+/// One op type's (or node's) share of a call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpTime {
+    /// Op type (`DirectConv`, `GroupNorm`, ...) or, per node, `TYPE node-name`.
+    pub name: String,
+    /// Mean time per call, ms.
+    pub ms: f64,
+    /// Nodes of this type in the plan.
+    pub nodes: usize,
+}
+
+/// Profiles `reps` calls of the ONNX model at `path` at batch `batch` on synthetic inputs
+/// (t = 140 for a denoiser), planned exactly as the runtime plans it (our kernels unless
+/// `DIFFSHIELD_TRACT_ONLY=1`), by op type or with `per_node` by node.
+pub fn profile_ops(path: &Path, batch: usize, reps: usize, per_node: bool) -> Result<OpProfile> {
+    let fail = |e: TractError| Error::Backend(format!("{}: {e:#}", path.display()));
+    let model = tract_onnx::onnx().model_for_path(path).map_err(|e| Error::ModelLoad {
+        path: path.to_path_buf(),
+        reason: format!("not a valid ONNX model ({e})"),
+    })?;
+    let denoiser = model.input_outlets().map_err(fail)?.len() == 2;
+    let direct = super::tract_opt::own_kernels_enabled();
+    let typed =
+        model.into_typed().and_then(|m| super::tract_opt::prepare(m, direct)).map_err(fail)?;
+    let TDim::Sym(b) = typed.input_fact(0).map_err(fail)?.shape[0].clone() else {
+        return Err(Error::Shape {
+            expected: "a symbolic batch dimension".into(),
+            got: "a fixed one".into(),
+        });
+    };
+    let subs = HashMap::from([(b, TDim::from(batch as i64))]);
+    let plan = typed
+        .set_symbols(&subs)
+        .and_then(super::tract_opt::optimise)
+        .and_then(|m| m.into_runnable())
+        .map_err(fail)?;
+    let mut state = plan.spawn().map_err(fail)?;
+    let x = tract_ndarray::Array4::from_shape_fn((batch, 3, 32, 32), |(_, c, h, w)| {
+        ((c * 5 + h * 3 + w) % 29) as f32 / 14.0 - 1.0
+    });
+    let mut inputs: TVec<TValue> = tvec![x.into_tensor().into_tvalue()];
+    if denoiser {
+        inputs.push(tract_ndarray::Array1::from_elem(batch, 140f32).into_tensor().into_tvalue());
+    }
+    state.run(inputs.clone()).map_err(fail)?;
+    let reps = reps.max(1);
+    let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
+    let t0 = std::time::Instant::now();
+    for _ in 0..reps {
+        state
+            .run_plan_with_eval(inputs.clone(), |s, st, node, inp| {
+                let t = std::time::Instant::now();
+                let r = tract_onnx::tract_core::plan::eval(s, st, node, inp);
+                let key = if per_node {
+                    format!("{} {}", node.op.name(), node.name)
+                } else {
+                    node.op.name().to_string()
+                };
+                let e = by_op.entry(key).or_default();
+                e.0 += t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+                e.1 += 1;
+                r
+            })
+            .map_err(fail)?;
+    }
+    let call_ms = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    let mut ops: Vec<OpTime> = by_op
+        .into_iter()
+        .map(|(name, (ms, calls))| OpTime { name, ms, nodes: calls / reps })
+        .collect();
+    ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    Ok(OpProfile { call_ms, ops })
 }

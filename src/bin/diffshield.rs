@@ -1,29 +1,29 @@
-//! The diffshield command line: classify images through the purification defence, evaluate
-//! accuracy on a CIFAR-10 binary file. Machine-readable JSON on stdout, progress and errors on
-//! stderr. Exit codes: 0 success, 2 bad input or configuration, 1 internal failure.
+//! The diffshield command line: argument parsing and printing over the library's
+//! [`diffshield::Defense`], attack suite and tuning sweep. Machine-readable JSON lines (or
+//! `--format text`) on stdout, progress and errors on stderr. Exit codes: 0 success (also when
+//! stdout is closed early, as by `| head`), 2 bad input or configuration, 1 internal failure or
+//! an unwritable stdout.
 
 #[path = "diffshield/attack_cmd.rs"]
 mod attack_cmd;
 #[path = "diffshield/gradcheck_cmd.rs"]
 mod gradcheck_cmd;
+#[path = "diffshield/output.rs"]
+mod output;
+#[path = "diffshield/tune_cmd.rs"]
+mod tune_cmd;
 
-use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use diffshield::config::{BackendKind, DefenseConfig, VoteRule};
-use diffshield::data::cifar::{is_cifar_bin, read_cifar_bin};
-use diffshield::data::image::{collect_image_paths, load_image};
-use diffshield::pipeline::{Budget, Decision, Pipeline};
-use diffshield::stream::{
-    spawn_producer, CifarSource, FolderSource, FrameQueue, FrameSource, LatencySummary, RawSource,
-};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use diffshield::config::BackendKind;
+use diffshield::data::cifar::read_cifar_bin;
+use diffshield::data::inputs::load_inputs;
+use diffshield::defense::StreamOptions;
+use diffshield::stream::{CifarSource, FolderSource, FrameSource, RawSource};
+use diffshield::{Defense, DefenseConfig, Precision, VoteRule};
 use indicatif::{ProgressBar, ProgressStyle};
-use ndarray::{Array4, Axis};
-use serde_json::json;
-use std::io::Write;
+use output::{Format, Out};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Instant;
 
 #[derive(Parser)]
 #[command(
@@ -38,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Classify PNG/JPEG/PPM files, folders of them, or a CIFAR-10 .bin; one JSON line per image.
+    /// Classify PNG/JPEG/PPM files, folders of them, or a CIFAR-10 .bin; one line per image.
     Classify {
         /// Image files, folders (their images in name order) or CIFAR-10 .bin files.
         #[arg(required = true)]
@@ -49,6 +49,9 @@ enum Command {
         /// Skip the purifier: the bare classifier's decision.
         #[arg(long)]
         no_purify: bool,
+        /// Output: json (one object per line) or text (for people).
+        #[arg(long, value_enum, default_value = "json")]
+        format: Format,
         #[command(flatten)]
         defense: DefenseArgs,
     },
@@ -63,6 +66,9 @@ enum Command {
         /// Measure only the bare classifier.
         #[arg(long)]
         no_purify: bool,
+        /// Output: json (one object) or text (for people).
+        #[arg(long, value_enum, default_value = "json")]
+        format: Format,
         #[command(flatten)]
         defense: DefenseArgs,
     },
@@ -75,12 +81,15 @@ enum Command {
     /// Sweep a grid of defence configurations: per point the latency of single defended frames,
     /// clean and robust accuracy; writes tune.csv, pareto.md, pareto.svg, depth.svg under --out
     /// (finished points are cached there, so a sweep resumes and extends).
-    Tune(Box<TuneArgs>),
+    Tune(Box<tune_cmd::TuneArgs>),
     /// Classify a stream of frames (folder, raw RGB on stdin, CIFAR-10 .bin) at a target rate;
-    /// one JSON line per frame, then a summary line.
+    /// one line per frame, then a summary line.
     Run {
         #[command(flatten)]
         source: StreamArgs,
+        /// Output: json (one object per line) or text (for people).
+        #[arg(long, value_enum, default_value = "json")]
+        format: Format,
         #[command(flatten)]
         defense: DefenseArgs,
     },
@@ -114,8 +123,9 @@ struct StreamArgs {
 
 /// Options of the defence; each overrides the same key of `--config`.
 #[derive(Args, Clone)]
-struct DefenseArgs {
-    /// TOML file with any of the keys below (t_star, stride, eta, votes, ...).
+pub(crate) struct DefenseArgs {
+    /// TOML file with any of the keys below (t_star, stride, eta, votes, ...); relative paths
+    /// in it are relative to the file.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Diffusion depth T* (1..=500 for the shipped denoisers) [default: 140].
@@ -139,7 +149,8 @@ struct DefenseArgs {
     /// How votes combine: majority or mean-prob [default: majority].
     #[arg(long, value_enum)]
     vote_rule: Option<VoteRuleArg>,
-    /// Seed of the noise streams [default: 0].
+    /// Noise seed, to replay a run exactly [default: a fresh seed from the OS, reported in
+    /// every decision; attack, tune and gradcheck default to 0].
     #[arg(long)]
     seed: Option<u64>,
     /// Denoiser tier from models/models.toml: s or m [default: s].
@@ -157,7 +168,8 @@ struct DefenseArgs {
     /// Frames per batch [default: 1].
     #[arg(long)]
     batch: Option<usize>,
-    /// Folder with models.toml and the ONNX files [default: models].
+    /// Folder with models.toml and the ONNX files [default: $DIFFSHIELD_MODELS, else the
+    /// models folder diffshield was built from].
     #[arg(long)]
     models: Option<PathBuf>,
     /// Per-frame latency budget, milliseconds: steps and votes are planned per frame to fit.
@@ -169,21 +181,28 @@ struct DefenseArgs {
     /// Fewest votes the budget planner may choose (--votes is the most) [default: 1].
     #[arg(long)]
     min_votes: Option<u32>,
+    /// Classes listed in each decision's top_k [default: 3].
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Answer "unknown" (label null) when the chosen label's mean probability is below this
+    /// fraction (config key min_confidence) [default: never].
+    #[arg(long, value_name = "P")]
+    abstain_below: Option<f32>,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, ValueEnum)]
 enum PrecisionArg {
     F32,
     Int8,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, ValueEnum)]
 enum VoteRuleArg {
     Majority,
     MeanProb,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, ValueEnum)]
 enum BackendArg {
     Cpu,
     Cuda,
@@ -191,7 +210,7 @@ enum BackendArg {
 
 impl DefenseArgs {
     /// The configuration file (if any) with the command-line options applied over it.
-    fn resolve(&self) -> anyhow::Result<DefenseConfig> {
+    pub(crate) fn resolve(&self) -> anyhow::Result<DefenseConfig> {
         let mut c = match &self.config {
             Some(p) => DefenseConfig::from_file(p)?,
             None => DefenseConfig::default(),
@@ -205,9 +224,13 @@ impl DefenseArgs {
         macro_rules! set {
             ($($f:ident),*) => { $(if let Some(v) = self.$f.clone() { c.$f = v; })* };
         }
-        set!(t_star, eta, votes, seed, denoiser, threads, batch, models, min_steps, min_votes);
-        if self.budget_ms.is_some() {
-            c.budget_ms = self.budget_ms;
+        set!(t_star, eta, votes, denoiser, threads, batch, min_steps, min_votes, top_k);
+        macro_rules! set_some {
+            ($($f:ident),*) => { $(if self.$f.is_some() { c.$f = self.$f.clone(); })* };
+        }
+        set_some!(seed, models, budget_ms);
+        if self.abstain_below.is_some() {
+            c.min_confidence = self.abstain_below;
         }
         if let Some(r) = self.vote_rule {
             c.vote_rule = match r {
@@ -217,8 +240,8 @@ impl DefenseArgs {
         }
         if let Some(p) = self.precision {
             c.precision = match p {
-                PrecisionArg::F32 => diffshield::config::Precision::F32,
-                PrecisionArg::Int8 => diffshield::config::Precision::Int8,
+                PrecisionArg::F32 => Precision::F32,
+                PrecisionArg::Int8 => Precision::Int8,
             };
         }
         if let Some(b) = self.backend {
@@ -232,50 +255,7 @@ impl DefenseArgs {
     }
 }
 
-/// Images to classify, with where each came from and its label when known.
-struct Batch {
-    images: Array4<f32>,
-    sources: Vec<String>,
-    labels: Vec<Option<u8>>,
-}
-
-fn load_inputs(
-    inputs: &[PathBuf],
-    limit: Option<usize>,
-    size: (usize, usize),
-) -> anyhow::Result<Batch> {
-    let mut images = Vec::new();
-    let mut sources = Vec::new();
-    let mut labels = Vec::new();
-    let remaining = |n: usize| limit.map(|l| l.saturating_sub(n));
-    for input in inputs {
-        if remaining(images.len()) == Some(0) {
-            break;
-        }
-        if input.is_file() && is_cifar_bin(input) {
-            let set = read_cifar_bin(input, remaining(images.len()))?;
-            for (i, (img, l)) in set.images.outer_iter().zip(&set.labels).enumerate() {
-                images.push(img.to_owned());
-                sources.push(format!("{}#{i}", input.display()));
-                labels.push(Some(*l));
-            }
-            continue;
-        }
-        for path in collect_image_paths(std::slice::from_ref(input))? {
-            if remaining(images.len()) == Some(0) {
-                break;
-            }
-            images.push(load_image(&path, size)?);
-            sources.push(path.display().to_string());
-            labels.push(None);
-        }
-    }
-    let views: Vec<_> = images.iter().map(|a| a.view()).collect();
-    let images = ndarray::stack(Axis(0), &views).context("stacking images")?;
-    Ok(Batch { images, sources, labels })
-}
-
-fn progress(len: usize, what: &str) -> ProgressBar {
+pub(crate) fn progress(len: usize, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed} < {eta}]")
@@ -285,406 +265,110 @@ fn progress(len: usize, what: &str) -> ProgressBar {
     bar
 }
 
-/// How a batch of frames goes through the pipeline.
-enum Mode<'a> {
-    /// The bare classifier.
-    Undefended,
-    /// The full configured plan.
-    Defended,
-    /// One frame at a time under a latency budget.
-    Budgeted(&'a Budget),
-}
-
-impl Mode<'_> {
-    /// Decisions for `frames` (one frame at a time when budgeted), frame i being `first + i`.
-    fn decide(
-        &self,
-        pipeline: &mut Pipeline,
-        frames: ndarray::ArrayView4<f32>,
-        first: u64,
-    ) -> diffshield::Result<Vec<Decision>> {
-        match self {
-            Mode::Undefended => pipeline.decide_undefended(frames, first),
-            Mode::Defended => pipeline.decide(frames, first),
-            Mode::Budgeted(budget) => Ok(vec![pipeline.decide_within(frames, first, budget)?]),
-        }
-    }
-}
-
-/// The defended mode a configuration asks for; under a budget the pipeline is calibrated first
-/// (which refuses a budget that cannot fit one step).
-fn defended_mode<'a>(
-    pipeline: &mut Pipeline,
-    budget: Option<&'a Budget>,
-) -> diffshield::Result<Mode<'a>> {
-    match budget {
-        Some(b) => {
-            pipeline.calibrate(b, [3, 32, 32])?;
-            Ok(Mode::Budgeted(b))
-        }
-        None => Ok(Mode::Defended),
-    }
-}
-
-/// Runs the pipeline over `images` in batches of `batch` frames (1 under a budget).
-fn run_batches(
-    pipeline: &mut Pipeline,
-    images: &Array4<f32>,
-    batch: usize,
-    mode: Mode,
-    bar: &ProgressBar,
-) -> anyhow::Result<Vec<Decision>> {
-    let mut out = Vec::with_capacity(images.shape()[0]);
-    let batch = if matches!(mode, Mode::Budgeted(_)) { 1 } else { batch };
-    for (b, chunk) in images.axis_chunks_iter(Axis(0), batch).enumerate() {
-        let first = (b * batch) as u64;
-        let d = mode.decide(pipeline, chunk, first)?;
-        bar.inc(d.len() as u64);
-        out.extend(d);
-    }
-    bar.finish_and_clear();
-    Ok(out)
-}
-
 fn classify(
     inputs: &[PathBuf],
     limit: Option<usize>,
     no_purify: bool,
+    format: Format,
     args: &DefenseArgs,
 ) -> anyhow::Result<()> {
-    let config = args.resolve()?;
-    let mut pipeline = Pipeline::from_config(&config)?;
+    let mut defense = Defense::from_config(&args.resolve()?)?;
     // Every input is decoded and checked before the first line is printed, so a bad file
     // fails the command without leaving half an answer on stdout.
-    let batch = load_inputs(inputs, limit, (32, 32))?;
-    let bar = progress(batch.sources.len(), "classify");
-    let budget = config.budget(pipeline.plan().steps().len());
-    let mode =
-        if no_purify { Mode::Undefended } else { defended_mode(&mut pipeline, budget.as_ref())? };
-    let decisions = run_batches(&mut pipeline, &batch.images, config.batch, mode, &bar)?;
-    let mut stdout = std::io::stdout().lock();
-    for ((d, src), label) in decisions.iter().zip(&batch.sources).zip(&batch.labels) {
-        let mut line = serde_json::to_value(d)?;
-        line["source"] = json!(src);
-        if let Some(l) = label {
-            line["true_label"] = json!(l);
-        }
-        writeln!(stdout, "{line}")?;
+    let inputs = load_inputs(inputs, limit, defense.input_size())?;
+    let bar = progress(inputs.len(), "classify");
+    let decisions = if no_purify {
+        defense.classify_undefended(inputs.images.view())?
+    } else {
+        defense.classify_images_with(inputs.images.view(), &mut |d| bar.inc(d.len() as u64))?
+    };
+    bar.finish_and_clear();
+    let mut out = Out::new(format);
+    for ((d, src), label) in decisions.iter().zip(&inputs.sources).zip(&inputs.labels) {
+        out.decision(d, src, *label, None)?;
     }
-    Ok(())
-}
-
-fn accuracy(decisions: &[Decision], labels: &[u8]) -> f64 {
-    let ok = decisions.iter().zip(labels).filter(|(d, &l)| d.label == l as usize).count();
-    ok as f64 / labels.len().max(1) as f64
+    out.finish()
 }
 
 fn eval(
     data: &std::path::Path,
     limit: Option<usize>,
     no_purify: bool,
+    format: Format,
     args: &DefenseArgs,
 ) -> anyhow::Result<()> {
-    let config = args.resolve()?;
-    let mut pipeline = Pipeline::from_config(&config)?;
+    let mut defense = Defense::from_config(&args.resolve()?)?;
     let set = read_cifar_bin(data, limit)?;
-    let n = set.labels.len();
-    let t0 = Instant::now();
-    let clean =
-        run_batches(&mut pipeline, &set.images, 100, Mode::Undefended, &progress(n, "clean"))?;
-    let clean_s = t0.elapsed().as_secs_f64();
-    let mut report = json!({
-        "data": data.display().to_string(),
-        "images": n,
-        "clean_acc": accuracy(&clean, &set.labels),
-        "purified_acc": null,
-        "config": config,
-        "plan_timesteps": pipeline.plan().timesteps(),
-        "seconds": { "clean": clean_s, "purified": null },
-    });
-    if !no_purify {
-        let t1 = Instant::now();
-        let bar = progress(n, "purified");
-        let budget = config.budget(pipeline.plan().steps().len());
-        let mode = defended_mode(&mut pipeline, budget.as_ref())?;
-        let defended = run_batches(&mut pipeline, &set.images, config.batch, mode, &bar)?;
-        if budget.is_some() {
-            let missed = defended.iter().filter(|d| d.deadline_met == Some(false)).count();
-            let steps: usize = defended.iter().map(|d| d.steps).sum();
-            report["deadline_missed"] = json!(missed);
-            report["mean_steps"] = json!(steps as f64 / n.max(1) as f64);
-        }
-        report["purified_acc"] = json!(accuracy(&defended, &set.labels));
-        report["seconds"]["purified"] = json!(t1.elapsed().as_secs_f64());
-    }
-    println!("{report}");
-    Ok(())
+    let bar = progress(set.len(), "purified");
+    let acc = defense.accuracy(set.images.view(), &set.labels, !no_purify, &mut |n| {
+        bar.set_position(n as u64)
+    })?;
+    bar.finish_and_clear();
+    let mut out = Out::new(format);
+    out.eval(data, &acc, &defense)?;
+    out.finish()
 }
 
-fn frame_source(args: &StreamArgs) -> anyhow::Result<Box<dyn FrameSource>> {
+fn frame_source(args: &StreamArgs, size: (usize, usize)) -> anyhow::Result<Box<dyn FrameSource>> {
     if let Some(folder) = &args.folder {
-        return Ok(Box::new(FolderSource::new(folder, args.watch)?));
+        return Ok(Box::new(FolderSource::new(folder, args.watch)?.with_size(size)));
     }
     if let Some(data) = &args.data {
         return Ok(Box::new(CifarSource::open(data)?));
     }
-    if let Some(size) = &args.raw {
+    if let Some(raw) = &args.raw {
         let parsed =
-            size.split_once(['x', 'X']).and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)));
+            raw.split_once(['x', 'X']).and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)));
         let (w, h) = parsed.ok_or_else(|| {
             diffshield::Error::InvalidConfig(format!(
-                "--raw takes WIDTHxHEIGHT, e.g. 640x480, got {size:?}"
+                "--raw takes WIDTHxHEIGHT, e.g. 640x480, got {raw:?}"
             ))
         })?;
-        return Ok(Box::new(RawSource::new(std::io::stdin(), "stdin", w, h)?));
+        return Ok(Box::new(RawSource::new(std::io::stdin(), "stdin", w, h)?.with_size(size)));
     }
     Err(diffshield::Error::InvalidConfig("run needs one of --folder, --raw or --data".into())
         .into())
 }
 
-fn run(args: &StreamArgs, defense: &DefenseArgs) -> anyhow::Result<()> {
-    let config = defense.resolve()?;
-    let mut pipeline = Pipeline::from_config(&config)?;
-    let budget = config.budget(pipeline.plan().steps().len());
-    let mode = defended_mode(&mut pipeline, budget.as_ref())?;
-    let source = frame_source(args)?;
-    let queue = Arc::new(FrameQueue::new(args.queue)?);
-    let producer = spawn_producer(source, args.rate, args.limit, Arc::clone(&queue));
-    let mut latencies = Vec::new();
-    let mut missed = 0u64;
-    let mut stdout = std::io::stdout().lock();
-    let mut outcome = Ok(());
-    while let Some(frame) = queue.pop() {
-        let started = Instant::now();
-        let x = frame.image.view().insert_axis(Axis(0));
-        let d = match mode.decide(&mut pipeline, x, frame.index) {
-            Ok(mut d) => d.remove(0),
-            Err(e) => {
-                outcome = Err(e);
-                break;
+fn run(args: &StreamArgs, format: Format, defense: &DefenseArgs) -> anyhow::Result<()> {
+    let mut defense = Defense::from_config(&defense.resolve()?)?;
+    let source = frame_source(args, defense.input_size())?;
+    let options = StreamOptions { rate_hz: args.rate, limit: args.limit, queue: args.queue };
+    let mut out = Out::new(format);
+    let outcome = defense.run_stream(source, &options, &mut |s| {
+        out.decision(&s.decision, &s.source, s.true_label, Some((s.latency_ms, s.queued_ms)))
+    });
+    // The summary is printed even when the stream failed part-way, so that a reader knows how
+    // far it got; the error follows.
+    match outcome {
+        Ok(o) => {
+            out.summary(&o.latency, o.seed)?;
+            out.finish()
+        }
+        Err(failure) => {
+            if !output::is_stdout_error(&failure.error) {
+                out.summary(&failure.partial.latency, failure.partial.seed)?;
+                out.finish()?;
             }
-        };
-        let latency = started.elapsed().as_secs_f64();
-        latencies.push(latency);
-        if d.deadline_met == Some(false) {
-            missed += 1;
-        }
-        let mut line = serde_json::to_value(&d)?;
-        line["source"] = json!(frame.source);
-        line["latency_ms"] = json!(latency * 1e3);
-        line["queued_ms"] = json!((started - frame.arrived).as_secs_f64() * 1e3);
-        if let Some(l) = frame.label {
-            line["true_label"] = json!(l);
-        }
-        writeln!(stdout, "{line}")?;
-    }
-    queue.close();
-    let produced = producer.join().map_err(|_| anyhow::anyhow!("frame reader thread panicked"))?;
-    let summary = LatencySummary::from_latencies(&latencies, missed, queue.dropped());
-    writeln!(stdout, "{}", serde_json::to_string(&summary)?)?;
-    outcome?;
-    produced?;
-    Ok(())
-}
-
-/// Writes `bytes` to a temporary file beside `path` and renames it into place, so a reader
-/// (or a killed run) never sees a partial file.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir =
-        path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let name = path.file_name().context("--out needs a file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
-}
-
-/// Options of `diffshield tune`.
-#[derive(Args, Clone)]
-struct TuneArgs {
-    /// CIFAR-10 binary file the images come from.
-    #[arg(long, required_unless_present = "print_grid")]
-    data: Option<PathBuf>,
-    /// Output folder: points/ (the per-point cache), tune.csv, pareto.md, pareto.svg, depth.svg.
-    #[arg(long, default_value = "target/tune")]
-    out: PathBuf,
-    /// TOML grid file: axes as lists, one table or several [[grid]] tables (their union)
-    /// [default: the built-in grid, see --print-grid].
-    #[arg(long)]
-    grid: Option<PathBuf>,
-    /// Print the built-in grid (TOML) and exit.
-    #[arg(long)]
-    print_grid: bool,
-    /// T* values, e.g. 20,60,100,140 (replaces the axis in every grid of --grid).
-    #[arg(long, value_name = "LIST")]
-    t_star: Option<String>,
-    /// DDIM strides, e.g. 10,20 (with --steps: both kinds of plan are swept).
-    #[arg(long, value_name = "LIST")]
-    stride: Option<String>,
-    /// DDIM step counts, e.g. 1,4.
-    #[arg(long, value_name = "LIST")]
-    steps: Option<String>,
-    /// eta values, e.g. 0,1.
-    #[arg(long, value_name = "LIST")]
-    eta: Option<String>,
-    /// Votes per frame, e.g. 1,3.
-    #[arg(long, value_name = "LIST")]
-    votes: Option<String>,
-    /// Denoiser tiers, e.g. s,m.
-    #[arg(long, value_name = "LIST")]
-    denoiser: Option<String>,
-    /// CPU thread counts, e.g. 1,2.
-    #[arg(long, value_name = "LIST")]
-    threads: Option<String>,
-    /// Images of the clean pass; each is one timed single-frame decision (the latency samples).
-    #[arg(long, default_value_t = diffshield::tune::DEFAULT_IMAGES)]
-    images: usize,
-    /// Untimed single-frame decisions before the timed ones.
-    #[arg(long, default_value_t = diffshield::tune::DEFAULT_WARMUP)]
-    warmup: usize,
-    /// Attack for robust accuracy: bpda (PGD with BPDA+EOT; the default), square or none. A
-    /// build without the `twin` feature has no bpda and defaults to square.
-    #[arg(long, default_value = diffshield::tune::DEFAULT_ATTACK)]
-    attack: String,
-    /// Threat model of the attack.
-    #[arg(long, default_value = "linf:8/255")]
-    threat: String,
-    /// Query budget per attacked image (square).
-    #[arg(long, default_value_t = diffshield::tune::DEFAULT_QUERIES)]
-    queries: usize,
-    /// PGD steps of the bpda attack.
-    #[arg(long, default_value_t = diffshield::tune::DEFAULT_PGD_STEPS)]
-    pgd_steps: usize,
-    /// Purification samples per bpda gradient.
-    #[arg(long, default_value_t = diffshield::tune::DEFAULT_EOT)]
-    eot: u32,
-    /// Images attacked (the first N of --data).
-    #[arg(long, default_value_t = diffshield::tune::DEFAULT_ATTACK_IMAGES)]
-    attack_images: usize,
-    /// Fresh-noise evaluations of each adversarial image.
-    #[arg(long, default_value_t = diffshield::tune::DEFAULT_RUNS)]
-    runs: u32,
-    /// List the points and which are cached; measure nothing.
-    #[arg(long)]
-    dry_run: bool,
-    /// Latency for the frontier and plot: cpu (the deciding thread's CPU time, steady when
-    /// other jobs share the machine), wall, or auto (cpu when every point has it).
-    #[arg(long, default_value = "auto")]
-    clock: String,
-    /// Base configuration (TOML, the keys of --config elsewhere) for what the grid does not set:
-    /// models, vote_rule, seed, ...
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Noise seed [default: 0, or the --config file's].
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Folder with models.toml and the ONNX files [default: models].
-    #[arg(long)]
-    models: Option<PathBuf>,
-}
-
-fn tune(args: &TuneArgs) -> anyhow::Result<()> {
-    use diffshield::tune::{self, grid::Grid, grid::GridAxes, Progress};
-    if args.print_grid {
-        print!("{}", tune::grid::DEFAULT_GRID_TOML.trim_start());
-        return Ok(());
-    }
-    let mut axes = GridAxes::default();
-    for (name, list) in [
-        ("t_star", &args.t_star),
-        ("stride", &args.stride),
-        ("steps", &args.steps),
-        ("eta", &args.eta),
-        ("votes", &args.votes),
-        ("denoiser", &args.denoiser),
-        ("threads", &args.threads),
-    ] {
-        if let Some(list) = list {
-            axes.set(name, list)?;
+            Err(failure.error.into())
         }
     }
-    let file = args.grid.as_deref().map(Grid::from_file).transpose()?;
-    let grid = Grid::resolve(file, &axes)?;
-    let mut base = match &args.config {
-        Some(p) => DefenseConfig::from_file(p)?,
-        None => DefenseConfig::default(),
-    };
-    if let Some(s) = args.seed {
-        base.seed = s;
-    }
-    if let Some(m) = &args.models {
-        base.models = m.clone();
-    }
-    let data = args.data.clone().context("--data is required")?;
-    let settings = tune::MeasureSettings {
-        data,
-        clean_images: args.images,
-        warmup: args.warmup,
-        attack: tune::AttackSettings {
-            kind: args.attack.parse()?,
-            threat: args.threat.parse()?,
-            queries: args.queries,
-            pgd_steps: args.pgd_steps,
-            eot: args.eot,
-            images: args.attack_images,
-            runs: args.runs,
-        },
-        base,
-        clock: args.clock.parse()?,
-    };
-    let started = Instant::now();
-    let mut report = |p: Progress| match p {
-        Progress::Cached { index, total, point } => {
-            eprintln!("[{}/{total}] {}: cached", index + 1, point.label());
-        }
-        Progress::Measuring { index, total, point } => {
-            eprintln!(
-                "[{}/{total}] {}: measuring ({:.0} s so far)",
-                index + 1,
-                point.label(),
-                started.elapsed().as_secs_f64()
-            );
-        }
-        Progress::Done { index, total, result: r } => {
-            eprintln!(
-                "[{}/{total}] {}: p50 {:.1} ms, p99 {:.1} ms, clean {:.1} %, robust {} ({:.1} s)",
-                index + 1,
-                r.label,
-                r.latency.p50_ms,
-                r.latency.p99_ms,
-                r.clean_acc * 100.0,
-                r.robust.as_ref().map_or("n/a".into(), |x| format!("{:.1} %", x.mean * 100.0)),
-                r.seconds
-            );
-        }
-    };
-    let outcome = tune::run(&grid, &settings, &args.out, args.dry_run, &mut report)?;
-    let summary = tune::report::summary(&outcome, &settings, outcome.files.as_ref());
-    println!("{summary}");
-    Ok(())
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Classify { inputs, limit, no_purify, defense } => {
-            classify(inputs, *limit, *no_purify, defense)
+        Command::Classify { inputs, limit, no_purify, format, defense } => {
+            classify(inputs, *limit, *no_purify, *format, defense)
         }
-        Command::Eval { data, limit, no_purify, defense } => {
-            eval(data, *limit, *no_purify, defense)
+        Command::Eval { data, limit, no_purify, format, defense } => {
+            eval(data, *limit, *no_purify, *format, defense)
         }
-        Command::Run { source, defense } => run(source, defense),
-        Command::Tune(args) => tune(args),
+        Command::Run { source, format, defense } => run(source, *format, defense),
+        Command::Tune(args) => tune_cmd::tune(args),
         Command::Attack(args) => attack_cmd::attack(args),
         Command::Gradcheck(args) => gradcheck_cmd::gradcheck(args),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            let user = e.downcast_ref::<diffshield::Error>().is_none_or(|e| e.is_user_error());
-            ExitCode::from(if user { 2 } else { 1 })
-        }
-    }
+    output::exit_code(result)
 }

@@ -55,6 +55,38 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.to_path_buf(), source }
 }
 
+/// Opens a CIFAR-10 file and checks its size: a regular file of a non-zero whole number of
+/// [`CIFAR_RECORD_BYTES`] records. Returns the open file and its number of records. The
+/// check happens on the opened file's metadata, so a special file (a FIFO) is refused without
+/// blocking on a read.
+pub(crate) fn open_records(path: &Path) -> Result<(File, u64)> {
+    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    if !meta.is_file() {
+        return Err(cifar_err(path, "not a regular file"));
+    }
+    let file = File::open(path).map_err(|e| io_err(path, e))?;
+    let size = file.metadata().map_err(|e| io_err(path, e))?.len();
+    let record = CIFAR_RECORD_BYTES as u64;
+    if size == 0 {
+        return Err(cifar_err(
+            path,
+            format!("empty file (0 bytes), expected records of {record} bytes"),
+        ));
+    }
+    if !size.is_multiple_of(record) {
+        return Err(cifar_err(
+            path,
+            format!(
+                "size {size} bytes is not a multiple of the record size {record} bytes \
+                 ({} whole records and {} bytes left over)",
+                size / record,
+                size % record
+            ),
+        ));
+    }
+    Ok((file, size / record))
+}
+
 /// Reads a CIFAR-10 binary file.
 ///
 /// `limit`: read only the first `limit` records (all of them where the file has fewer); the
@@ -67,29 +99,9 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
 /// Errors: [`Error::Io`] where the file is missing or unreadable; [`Error::Cifar`] where it is
 /// not a regular file, empty, not a whole number of records, or a record's label is above 9.
 pub fn read_cifar_bin(path: &Path, limit: Option<usize>) -> Result<CifarSet> {
-    let file = File::open(path).map_err(|e| io_err(path, e))?;
-    let meta = file.metadata().map_err(|e| io_err(path, e))?;
-    if !meta.is_file() {
-        return Err(cifar_err(path, "not a regular file"));
-    }
-    let size = meta.len();
-    if size == 0 {
-        return Err(cifar_err(path, "empty file (0 bytes), expected records of 3073 bytes"));
-    }
-    let record = CIFAR_RECORD_BYTES as u64;
-    if !size.is_multiple_of(record) {
-        return Err(cifar_err(
-            path,
-            format!(
-                "size {size} bytes is not a multiple of the record size {record} bytes \
-                 ({} whole records and {} bytes left over)",
-                size / record,
-                size % record
-            ),
-        ));
-    }
-    let total = usize::try_from(size / record)
-        .map_err(|_| cifar_err(path, format!("size {size} bytes is too large for this machine")))?;
+    let (file, records) = open_records(path)?;
+    let total = usize::try_from(records)
+        .map_err(|_| cifar_err(path, format!("{records} records are too many for this machine")))?;
     let n = limit.map_or(total, |l| l.min(total));
 
     let bytes: Vec<u8> = match limit {

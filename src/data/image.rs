@@ -16,14 +16,14 @@
 use crate::error::{Error, Result};
 use ::image::codecs::png::PngEncoder;
 use ::image::imageops::{self, FilterType};
-use ::image::{ExtendedColorType, ImageEncoder, ImageReader, RgbImage};
+use ::image::{
+    ExtendedColorType, ImageBuffer, ImageEncoder, ImageReader, Pixel, Rgb32FImage, RgbImage,
+};
 use ndarray::{Array3, ArrayView3};
 use std::ffi::OsStr;
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::fs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// File extensions (lower case, compared case-insensitively) that [`collect_image_paths`]
 /// takes from a folder.
@@ -133,26 +133,84 @@ pub fn rgb8_to_chw(rgb: &RgbImage, size: (usize, usize)) -> Result<Array3<f32>> 
             got: format!("{sw}x{sh} pixels (w x h)"),
         });
     }
-    let scaled;
-    let cropped;
-    let fitted: &RgbImage = if (sw, sh) == (tw, th) {
-        rgb
-    } else {
-        let (nw, nh) = cover_size(sw, sh, tw, th);
-        let src: &RgbImage = if (nw, nh) == (sw, sh) {
-            rgb
-        } else {
-            scaled = imageops::resize(rgb, nw, nh, FilterType::Triangle);
-            &scaled
-        };
-        let (x0, y0) = ((nw - tw) / 2, (nh - th) / 2);
-        cropped = imageops::crop_imm(src, x0, y0, tw, th).to_image();
-        &cropped
-    };
+    let fitted = fit(rgb, th, tw);
     let mut out = Array3::<f32>::zeros((3, h, w));
-    for (x, y, px) in fitted.enumerate_pixels() {
+    for (x, y, px) in fitted.as_ref().unwrap_or(rgb).enumerate_pixels() {
         for c in 0..3 {
             out[[c, y as usize, x as usize]] = f32::from(px.0[c]) / 255.0;
+        }
+    }
+    Ok(out)
+}
+
+/// The image scaled to cover `th` x `tw` (aspect ratio kept, Triangle filter) and centre-cropped
+/// to it; `None` where it already has that size (used pixel for pixel).
+fn fit<P>(
+    img: &ImageBuffer<P, Vec<P::Subpixel>>,
+    th: u32,
+    tw: u32,
+) -> Option<ImageBuffer<P, Vec<P::Subpixel>>>
+where
+    P: Pixel + 'static,
+    P::Subpixel: 'static,
+{
+    let (sw, sh) = img.dimensions();
+    if (sw, sh) == (tw, th) {
+        return None;
+    }
+    let (nw, nh) = cover_size(sw, sh, tw, th);
+    let scaled;
+    let src = if (nw, nh) == (sw, sh) {
+        img
+    } else {
+        scaled = imageops::resize(img, nw, nh, FilterType::Triangle);
+        &scaled
+    };
+    let (x0, y0) = ((nw - tw) / 2, (nh - th) / 2);
+    Some(imageops::crop_imm(src, x0, y0, tw, th).to_image())
+}
+
+/// Fits a CHW `[3, H, W]` f32 RGB image in [0,1] of any size to CHW `[3, h, w]`, where
+/// `size = (h, w)`: the same scaling, filter and centre crop as [`rgb8_to_chw`], in f32 (no
+/// rounding to bytes). An image of the target size is returned as is.
+///
+/// Errors: [`Error::Shape`] where `chw` is not `[3, H, W]` with H, W > 0; [`Error::Pixels`]
+/// for a value that is NaN, infinite or outside [0,1]; [`Error::InvalidConfig`] for a bad size.
+pub fn fit_chw_f32(chw: ArrayView3<f32>, size: (usize, usize)) -> Result<Array3<f32>> {
+    let (th, tw) = target_dims(size)?;
+    let (c, h, w) = chw.dim();
+    let dims = (u32::try_from(w), u32::try_from(h));
+    let (sw, sh) = match dims {
+        (Ok(sw), Ok(sh)) if c == 3 && sw > 0 && sh > 0 => (sw, sh),
+        _ => {
+            return Err(Error::Shape {
+                expected: "an RGB frame [3, H, W] with H, W > 0".into(),
+                got: format!("{:?}", chw.shape()),
+            })
+        }
+    };
+    if let Some(((ci, y, x), v)) = chw.indexed_iter().find(|(_, v)| !(0.0..=1.0).contains(*v)) {
+        return Err(Error::Pixels {
+            what: "frame".into(),
+            reason: format!("value {v} at (c,y,x)=({ci},{y},{x}) is not a [0,1] pixel"),
+        });
+    }
+    if (sw, sh) == (tw, th) {
+        return Ok(chw.to_owned());
+    }
+    let mut buf = Rgb32FImage::new(sw, sh);
+    for (x, y, px) in buf.enumerate_pixels_mut() {
+        for ci in 0..3 {
+            px.0[ci] = chw[[ci, y as usize, x as usize]];
+        }
+    }
+    let fitted = fit(&buf, th, tw).unwrap_or(buf);
+    let mut out = Array3::<f32>::zeros((3, size.0, size.1));
+    for (x, y, px) in fitted.enumerate_pixels() {
+        for ci in 0..3 {
+            // The filter's weights are non-negative and sum to one, so only rounding can step
+            // outside [0,1].
+            out[[ci, y as usize, x as usize]] = px.0[ci].clamp(0.0, 1.0);
         }
     }
     Ok(out)
@@ -236,9 +294,6 @@ pub fn collect_image_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Counter making temporary file names unique within the process.
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 /// Writes CHW `[3, h, w]` RGB pixels in [0,1] as an 8-bit PNG at `path`; each byte is
 /// `round(v * 255)`, values outside [0,1] clamped first.
 ///
@@ -275,36 +330,12 @@ pub fn save_png(path: &Path, chw: ArrayView3<f32>) -> Result<()> {
         }
     }
 
-    let name = path.file_name().ok_or_else(|| image_err(path, "output path has no file name"))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = write_png_file(&tmp, &bytes, pw, ph)
-        .and_then(|()| fs::rename(&tmp, path).map_err(|e| io_err(path, e)));
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written
-}
-
-fn write_png_file(tmp: &Path, rgb: &[u8], w: u32, h: u32) -> Result<()> {
-    let file = File::create(tmp).map_err(|e| io_err(tmp, e))?;
-    let mut writer = BufWriter::new(file);
-    PngEncoder::new(&mut writer).write_image(rgb, w, h, ExtendedColorType::Rgb8).map_err(|e| {
-        match e {
-            ::image::ImageError::IoError(source) => io_err(tmp, source),
-            other => image_err(tmp, format!("PNG encoding failed: {other}")),
-        }
-    })?;
-    writer.flush().map_err(|e| io_err(tmp, e))?;
-    let file = writer.into_inner().map_err(|e| io_err(tmp, e.into_error()))?;
-    file.sync_all().map_err(|e| io_err(tmp, e))?;
-    Ok(())
+    crate::files::write_atomically_with(path, |writer| {
+        PngEncoder::new(writer).write_image(&bytes, pw, ph, ExtendedColorType::Rgb8).map_err(|e| {
+            match e {
+                ::image::ImageError::IoError(source) => io_err(path, source),
+                other => image_err(path, format!("PNG encoding failed: {other}")),
+            }
+        })
+    })
 }

@@ -35,9 +35,7 @@ use generated::fingerprints;
 /// FNV-1a 64 of a file: the fingerprint build.rs recorded for the twin's source model.
 pub fn fingerprint(path: &Path) -> Result<u64> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
-    Ok(bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)))
+    Ok(crate::fingerprint::fnv1a64(&bytes))
 }
 
 fn no_twin(path: &Path, what: &str) -> Error {

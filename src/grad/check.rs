@@ -182,7 +182,7 @@ pub fn standard_checks(
     let noise = || {
         SeededNoise::new(
             seed,
-            (0..labels.len() as u64).map(|frame| StreamId { frame, vote: 0 }).collect(),
+            (0..labels.len() as u64).map(|frame| StreamId::of_frame(frame, 0)).collect(),
         )
     };
     let full = super::purifier::purified_loss_grad(

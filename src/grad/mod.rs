@@ -17,6 +17,39 @@ use crate::backend::{Classifier, Denoiser};
 use crate::error::{Error, Result};
 use ndarray::{Array2, Array4, ArrayView2, ArrayView4};
 
+/// The differentiable twin of the manifest's classifier, where this build has twins (feature
+/// `twin`); `None` without them.
+pub fn load_classifier_twin(
+    manifest: &crate::manifest::Manifest,
+) -> Result<Option<Box<dyn DifferentiableClassifier>>> {
+    #[cfg(feature = "twin")]
+    {
+        Ok(Some(Box::new(burn_twin::TwinClassifier::load(manifest)?)))
+    }
+    #[cfg(not(feature = "twin"))]
+    {
+        let _ = manifest;
+        Ok(None)
+    }
+}
+
+/// The differentiable twin of the manifest's denoiser tier `tier`, where this build has twins
+/// (feature `twin`); `None` without them.
+pub fn load_denoiser_twin(
+    manifest: &crate::manifest::Manifest,
+    tier: &str,
+) -> Result<Option<Box<dyn DifferentiableDenoiser>>> {
+    #[cfg(feature = "twin")]
+    {
+        Ok(Some(Box::new(burn_twin::TwinDenoiser::load(manifest, tier)?)))
+    }
+    #[cfg(not(feature = "twin"))]
+    {
+        let _ = (manifest, tier);
+        Ok(None)
+    }
+}
+
 /// A classifier whose logits have an exact input gradient.
 pub trait DifferentiableClassifier: Classifier {
     /// Logits (N x classes) of `images` ([0,1] pixels, NCHW f32) and the vector-Jacobian

@@ -9,8 +9,9 @@
 //! the recomputed eps and next state equal the stored ones before using them.
 
 use super::{DifferentiableClassifier, DifferentiableDenoiser, Loss};
+use crate::ddim;
 use crate::error::{Error, Result};
-use crate::noise::NoiseSource;
+use crate::noise::{draw_batch, NoiseSource};
 use crate::purify::Purification;
 use crate::schedule::DdimPlan;
 use ndarray::{Array4, ArrayView4, Zip};
@@ -61,7 +62,7 @@ pub fn purified_loss_grad(
         );
     }
     let x0 = states.last().cloned().ok_or_else(|| Error::Backend("no final state".into()))?;
-    let purified = x0.mapv(|v| ((v + 1.0) / 2.0).clamp(0.0, 1.0));
+    let purified = ddim::to_pixels(x0.view());
 
     // Classifier and loss at the purified images.
     let mut values = Vec::new();
@@ -70,52 +71,22 @@ pub fn purified_loss_grad(
         values = v;
         Ok(g)
     })?;
-    // pixels = clamp((x0 + 1) / 2, 0, 1); the clamp passes the gradient on [0,1] inclusive.
-    let mut g_x = Zip::from(&g_pixels).and(&x0).map_collect(|&g, &x| {
-        if (-1.0..=1.0).contains(&x) {
-            0.5 * g
-        } else {
-            0.0
-        }
-    });
+    let mut g_x = ddim::to_pixels_vjp(x0.view(), g_pixels.view());
 
     // Backward through the steps, last first, one recomputed denoiser call at a time.
-    let per_item: usize = images.shape()[1..].iter().product();
-    let mut z = vec![0.0f32; per_item];
     let mut replay_error = 0.0f32;
     for (k, c) in plan.steps().iter().enumerate().rev() {
         let (x_t, eps_k, x_s) = (&states[k], &eps[k], &states[k + 1]);
-        let (sa_t, s1m_t) = (c.sqrt_abar_t as f32, c.sqrt_one_minus_abar_t as f32);
-        let (sa_s, dir, sigma) = (c.sqrt_abar_s as f32, c.dir_coeff as f32, c.sigma as f32);
-
         // Cotangents of eps and of x_t's direct path, from the stored forward values.
-        let mut g_eps = Array4::<f32>::zeros(x_t.raw_dim());
-        let mut g_xt = Array4::<f32>::zeros(x_t.raw_dim());
-        Zip::from(&mut g_eps).and(&mut g_xt).and(&g_x).and(x_t).and(eps_k).for_each(
-            |ge, gx, &g, &x, &e| {
-                let pre = (x - s1m_t * e) / sa_t;
-                let g_pre = if (-1.0..=1.0).contains(&pre) { sa_s * g } else { 0.0 };
-                *gx = g_pre / sa_t;
-                *ge = dir * g - s1m_t / sa_t * g_pre;
-            },
-        );
+        let (g_xt, g_eps) = ddim::step_vjp(c, x_t.view(), eps_k.view(), g_x.view());
         let (eps_again, g_through_eps) = denoiser.eps_vjp(x_t.view(), c.t, g_eps.view())?;
         replay_error = replay_error.max(max_abs_diff(eps_again.view(), eps_k.view()));
 
         // The next state rebuilt from the recomputed eps and the replayed noise must be the one
         // the forward pass stored.
-        let mut x_next = Array4::<f32>::zeros(x_t.raw_dim());
-        Zip::from(&mut x_next).and(x_t).and(&eps_again).for_each(|xn, &x, &e| {
-            let est = ((x - s1m_t * e) / sa_t).clamp(-1.0, 1.0);
-            *xn = sa_s * est + dir * e;
-        });
-        if sigma > 0.0 {
-            for (i, mut item) in x_next.outer_iter_mut().enumerate() {
-                noise.fill(k + 1, i, &mut z);
-                item.iter_mut().zip(&z).for_each(|(v, zi)| *v += sigma * zi);
-            }
-        }
-        replay_error = replay_error.max(max_abs_diff(x_next.view(), x_s.view()));
+        let z = ddim::needs_noise(c).then(|| draw_batch(noise, k + 1, x_t.raw_dim()));
+        let again = ddim::step(c, x_t.view(), eps_again.view(), z.as_ref().map(|z| z.view()));
+        replay_error = replay_error.max(max_abs_diff(again.x_s.view(), x_s.view()));
         if replay_error > REPLAY_TOLERANCE {
             return Err(Error::Backend(format!(
                 "purifier gradient: recomputed step {} (t={}) differs from the forward pass by \
@@ -126,9 +97,7 @@ pub fn purified_loss_grad(
         }
         g_x = g_xt + g_through_eps;
     }
-    // x_{T*} = a * (2 * image - 1) + b * z.
-    let (a, _) = plan.start_coeffs();
-    let grad = g_x.mapv(|g| 2.0 * a as f32 * g);
+    let grad = ddim::noise_to_start_vjp(plan.start_coeffs(), g_x.view());
     Ok(PurifiedGradient { loss: values, grad, purified, replay_error })
 }
 

@@ -5,6 +5,7 @@
 
 use super::PointResult;
 use crate::error::{Error, Result};
+use crate::files::write_atomically;
 use std::path::{Path, PathBuf};
 
 /// Bumped whenever what a cached number means changes; old files are then ignored.
@@ -13,19 +14,14 @@ pub const CACHE_VERSION: u32 = 1;
 /// Subfolder of the output folder holding the per-point files.
 pub const CACHE_DIR: &str = "points";
 
-/// 64-bit FNV-1a: small, stable across platforms and Rust versions (unlike `DefaultHasher`).
-pub fn fnv1a64(text: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+/// The cache file name's hash of a key (FNV-1a 64 of its UTF-8 bytes).
+pub fn key_hash(key: &str) -> u64 {
+    crate::fingerprint::fnv1a64(key.as_bytes())
 }
 
 /// The cache file of a key: `DIR/points/<16 hex digits of the key's hash>.json`.
 pub fn path_for(out: &Path, key: &str) -> PathBuf {
-    out.join(CACHE_DIR).join(format!("{:016x}.json", fnv1a64(key)))
+    out.join(CACHE_DIR).join(format!("{:016x}.json", key_hash(key)))
 }
 
 /// The cached result for `key`, if a file exists and holds exactly that key (a file from
@@ -47,24 +43,9 @@ pub fn load(out: &Path, key: &str) -> Option<PointResult> {
 /// Writes `result` to its cache file atomically.
 pub fn store(out: &Path, result: &PointResult) -> Result<PathBuf> {
     let path = path_for(out, &result.key);
+    crate::files::create_dir(&out.join(CACHE_DIR))?;
     let text = serde_json::to_string_pretty(result)
         .map_err(|e| Error::Backend(format!("serialising a tune result: {e}")))?;
     write_atomically(&path, text.as_bytes())?;
     Ok(path)
-}
-
-/// Writes `bytes` to a temporary file beside `path` and renames it into place, creating the
-/// folder if needed, so no reader ever sees a partial file.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| Error::Io { path: p, source }
-    };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(())
 }

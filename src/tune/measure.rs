@@ -1,21 +1,19 @@
 //! Measuring one grid point: latency of single defended frames, clean accuracy, and robust
 //! accuracy under the configured attack ([`robust_accuracy`], the one place an attack runs).
 
-use super::{AttackKind, AttackSettings, LatencyStats, MeasureSettings, PointResult, RobustResult};
+use super::{AttackSettings, LatencyStats, MeasureSettings, PointResult, RobustResult};
 use crate::attack::eval::RunAccuracy;
-use crate::attack::gradients::AttackMode;
-use crate::attack::harness::{run_cell, AttackKind as Crafting, HarnessConfig, Twins};
+use crate::attack::harness::{run_cell, HarnessConfig, Twins};
+use crate::attack::AttackKind;
 use crate::data::cifar::CifarSet;
 use crate::error::{Error, Result};
 use crate::pipeline::Pipeline;
 use ndarray::{s, ArrayView4};
 use std::time::Instant;
 
-/// Frame index base (which keys the noise streams) of the warm-up decisions. Clean frames use
-/// the image index, as `diffshield eval` does, so a point's clean accuracy is exactly `eval`'s on
-/// the same images and seed; the attack's own frames come from the harness
-/// (`attack::eval::ATTACK_FRAME_BASE`), far away from both.
-const WARMUP_FRAME_BASE: u64 = 1 << 39;
+// Warm-up decisions draw from their own noise domain. Clean frames use the image index in the
+// deployed domain, as `diffshield eval` does, so a point's clean accuracy is exactly `eval`'s on
+// the same images and seed; the attack's own streams are the harness's domains.
 
 /// Measures `point` (its configuration is `settings.base` with the point's knobs set) on the
 /// images of `set`.
@@ -39,7 +37,7 @@ pub fn measure_point(
     // Warm-up: tract builds its plan for a batch size on first use and faults in its buffers.
     let first = set.images.slice(s![0..1, .., .., ..]);
     for w in 0..settings.warmup as u64 {
-        pipeline.decide(first, WARMUP_FRAME_BASE + w)?;
+        pipeline.decide_in(first, crate::noise::NoiseDomain::Warmup, w)?;
     }
     let mut seconds = Vec::with_capacity(n);
     let mut cpu_seconds = Vec::with_capacity(n);
@@ -56,11 +54,11 @@ pub fn measure_point(
         if let (Some(c0), Some(c1)) = (c, thread_cpu_ns().filter(|_| cpu_clock)) {
             cpu_seconds.push(c1.saturating_sub(c0) as f64 * 1e-9);
         }
-        correct.push(d.first().map(|d| d.label) == Some(usize::from(set.labels[i])));
+        correct.push(d.first().and_then(|d| d.label) == Some(usize::from(set.labels[i])));
     }
     let robust = match settings.attack.kind {
-        AttackKind::None => None,
-        _ => {
+        None => None,
+        Some(_) => {
             let m = settings.attack.images;
             if set.len() < m {
                 return Err(Error::InvalidConfig(format!(
@@ -76,15 +74,15 @@ pub fn measure_point(
             let mut clean_ok = correct[..n.min(m)].to_vec();
             if m > n {
                 let d = pipeline.decide(set.images.slice(s![n..m, .., .., ..]), n as u64)?;
-                clean_ok.extend(d.iter().zip(&labels[n..]).map(|(d, &l)| d.label == l));
+                clean_ok.extend(d.iter().zip(&labels[n..]).map(|(d, &l)| d.label == Some(l)));
             }
             let r = robust_accuracy(
                 &mut pipeline,
                 images,
                 &labels,
                 &settings.attack,
-                config.seed,
-                &config.models,
+                config.seed.unwrap_or(super::FIXED_SEED),
+                &config.models_dir()?,
             )?;
             r.map(|mut r| {
                 r.clean_acc = Some(clean_ok.iter().filter(|&&c| c).count() as f64 / m as f64);
@@ -131,7 +129,7 @@ pub fn thread_cpu_ns() -> Option<u64> {
 /// Robust accuracy of the defended `pipeline` on `images` with true `labels` under `attack`:
 /// the attack crafts adversarial images, then each is classified `attack.runs` times with fresh
 /// noise; the result is the mean fraction correct (and the fraction correct in every run).
-/// `None` for [`AttackKind::None`].
+/// `None` without an attack.
 pub fn robust_accuracy(
     pipeline: &mut Pipeline,
     images: ArrayView4<f32>,
@@ -140,38 +138,18 @@ pub fn robust_accuracy(
     seed: u64,
     models: &std::path::Path,
 ) -> Result<Option<RobustResult>> {
-    match attack.kind {
-        AttackKind::None => Ok(None),
-        AttackKind::Square => {
-            let mut twins = Twins { classifier: None, denoiser: None };
-            harness_accuracy(pipeline, &mut twins, images, labels, attack, seed, Crafting::Square)
+    let Some(kind) = attack.kind else { return Ok(None) };
+    super::check_available(attack.kind)?;
+    let twin = match kind {
+        AttackKind::Square => None,
+        AttackKind::Pgd => {
+            crate::grad::load_classifier_twin(&crate::manifest::Manifest::load(models)?)?
         }
-        #[cfg(feature = "twin")]
-        AttackKind::Bpda => bpda_accuracy(pipeline, images, labels, attack, seed, models),
-        // Without the twin there is no gradient (and no use for `models`): check_available
-        // returns the error naming the missing feature.
-        #[cfg(not(feature = "twin"))]
-        AttackKind::Bpda => {
-            let _ = models;
-            attack.kind.check_available()?;
-            Ok(None)
-        }
-    }
-}
-
-/// One cell of the attack harness (the same code as `diffshield attack`) on the defended
-/// pipeline, summarised.
-fn harness_accuracy(
-    pipeline: &mut Pipeline,
-    twins: &mut Twins,
-    images: ArrayView4<f32>,
-    labels: &[usize],
-    attack: &AttackSettings,
-    seed: u64,
-    crafting: Crafting,
-) -> Result<Option<RobustResult>> {
+    };
+    let mut classifier = twin;
+    let mut twins = Twins { classifier: classifier.as_deref_mut().map(|c| c as _), denoiser: None };
     let cfg = HarnessConfig {
-        attack: crafting,
+        attack: kind,
         steps: attack.pgd_steps,
         step_size: None,
         eot: attack.eot,
@@ -182,13 +160,8 @@ fn harness_accuracy(
         random_start: true,
     };
     cfg.validate()?;
-    // Square queries the defended pipeline; BPDA follows the mode's gradient. Both are
-    // evaluated defended.
-    let mode = match crafting {
-        Crafting::Square => AttackMode::GreyBox,
-        Crafting::Pgd => AttackMode::Bpda,
-    };
-    let outcomes = run_cell(pipeline, twins, &cfg, attack.threat, mode, images, labels, 0, 1)?;
+    let mode = super::attack_mode(kind);
+    let outcomes = run_cell(pipeline, &mut twins, &cfg, attack.threat, mode, images, labels, 0, 1)?;
     let counts: Vec<u32> = outcomes.iter().map(|o| o.runs_correct).collect();
     let acc = RunAccuracy::from_counts(&counts, attack.runs);
     Ok(Some(RobustResult {
@@ -200,22 +173,6 @@ fn harness_accuracy(
         worst: acc.worst,
         fooled_during_attack: counts.iter().filter(|&&c| c == 0).count(),
     }))
-}
-
-/// Robust accuracy under the harness's PGD with BPDA + EOT (Linf/L2 per `attack.threat`).
-#[cfg(feature = "twin")]
-fn bpda_accuracy(
-    pipeline: &mut Pipeline,
-    images: ArrayView4<f32>,
-    labels: &[usize],
-    attack: &AttackSettings,
-    seed: u64,
-    models: &std::path::Path,
-) -> Result<Option<RobustResult>> {
-    let manifest = crate::manifest::Manifest::load(models)?;
-    let mut classifier = crate::grad::burn_twin::TwinClassifier::load(&manifest)?;
-    let mut twins = Twins { classifier: Some(&mut classifier), denoiser: None };
-    harness_accuracy(pipeline, &mut twins, images, labels, attack, seed, Crafting::Pgd)
 }
 
 #[cfg(test)]

@@ -8,14 +8,17 @@
 //! an attack), [`cache`] (one JSON file per point, so a sweep resumes and extends),
 //! [`pareto`], [`report`] (CSV, Markdown, JSON summary) and [`plot`] (SVG via plotters).
 
-pub mod cache;
+pub(crate) mod cache;
 pub mod grid;
 pub mod measure;
 pub mod pareto;
-pub mod plot;
-pub mod report;
+pub(crate) mod plot;
+pub(crate) mod report;
+#[cfg(test)]
+mod tests;
 
-use crate::attack::ThreatModel;
+use crate::attack::gradients::AttackMode;
+use crate::attack::{AttackKind, ThreatModel};
 use crate::config::DefenseConfig;
 use crate::data::cifar::read_cifar_bin;
 use crate::error::{Error, Result};
@@ -41,68 +44,62 @@ pub const DEFAULT_RUNS: u32 = 2;
 /// has the differentiable twin, else the gradient-free Square Attack (so that a plain
 /// `--no-default-features` build still tunes robustness instead of refusing its own default).
 pub const DEFAULT_ATTACK: &str = if cfg!(feature = "twin") { "bpda" } else { "square" };
+/// The noise seed of every point when the base configuration sets none: tune compares points
+/// on the same, reproducible noise (a deployed defence draws its seed from the OS instead).
+pub const FIXED_SEED: u64 = 0;
 /// Default PGD steps of the BPDA attack.
 pub const DEFAULT_PGD_STEPS: usize = 5;
 /// Default EOT samples per BPDA gradient.
 pub const DEFAULT_EOT: u32 = 2;
 
-/// The attack that robust accuracy is measured under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttackKind {
-    /// No attack: robust accuracy is not measured (latency and clean accuracy only).
-    None,
-    /// The gradient-free Square Attack on the deployed pipeline (`attack::square`).
-    Square,
-    /// PGD with BPDA + EOT through the purifier (the harness's `bpda` mode; needs the
-    /// differentiable classifier twin, feature `twin`).
-    Bpda,
-}
-
-impl AttackKind {
-    /// Refuses an attack this build does not have, before anything is measured.
-    pub fn check_available(&self) -> Result<()> {
-        match self {
-            AttackKind::None | AttackKind::Square => Ok(()),
-            AttackKind::Bpda if cfg!(feature = "twin") => Ok(()),
-            AttackKind::Bpda => Err(Error::AttackUnavailable(
-                "--attack bpda needs the differentiable classifier twin (build with the default \
-                 `twin` feature); use --attack square or --attack none"
-                    .into(),
-            )),
-        }
+/// Parses tune's `--attack`: `none` (no robust accuracy), `square` (the Square Attack on the
+/// defended pipeline's outputs) or `bpda` (PGD with BPDA + EOT through the purifier).
+pub fn parse_attack(s: &str) -> Result<Option<AttackKind>> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "none" => Ok(None),
+        "square" => Ok(Some(AttackKind::Square)),
+        "bpda" => Ok(Some(AttackKind::Pgd)),
+        _ => Err(Error::InvalidConfig(format!(
+            "unknown attack {s:?}: expected square, bpda or none"
+        ))),
     }
 }
 
-impl FromStr for AttackKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "none" => Ok(AttackKind::None),
-            "square" => Ok(AttackKind::Square),
-            "bpda" => Ok(AttackKind::Bpda),
-            _ => Err(Error::InvalidConfig(format!(
-                "unknown attack {s:?}: expected square, bpda or none"
-            ))),
-        }
+/// The name [`parse_attack`] reads back: `none`, `square` or `bpda`.
+pub fn attack_name(kind: Option<AttackKind>) -> &'static str {
+    match kind {
+        None => "none",
+        Some(AttackKind::Square) => "square",
+        Some(AttackKind::Pgd) => "bpda",
     }
 }
 
-impl fmt::Display for AttackKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AttackKind::None => "none",
-            AttackKind::Square => "square",
-            AttackKind::Bpda => "bpda",
-        })
+/// The harness mode tune attacks in: PGD follows BPDA's gradient, Square queries the defended
+/// pipeline (grey-box: it sees only outputs); both are evaluated defended.
+pub(crate) fn attack_mode(kind: AttackKind) -> AttackMode {
+    match kind {
+        AttackKind::Pgd => AttackMode::Bpda,
+        AttackKind::Square => AttackMode::GreyBox,
+    }
+}
+
+/// Refuses an attack this build does not have, before anything is measured.
+pub fn check_available(kind: Option<AttackKind>) -> Result<()> {
+    match kind {
+        Some(AttackKind::Pgd) if !cfg!(feature = "twin") => Err(Error::AttackUnavailable(
+            "--attack bpda needs the differentiable classifier twin (build with the default \
+             `twin` feature); use --attack square or --attack none"
+                .into(),
+        )),
+        _ => Ok(()),
     }
 }
 
 /// How robust accuracy is measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttackSettings {
-    /// Which attack.
-    pub kind: AttackKind,
+    /// Which attack: `None` measures no robust accuracy; PGD runs in the BPDA mode.
+    pub kind: Option<AttackKind>,
     /// Threat model (Linf 8/255 by default).
     pub threat: ThreatModel,
     /// Query budget per image (Square).
@@ -121,8 +118,8 @@ impl AttackSettings {
     /// A canonical text form (part of the cache key).
     pub fn canonical(&self) -> String {
         match self.kind {
-            AttackKind::None => "attack=none".into(),
-            AttackKind::Bpda => format!(
+            None => "attack=none".into(),
+            Some(AttackKind::Pgd) => format!(
                 "attack=bpda;threat={};eps={};steps={};eot={};images={};runs={}",
                 self.threat,
                 grid::fmt_f64(self.threat.eps),
@@ -131,8 +128,8 @@ impl AttackSettings {
                 self.images,
                 self.runs
             ),
-            k => format!(
-                "attack={k};threat={};eps={};queries={};images={};runs={}",
+            Some(AttackKind::Square) => format!(
+                "attack=square;threat={};eps={};queries={};images={};runs={}",
                 self.threat,
                 grid::fmt_f64(self.threat.eps),
                 self.queries,
@@ -145,13 +142,13 @@ impl AttackSettings {
     /// A one-line description, e.g. `square linf:8/255, 20 queries, 8 images, 2 runs`.
     pub fn describe(&self) -> String {
         match self.kind {
-            AttackKind::None => "none".into(),
-            AttackKind::Bpda => format!(
+            None => "none".into(),
+            Some(AttackKind::Pgd) => format!(
                 "bpda+EOT {} PGD-{} EOT {}, {} images, {} runs",
                 self.threat, self.pgd_steps, self.eot, self.images, self.runs
             ),
-            k => format!(
-                "{k} {}, {} queries, {} images, {} runs",
+            Some(AttackKind::Square) => format!(
+                "square {}, {} queries, {} images, {} runs",
                 self.threat, self.queries, self.images, self.runs
             ),
         }
@@ -221,7 +218,7 @@ impl MeasureSettings {
         if self.clean_images == 0 {
             return bad("--images must be at least 1 (they are also the latency samples)");
         }
-        if self.attack.kind != AttackKind::None {
+        if self.attack.kind.is_some() {
             if self.attack.images == 0 {
                 return bad("--attack-images must be at least 1 (or --attack none)");
             }
@@ -232,7 +229,7 @@ impl MeasureSettings {
         if self.base.budget_ms.is_some() {
             return bad("a latency budget (budget_ms) cannot be swept; remove it from --config");
         }
-        self.attack.kind.check_available()?;
+        check_available(self.attack.kind)?;
         self.base.validate()
     }
 
@@ -297,11 +294,7 @@ impl LatencyStats {
     /// Nearest-rank percentiles of `seconds` (wall clock) and the median of `cpu_seconds`
     /// (empty: unknown).
     pub fn from_seconds(seconds: &[f64], cpu_seconds: &[f64]) -> LatencyStats {
-        let ms = |v: &[f64]| {
-            let mut ms: Vec<f64> = v.iter().map(|s| s * 1e3).collect();
-            ms.sort_by(f64::total_cmp);
-            ms
-        };
+        let ms = |v: &[f64]| crate::stats::sorted(v.iter().map(|s| s * 1e3));
         let (wall, cpu) = (ms(seconds), ms(cpu_seconds));
         LatencyStats {
             p50_ms: percentile(&wall, 50.0),
@@ -313,13 +306,10 @@ impl LatencyStats {
     }
 }
 
-/// Nearest-rank percentile `p` (0..=100) of sorted values; NaN when there are none.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+/// Nearest-rank percentile (see [`crate::stats::percentile`]); NaN for no frames, which
+/// [`MeasureSettings::validate`] rules out.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    crate::stats::percentile(sorted, p).unwrap_or(f64::NAN)
 }
 
 /// Robust accuracy of one point.
@@ -399,7 +389,7 @@ pub fn cache_key(point: &GridPoint, settings: &MeasureSettings) -> String {
 /// Builds every point's DDIM plan against the manifest, so a T* outside a denoiser's trained
 /// range or an unknown tier is refused before anything is measured. Returns the timesteps.
 pub fn check_points(points: &[GridPoint], base: &DefenseConfig) -> Result<Vec<Vec<u32>>> {
-    let manifest = crate::manifest::Manifest::load(&base.models)?;
+    let manifest = crate::manifest::Manifest::load(&base.models_dir()?)?;
     let schedule = manifest.schedule()?;
     points
         .iter()
@@ -462,6 +452,14 @@ pub struct TuneOutcome {
     pub files: Option<OutputFiles>,
 }
 
+impl TuneOutcome {
+    /// The JSON summary the sweep writes (`summary.json`) and `diffshield tune` prints: the
+    /// settings, every point, the frontier and the files.
+    pub fn summary(&self, settings: &MeasureSettings) -> serde_json::Value {
+        report::summary(self, settings, self.files.as_ref())
+    }
+}
+
 /// Runs a sweep: every point of `grid` not in the cache under `out` is measured and cached, then
 /// the CSV, Markdown table, plots and summary are written under `out`. With `dry_run` nothing is
 /// measured or written: the results hold only the cached points.
@@ -473,6 +471,9 @@ pub fn run(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<TuneOutcome> {
     let started = Instant::now();
+    let mut settings = settings.clone();
+    settings.base.seed.get_or_insert(FIXED_SEED);
+    let settings = &settings;
     settings.validate()?;
     let points = grid.points()?;
     if points.is_empty() {
@@ -499,8 +500,8 @@ pub fn run(
     let mut measured = 0;
     if !dry_run && !missing.is_empty() {
         let need = settings.clean_images.max(match settings.attack.kind {
-            AttackKind::None => 0,
-            _ => settings.attack.images,
+            None => 0,
+            Some(_) => settings.attack.images,
         });
         let set = read_cifar_bin(&settings.data, Some(need))?;
         for &i in &missing {

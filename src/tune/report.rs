@@ -1,10 +1,10 @@
 //! The sweep's reports: `tune.csv` (one row per point), `pareto.md` (the frontier as a Markdown
 //! table), `summary.json`, and the two plots (see [`super::plot`]).
 
-use super::cache::write_atomically;
 use super::grid::{fmt_f64, PlanChoice};
 use super::{MeasureSettings, OutputFiles, PointResult, TuneOutcome};
 use crate::error::Result;
+use crate::files::write_atomically;
 use serde_json::json;
 use std::path::Path;
 
@@ -87,7 +87,7 @@ pub fn csv(results: &[PointResult], on_frontier: &[bool]) -> String {
             front.to_string(),
             format!("{:.1}", r.seconds),
             r.cached.to_string(),
-            format!("{:016x}", super::cache::fnv1a64(&r.key)),
+            format!("{:016x}", super::cache::key_hash(&r.key)),
         ];
         out.push_str(&row.join(","));
         out.push('\n');
@@ -102,7 +102,7 @@ fn pct(v: f64) -> String {
 /// The frontier points (sorted by p50 latency) as a Markdown table, with a line saying how
 /// they were measured.
 pub fn markdown(outcome: &TuneOutcome, settings: &MeasureSettings) -> String {
-    let robust = settings.attack.kind != super::AttackKind::None;
+    let robust = settings.attack.kind.is_some();
     let mut s = String::new();
     s.push_str(&format!(
         "Pareto frontier of {} against p50 latency ({}; {} of {} points). Latency: single \
@@ -182,7 +182,7 @@ pub fn summary(
         "pending": outcome.pending,
         "seconds": outcome.seconds,
         "latency_clock": outcome.clock,
-        "frontier_on": if settings.attack.kind == super::AttackKind::None { "clean_acc" } else { "robust_acc" },
+        "frontier_on": if settings.attack.kind.is_none() { "clean_acc" } else { "robust_acc" },
         "settings": {
             "data": settings.data.display().to_string(),
             "images": settings.clean_images,
@@ -208,10 +208,11 @@ pub fn write_all(
         depth_svg: out.join("depth.svg"),
         summary: out.join("summary.json"),
     };
+    crate::files::create_dir(out)?;
     write_atomically(&files.csv, csv(&outcome.results, &outcome.on_frontier).as_bytes())?;
     write_atomically(&files.markdown, markdown(outcome, settings).as_bytes())?;
     let robust_label = match settings.attack.kind {
-        super::AttackKind::None => "clean accuracy (%)".to_string(),
+        None => "clean accuracy (%)".to_string(),
         _ => format!("robust accuracy (%), {}", settings.attack.describe()),
     };
     let svg = super::plot::pareto_svg(outcome, &robust_label)?;

@@ -3,20 +3,25 @@
 
 use std::path::PathBuf;
 
+pub mod svg;
+
 /// The project's shipped models folder.
 pub fn models_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")
 }
 
-/// `../shared/data/NAME` if present, else `None` after saying why the test is skipped.
-pub fn shared_data(name: &str) -> Option<PathBuf> {
+/// `../shared/data/NAME`. The tests that call this carry
+/// `#[cfg_attr(not(shared_data), ignore = "...")]`: build.rs sets `shared_data` when the data
+/// set is present, so where it is absent they are reported as ignored, with the reason. A file
+/// that vanished after the build fails the test rather than passing it.
+pub fn shared_data(name: &str) -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(name);
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: {} is absent (a fresh clone has no ../shared)", p.display());
-        None
-    }
+    assert!(
+        p.is_file(),
+        "{} is absent although it was there when the tests were built; touch build.rs",
+        p.display()
+    );
+    p
 }
 
 /// A little-endian .npy array: shape and values as f64.

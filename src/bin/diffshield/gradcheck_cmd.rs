@@ -42,8 +42,10 @@ pub struct GradcheckArgs {
 pub fn gradcheck(args: &GradcheckArgs) -> anyhow::Result<()> {
     use diffshield::grad::burn_twin::{TwinClassifier, TwinDenoiser};
     use diffshield::grad::check::standard_checks;
-    let config = args.defense.resolve()?;
-    let manifest = diffshield::manifest::Manifest::load(&config.models)?;
+    let mut config = args.defense.resolve()?;
+    // A fixed seed: the check's noise must be reproducible.
+    config.seed.get_or_insert(0);
+    let manifest = diffshield::manifest::Manifest::load(&config.models_dir()?)?;
     let pipeline = diffshield::pipeline::Pipeline::from_config(&config)?;
     let set = diffshield::data::cifar::read_cifar_bin(&args.data, Some(args.images))?;
     let labels: Vec<usize> = set.labels.iter().map(|&l| usize::from(l)).collect();
@@ -99,7 +101,13 @@ pub fn gradcheck(args: &GradcheckArgs) -> anyhow::Result<()> {
         "details": checks,
         "seconds": started.elapsed().as_secs_f64(),
     });
-    println!("{report}");
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{report}")
+            .and_then(|()| stdout.flush())
+            .map_err(|source| diffshield::Error::Io { path: "stdout".into(), source })?;
+    }
     if passed {
         Ok(())
     } else {

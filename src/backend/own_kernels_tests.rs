@@ -1,8 +1,9 @@
-//! This crate's kernels inside real plans (direct convs, fused GroupNorm, attention): the shipped models
+//! This crate's kernels inside real plans (moved here from tests/ when the kernels became
+//! crate-private) (direct convs, fused GroupNorm, attention): the shipped models
 //! prepared with them give the outputs tract's own ops give, at batch 1 and at a batch > 1.
 
-use diffshield::backend::direct_conv::DirectConv;
-use diffshield::backend::tract_opt::{optimise, prepare};
+use super::direct_conv::DirectConv;
+use super::tract_opt::{optimise, prepare};
 use std::collections::HashMap;
 use tract_onnx::prelude::*;
 
@@ -75,7 +76,7 @@ fn shipped_models_match_tracts_own_ops() {
 /// quantization; on real images it is closer, see tests/int8.rs and docs/int8.md).
 #[test]
 fn int8_models_match_tracts_own_int8_ops() {
-    use diffshield::backend::quant_conv::QuantConv;
+    use super::quant_conv::QuantConv;
     let int8 = |n: usize| if QuantConv::supported() { n } else { 0 };
     // denoiser_s.int8 quantizes its 60 stride-1 convs (the two stride-2 ones stay float), the
     // classifier all 8.
