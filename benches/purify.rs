@@ -14,6 +14,7 @@ fn config(denoiser: &str) -> DefenseConfig {
     DefenseConfig {
         models: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")),
         seed: Some(0),
+        votes: 1,
         denoiser: denoiser.into(),
         ..DefenseConfig::default()
     }

@@ -25,7 +25,9 @@ fn main() -> anyhow::Result<()> {
     let threads: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let reps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
     for tier in ["s", "m"] {
-        let config = DefenseConfig { denoiser: tier.into(), threads, ..DefenseConfig::default() };
+        // One purification per frame: the loop onnxruntime runs in benches/ort_frame.py.
+        let config =
+            DefenseConfig { denoiser: tier.into(), threads, votes: 1, ..DefenseConfig::default() };
         let mut p = Pipeline::from_config(&config)?;
         for batch in [1usize, 8] {
             let x = Array4::from_shape_fn((batch, 3, 32, 32), |(i, c, h, w)| {

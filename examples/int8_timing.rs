@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
     let pipe = |precision| {
         let denoiser = denoiser.clone();
         Pipeline::from_config(&DefenseConfig {
+            votes: 1,
             threads,
             precision,
             denoiser,

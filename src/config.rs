@@ -53,7 +53,10 @@ pub struct DefenseConfig {
     pub timesteps: Option<Vec<u32>>,
     /// Fresh-noise scale of every DDIM step: 1 = the paper's stochastic sampler, 0 = deterministic.
     pub eta: f64,
-    /// Purifications per frame; their classifications are combined by `vote_rule`.
+    /// Purifications per frame; their classifications are combined by `vote_rule`. The default,
+    /// 3, was measured (README, "Votes"): on the first 500 CIFAR-10 test images it lifts
+    /// defended accuracy from 67.4 % (1 vote) to 74.2 % for 3.4x the CPU time; 5 votes add 0.6
+    /// points for another 2.3x. A budget plans between `min_votes` and this.
     pub votes: u32,
     /// How votes are combined.
     pub vote_rule: VoteRule,
@@ -87,7 +90,7 @@ pub struct DefenseConfig {
     /// Classes listed in each decision's `top_k`, best first (1..=the number of classes).
     pub top_k: usize,
     /// Abstain (label `None`, class "unknown") when the chosen label's mean probability over
-    /// the votes is below this, in [0, 1]; `None` never abstains.
+    /// the votes is below this, in \[0, 1\]; `None` never abstains.
     pub min_confidence: Option<f32>,
 }
 
@@ -99,7 +102,7 @@ impl Default for DefenseConfig {
             steps: None,
             timesteps: None,
             eta: 1.0,
-            votes: 1,
+            votes: DEFAULT_VOTES,
             vote_rule: VoteRule::Majority,
             seed: None,
             denoiser: "s".into(),
@@ -122,6 +125,9 @@ pub const MODELS_ENV: &str = "DIFFSHIELD_MODELS";
 
 /// The `models/` folder of the source tree the library was compiled from.
 const BUILT_MODELS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
+
+/// Votes per frame when a configuration names none (see [`DefenseConfig::votes`]).
+pub const DEFAULT_VOTES: u32 = 3;
 
 /// Stride used when a configuration names neither stride, steps nor timesteps.
 pub const DEFAULT_STRIDE: u32 = 10;

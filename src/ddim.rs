@@ -1,5 +1,5 @@
-//! The one DDIM step of the paper's Algorithm 2, and the map between [0,1] pixels and the
-//! denoiser's [-1,1] diffusion space. Both live only here: the purifier (forward) and the
+//! The one DDIM step of the paper's Algorithm 2, and the map between \[0,1\] pixels and the
+//! denoiser's \[-1,1\] diffusion space. Both live only here: the purifier (forward) and the
 //! purifier gradient (replay and backward pass) call these pure functions of (coefficients,
 //! x_t, eps, z), so the two can never drift apart.
 //!
@@ -50,7 +50,7 @@ impl F32Step {
 pub(crate) struct StepOutput {
     /// The next state x_s (diffusion space, fresh noise included).
     pub x_s: Array4<f32>,
-    /// The clipped x0 estimate of this step (diffusion space, in [-1,1]).
+    /// The clipped x0 estimate of this step (diffusion space, in \[-1,1\]).
     pub x0_hat: Array4<f32>,
 }
 
@@ -83,7 +83,7 @@ pub(crate) fn step(
 
 /// The vector-Jacobian product of [`step`] with respect to its two inputs: given the cotangent
 /// `g_s` of x_s, returns (the cotangent of x_t through the x0 estimate, the cotangent of eps).
-/// The clip passes the gradient on [-1,1] inclusive; the noise term has no input gradient.
+/// The clip passes the gradient on \[-1,1\] inclusive; the noise term has no input gradient.
 pub(crate) fn step_vjp(
     c: &StepCoeffs,
     x_t: ArrayView4<f32>,
@@ -104,7 +104,7 @@ pub(crate) fn step_vjp(
     (g_x, g_eps)
 }
 
-/// Noises [0,1] `pixels` to x_{T*} = a (2 pixels - 1) + b z, with (a, b) =
+/// Noises \[0,1\] `pixels` to x_{T*} = a (2 pixels - 1) + b z, with (a, b) =
 /// [`crate::schedule::DdimPlan::start_coeffs`].
 pub(crate) fn noise_to_start(
     (a, b): (f64, f64),
@@ -121,12 +121,12 @@ pub(crate) fn noise_to_start_vjp((a, _): (f64, f64), g_start: ArrayView4<f32>) -
     g_start.mapv(|g| 2.0 * a * g)
 }
 
-/// Diffusion space to [0,1] pixels: clip((x + 1) / 2, 0, 1).
+/// Diffusion space to \[0,1\] pixels: clip((x + 1) / 2, 0, 1).
 pub(crate) fn to_pixels(x: ArrayView4<f32>) -> Array4<f32> {
     x.mapv(|v| ((v + 1.0) / 2.0).clamp(0.0, 1.0))
 }
 
-/// The cotangent of x from that of `to_pixels(x)`: g / 2 where x is in [-1,1] (the clip passes
+/// The cotangent of x from that of `to_pixels(x)`: g / 2 where x is in \[-1,1\] (the clip passes
 /// the gradient at its bounds), 0 outside.
 pub(crate) fn to_pixels_vjp(x: ArrayView4<f32>, g_pixels: ArrayView4<f32>) -> Array4<f32> {
     Zip::from(g_pixels)

@@ -11,10 +11,10 @@ pub const UNKNOWN_CLASS: &str = "unknown";
 /// How sure the defence is of its label.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Confidence {
-    /// Share of the frame's votes (purifications) whose own argmax is the label, in [0, 1].
+    /// Share of the frame's votes (purifications) whose own argmax is the label, in \[0, 1\].
     #[serde(serialize_with = "round_prob")]
     pub vote_share: f32,
-    /// The label's softmax probability averaged over the votes, in [0, 1].
+    /// The label's softmax probability averaged over the votes, in \[0, 1\].
     #[serde(serialize_with = "round_prob")]
     pub mean_prob: f32,
 }
@@ -26,7 +26,7 @@ pub struct ClassScore {
     pub label: usize,
     /// Class name.
     pub class: String,
-    /// Softmax probability averaged over the votes, in [0, 1].
+    /// Softmax probability averaged over the votes, in \[0, 1\].
     #[serde(serialize_with = "round_prob")]
     pub prob: f32,
 }

@@ -44,7 +44,7 @@ impl DefenseBuilder {
         self
     }
 
-    /// Purifications per frame, combined by the vote rule (default 1).
+    /// Purifications per frame, combined by the vote rule (default 3).
     pub fn votes(mut self, votes: u32) -> Self {
         self.config.votes = votes;
         self
@@ -82,7 +82,7 @@ impl DefenseBuilder {
         self
     }
 
-    /// Fresh-noise scale of every DDIM step, in [0, 1] (default 1, the paper's sampler).
+    /// Fresh-noise scale of every DDIM step, in \[0, 1\] (default 1, the paper's sampler).
     pub fn eta(mut self, eta: f64) -> Self {
         self.config.eta = eta;
         self
@@ -107,7 +107,7 @@ impl DefenseBuilder {
         self
     }
 
-    /// Abstain (label `None`, class "unknown") below this mean probability, in [0, 1].
+    /// Abstain (label `None`, class "unknown") below this mean probability, in \[0, 1\].
     pub fn min_confidence(mut self, min: f32) -> Self {
         self.config.min_confidence = Some(min);
         self
@@ -290,7 +290,7 @@ impl Defense {
         self.classify_images(x.view())
     }
 
-    /// Classifies NCHW images already at the input size ([0,1] f32), `batch` frames per
+    /// Classifies NCHW images already at the input size (\[0,1\] f32), `batch` frames per
     /// pipeline call (one under a budget); frame indices continue from [`Defense::next_frame`].
     pub fn classify_images(&mut self, images: ArrayView4<f32>) -> Result<Vec<Decision>> {
         self.classify_images_with(images, &mut |_| {})
@@ -417,7 +417,7 @@ const UNDEFENDED_CHUNK: usize = 100;
 pub struct Accuracy {
     /// Images evaluated.
     pub images: usize,
-    /// The bare classifier's accuracy, in [0, 1].
+    /// The bare classifier's accuracy, in \[0, 1\].
     pub clean_acc: f64,
     /// The defended pipeline's accuracy (abstentions count as wrong); `None` when skipped.
     pub purified_acc: Option<f64>,

@@ -38,7 +38,7 @@ pub enum Error {
     /// Input tensor with a wrong shape.
     #[error("bad input shape: expected {expected}, got {got}")]
     Shape { expected: String, got: String },
-    /// Input pixels that are NaN/infinite or outside [0,1].
+    /// Input pixels that are NaN/infinite or outside \[0,1\].
     #[error("bad pixel values in {what}: {reason}")]
     Pixels { what: String, reason: String },
     /// A requested backend that this build or machine does not have.

@@ -1,5 +1,5 @@
 //! The frames a caller hands to [`crate::Defense`]: 8-bit RGB as a camera delivers it, or f32
-//! pixels already in [0,1], of any size. Both are fitted to the models' input size the way the
+//! pixels already in \[0,1\], of any size. Both are fitted to the models' input size the way the
 //! CLI fits image files (shorter side scaled to the input side, Triangle filter, centre crop).
 
 use crate::data::image::{fit_chw_f32, raw_rgb8_to_chw};
@@ -19,7 +19,7 @@ pub enum Image<'a> {
         /// The `width * height * 3` bytes.
         pixels: &'a [u8],
     },
-    /// CHW `[3, H, W]` f32 RGB, every value in [0,1].
+    /// CHW `[3, H, W]` f32 RGB, every value in \[0,1\].
     Chw(ArrayView3<'a, f32>),
 }
 
@@ -29,15 +29,15 @@ impl<'a> Image<'a> {
         Image::Rgb8 { width, height, pixels }
     }
 
-    /// A CHW `[3, H, W]` f32 frame in [0,1].
+    /// A CHW `[3, H, W]` f32 frame in \[0,1\].
     pub fn chw(pixels: ArrayView3<'a, f32>) -> Self {
         Image::Chw(pixels)
     }
 
-    /// The frame fitted to `size = (height, width)` pixels as CHW `[3, h, w]` f32 in [0,1].
+    /// The frame fitted to `size = (height, width)` pixels as CHW `[3, h, w]` f32 in \[0,1\].
     ///
     /// Errors: [`crate::Error::Shape`] where the byte count does not match `width * height * 3`
-    /// or the array is not `[3, H, W]`; [`crate::Error::Pixels`] for f32 values outside [0,1]
+    /// or the array is not `[3, H, W]`; [`crate::Error::Pixels`] for f32 values outside \[0,1\]
     /// or not finite.
     pub fn fit(&self, size: (usize, usize)) -> Result<Array3<f32>> {
         match *self {

@@ -41,7 +41,7 @@
 //!
 //! # Layers
 //!
-//! Data flows one way: frame ([0,1] f32 pixels, NCHW) → [`purify`] (a [`DdimPlan`] over a
+//! Data flows one way: frame (\[0,1\] f32 pixels, NCHW) → [`purify`] (a [`DdimPlan`] over a
 //! [`Denoiser`]) → [`Classifier`] → [`Decision`]. [`pipeline::Pipeline`] is that chain with
 //! explicit frame indices and noise domains ([`noise`]), which the attack harness
 //! ([`attack`]) and the tuning sweep (`tune`, feature `tune`) drive. The backends implement

@@ -197,7 +197,7 @@ impl Pipeline {
         Ok(Purified { images, steps: run.steps_done(), anytime })
     }
 
-    /// Purifies `frames` ([0,1] pixels, NCHW), `votes` times each, all in one batch; frame i has
+    /// Purifies `frames` (\[0,1\] pixels, NCHW), `votes` times each, all in one batch; frame i has
     /// index `first_frame + i`. Returns the purified images ordered frame-major
     /// ([frame0 vote0, frame0 vote1, ...]).
     pub fn purify_votes(
@@ -210,7 +210,7 @@ impl Pipeline {
         Ok(self.run_purification(frames, ids, self.votes, steps, None)?.images)
     }
 
-    /// Classifies `frames` ([0,1] pixels, NCHW at the models' input size) through the defence;
+    /// Classifies `frames` (\[0,1\] pixels, NCHW at the models' input size) through the defence;
     /// frame i is deployed frame `first_frame + i` ([`NoiseDomain::Frames`]).
     pub fn decide(&mut self, frames: ArrayView4<f32>, first_frame: u64) -> Result<Vec<Decision>> {
         self.decide_in(frames, NoiseDomain::Frames, first_frame)

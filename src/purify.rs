@@ -1,6 +1,7 @@
 //! The paper's Algorithm 2: noise the image to T*, then run the reduced DDIM sampler with a
-//! fresh noise injection at every step. Images come in and go out as [0,1] f32 pixels; the
-//! arithmetic of each step and the [-1,1] diffusion space are [`crate::ddim`]'s.
+//! fresh noise injection at every step. Images come in and go out as \[0,1\] f32 pixels; the
+//! arithmetic of each step and the \[-1,1\] diffusion space live in one crate-private module
+//! (`ddim.rs`), shared with the gradient code.
 //!
 //! [`Purification`] is a step iterator: after every step the current x0 estimate is available,
 //! so a caller that runs out of time can stop early and classify the latest estimate.
@@ -28,14 +29,14 @@ pub struct Purification<'p> {
     plan: &'p DdimPlan,
     /// Current state x_t in diffusion space.
     x: Array4<f32>,
-    /// x0 estimate of the last step, in diffusion space (clipped to [-1,1]).
+    /// x0 estimate of the last step, in diffusion space (clipped to \[-1,1\]).
     x0_hat: Option<Array4<f32>>,
     /// eps predicted at the last step.
     eps: Option<Array4<f32>>,
     done: usize,
 }
 
-/// Checks that `images` is NCHW with every pixel finite and in [0,1].
+/// Checks that `images` is NCHW with every pixel finite and in \[0,1\].
 pub fn validate_images(images: ArrayView4<f32>, what: &str) -> Result<()> {
     if let Some((idx, v)) = images.indexed_iter().find(|(_, v)| !v.is_finite()) {
         return Err(Error::Pixels {
@@ -53,7 +54,7 @@ pub fn validate_images(images: ArrayView4<f32>, what: &str) -> Result<()> {
 }
 
 impl<'p> Purification<'p> {
-    /// Starts a run: maps `images` ([0,1] pixels) to x0 = 2*image - 1 and noises it to x_{T*}
+    /// Starts a run: maps `images` (\[0,1\] pixels) to x0 = 2*image - 1 and noises it to x_{T*}
     /// with draw 0 of `noise`.
     pub fn start(
         plan: &'p DdimPlan,
@@ -107,7 +108,7 @@ impl<'p> Purification<'p> {
         self.x.view()
     }
 
-    /// x0 estimate of the last step (diffusion space, clipped to [-1,1]).
+    /// x0 estimate of the last step (diffusion space, clipped to \[-1,1\]).
     pub fn x0_estimate(&self) -> Option<ArrayView4<'_, f32>> {
         self.x0_hat.as_ref().map(|a| a.view())
     }
@@ -117,14 +118,14 @@ impl<'p> Purification<'p> {
         self.eps.as_ref().map(|a| a.view())
     }
 
-    /// The best image available now, as [0,1] pixels: the final x_0 once complete, otherwise
+    /// The best image available now, as \[0,1\] pixels: the final x_0 once complete, otherwise
     /// the latest x0 estimate; `None` before the first step (nothing denoised yet).
     pub fn current_image(&self) -> Option<Array4<f32>> {
         let src = if self.is_complete() { Some(&self.x) } else { self.x0_hat.as_ref() };
         src.map(|x| ddim::to_pixels(x.view()))
     }
 
-    /// Runs the remaining steps and returns the purified images ([0,1] pixels).
+    /// Runs the remaining steps and returns the purified images (\[0,1\] pixels).
     pub fn finish(
         mut self,
         denoiser: &mut dyn Denoiser,
@@ -135,7 +136,7 @@ impl<'p> Purification<'p> {
     }
 }
 
-/// Purifies `images` ([0,1] pixels, NCHW) with the whole plan; returns [0,1] pixels.
+/// Purifies `images` (\[0,1\] pixels, NCHW) with the whole plan; returns \[0,1\] pixels.
 pub fn purify(
     plan: &DdimPlan,
     denoiser: &mut dyn Denoiser,

@@ -95,7 +95,7 @@ pub struct DdimPlan {
 
 impl DdimPlan {
     /// Builds a plan; `trained` is the denoiser's trained t range (from the manifest), and
-    /// T* must lie in it. `eta` in [0, 1] scales the fresh noise of every step.
+    /// T* must lie in it. `eta` in \[0, 1\] scales the fresh noise of every step.
     pub fn new(
         schedule: &Schedule,
         trained: RangeInclusive<u32>,

@@ -11,7 +11,7 @@
 //!   is dropped (a live camera wants the newest frame) and counted.
 //! - [`LatencySummary`] condenses per-frame latencies into the line the CLI prints last.
 //!
-//! Every frame image is CHW `[3, 32, 32]` `f32` RGB in [0,1] (byte / 255): files and raw frames
+//! Every frame image is CHW `[3, 32, 32]` `f32` RGB in \[0,1\] (byte / 255): files and raw frames
 //! of any other size are resized (shorter side to 32, Triangle filter) and centre-cropped
 //! exactly like [`crate::data::load_image`].
 
@@ -52,7 +52,7 @@ pub struct Frame {
     /// Where the frame came from: the file path, or `NAME#k` for record/frame `k` (0-based) of
     /// a stream (`stdin#3`, `data/test_batch.bin#17`).
     pub source: String,
-    /// The image, CHW `[3, 32, 32]` `f32` RGB in [0,1].
+    /// The image, CHW `[3, 32, 32]` `f32` RGB in \[0,1\].
     pub image: Array3<f32>,
     /// When the producer pushed the frame into the queue (after any pacing wait): latency is
     /// measured from here.
@@ -61,14 +61,14 @@ pub struct Frame {
     pub label: Option<u8>,
 }
 
-/// What a [`FrameSource`] yields for one frame: `(source name, CHW [3, 32, 32] image in [0,1],
+/// What a [`FrameSource`] yields for one frame: `(source name, CHW [3, 32, 32] image in \[0,1\],
 /// class label where known)`; the producer adds [`Frame::index`] and [`Frame::arrived`].
 pub type SourceFrame = (String, Array3<f32>, Option<u8>);
 
 /// A blocking source of frames.
 ///
 /// `next_frame` returns `Ok(Some((source, image, label)))` for the next frame, where `source`
-/// names it (see [`Frame::source`]), `image` is CHW `[3, 32, 32]` `f32` in [0,1] and `label` is
+/// names it (see [`Frame::source`]), `image` is CHW `[3, 32, 32]` `f32` in \[0,1\] and `label` is
 /// its class where known; `Ok(None)` at the end of the stream; `Err` where the frame cannot be
 /// read or decoded. It may block (a watching folder waits for new files).
 pub trait FrameSource: Send {

@@ -35,6 +35,7 @@ fn pipeline() -> Pipeline {
         models: Some(models_dir()),
         threads: 2,
         seed: Some(0),
+        votes: 1,
         ..DefenseConfig::default()
     };
     Pipeline::from_config(&config).unwrap()

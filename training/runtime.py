@@ -79,6 +79,9 @@ def run_cli(args: list[str], models_dir, binary=None, timeout: float | None = No
 def runtime_eval(models_dir, data, limit: int, denoiser: str = "s", extra: list[str] | None = None,
                  binary=None, timeout=None, purify: bool = True) -> dict:
     args = ["eval", "--data", str(data), "--limit", str(limit), "--denoiser", denoiser, *(extra or [])]
+    if "--seed" not in args:
+        # The runtime draws a fresh OS seed unless told; evaluations compare on fixed noise.
+        args += ["--seed", "0"]
     if not purify:
         args.append("--no-purify")
     return run_cli(args, models_dir, binary, timeout)

@@ -23,7 +23,7 @@ pub struct HarnessConfig {
     pub attack: AttackKind,
     /// PGD gradient steps.
     pub steps: usize,
-    /// PGD step size in [0,1] pixel units; `None`: [`PgdConfig::default_step_size`].
+    /// PGD step size in \[0,1\] pixel units; `None`: [`super::pgd::PgdConfig::default_step_size`].
     pub step_size: Option<f64>,
     /// Purification samples averaged per gradient (BPDA and white-box).
     pub eot: u32,
@@ -104,7 +104,7 @@ fn needs_twin(mode: AttackMode, what: &str) -> Error {
 }
 
 /// What an [`Attack`] may use of the deployed system in one cell: the mode's loss gradient
-/// ([`Target::gradient`]) or the scores of the model the mode evaluates ([`Scored`]), with
+/// ([`Target::with_gradient`]) or the scores of the model the mode evaluates ([`Scored`]), with
 /// noise streams of the cell's own domains.
 pub struct Target<'p, 't> {
     pipeline: &'p mut Pipeline,

@@ -19,8 +19,8 @@ use ndarray::{Array2, Array4, ArrayView4};
 /// threat model. PGD and Square implement it; the harness runs any of them the same way and
 /// then evaluates the result on the deployed pipeline.
 pub trait Attack {
-    /// Adversarial `images` ([0,1] pixels, NCHW) for true `labels`, inside `threat`'s ball
-    /// around `images` and the [0,1] box.
+    /// Adversarial `images` (\[0,1\] pixels, NCHW) for true `labels`, inside `threat`'s ball
+    /// around `images` and the \[0,1\] box.
     fn craft(
         &self,
         target: &mut Target<'_, '_>,
@@ -79,12 +79,12 @@ pub enum Norm {
     L2,
 }
 
-/// A perturbation budget: norm and radius eps, in [0,1] pixel units.
+/// A perturbation budget: norm and radius eps, in \[0,1\] pixel units.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ThreatModel {
     /// The norm.
     pub norm: Norm,
-    /// The radius, in [0,1] pixel units (8/255 = 0.0314 for Linf).
+    /// The radius, in \[0,1\] pixel units (8/255 = 0.0314 for Linf).
     pub eps: f64,
 }
 
@@ -138,7 +138,7 @@ impl fmt::Display for ThreatModel {
     }
 }
 
-/// What a black-box attack may call: class scores of a batch of images ([0,1] pixels, NCHW).
+/// What a black-box attack may call: class scores of a batch of images (\[0,1\] pixels, NCHW).
 /// `query` numbers the call so a stochastic defence can draw fresh, reproducible noise for it.
 pub trait Scored {
     /// Scores (N x classes, higher = more likely; logits or probabilities) of `images`.

@@ -1,7 +1,7 @@
 //! Projected gradient descent (Madry et al. 2018) for Linf and L2 threat models, ascending
 //! whatever loss gradient it is given: the bare classifier's, BPDA's or the full purifier's
 //! with EOT (see [`super::gradients`]). It never leaves the eps-ball around the clean image nor
-//! the [0,1] pixel box.
+//! the \[0,1\] pixel box.
 
 use super::{Attack, Norm, Target, ThreatModel};
 use crate::error::{Error, Result};
@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 /// The gradient PGD ascends.
 pub trait LossGradient {
-    /// Gradient of the summed attack loss with respect to `images` ([0,1] pixels) at PGD
+    /// Gradient of the summed attack loss with respect to `images` (\[0,1\] pixels) at PGD
     /// iteration `iteration` (0-based; stochastic gradients draw fresh noise per iteration).
     fn loss_grad(
         &mut self,
@@ -26,11 +26,11 @@ pub trait LossGradient {
 /// Settings of one PGD run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PgdConfig {
-    /// Norm and radius of the perturbation, in [0,1] pixel units.
+    /// Norm and radius of the perturbation, in \[0,1\] pixel units.
     pub threat: ThreatModel,
     /// Gradient steps.
     pub steps: usize,
-    /// Step length in [0,1] pixel units: per pixel for Linf (sign step), Euclidean for L2.
+    /// Step length in \[0,1\] pixel units: per pixel for Linf (sign step), Euclidean for L2.
     pub step_size: f64,
     /// Start from a uniform random point of the ball instead of the clean image.
     pub random_start: bool,
@@ -54,7 +54,7 @@ impl PgdConfig {
 pub struct Pgd {
     /// Gradient steps.
     pub steps: usize,
-    /// Step length in [0,1] pixel units (see [`PgdConfig::step_size`]).
+    /// Step length in \[0,1\] pixel units (see [`PgdConfig::step_size`]).
     pub step_size: f64,
     /// Start from a uniform random point of the ball.
     pub random_start: bool,
@@ -80,7 +80,7 @@ impl Attack for Pgd {
     }
 }
 
-/// Runs PGD from `images` ([0,1] pixels, NCHW) and returns the final iterate.
+/// Runs PGD from `images` (\[0,1\] pixels, NCHW) and returns the final iterate.
 pub fn pgd(
     grad: &mut dyn LossGradient,
     images: ArrayView4<f32>,
@@ -144,7 +144,7 @@ pub fn pgd(
     Ok(x)
 }
 
-/// Projects `x` onto the threat model's ball around `clean`, then onto the [0,1] box (which
+/// Projects `x` onto the threat model's ball around `clean`, then onto the \[0,1\] box (which
 /// only moves coordinates towards the clean image, so the result stays in the ball).
 pub fn project(x: &mut Array4<f32>, clean: ArrayView4<f32>, threat: ThreatModel) {
     let eps = threat.eps as f32;

@@ -19,7 +19,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 /// Settings of one Square Attack run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SquareConfig {
-    /// Threat model; eps in [0,1] pixel units.
+    /// Threat model; eps in \[0,1\] pixel units.
     pub threat: ThreatModel,
     /// Query budget per image, the initialisation included (>= 1).
     pub queries: usize,
@@ -36,7 +36,7 @@ pub struct SquareConfig {
 /// What the attack did to each image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SquareOutcome {
-    /// The adversarial images ([0,1] pixels, inside the eps-ball around the inputs).
+    /// The adversarial images (\[0,1\] pixels, inside the eps-ball around the inputs).
     pub adversarial: Array4<f32>,
     /// Queries spent on each image (never more than the budget).
     pub queries: Vec<usize>,
@@ -67,7 +67,7 @@ fn below(rng: &mut Xoshiro256PlusPlus, n: usize) -> usize {
     (rng.next_u64() % n.max(1) as u64) as usize
 }
 
-/// Projects `delta` onto the ball of `threat` and the box so that x + delta stays in [0,1].
+/// Projects `delta` onto the ball of `threat` and the box so that x + delta stays in \[0,1\].
 fn project(x: ArrayView4<f32>, delta: &mut Array4<f32>, threat: &ThreatModel) {
     let eps = threat.eps as f32;
     for (mut d, x) in delta.outer_iter_mut().zip(x.outer_iter()) {
@@ -112,7 +112,7 @@ impl Attack for Square {
     }
 }
 
-/// Runs the attack on `images` ([0,1] pixels, NCHW) with true `labels`. Every forward pass goes
+/// Runs the attack on `images` (\[0,1\] pixels, NCHW) with true `labels`. Every forward pass goes
 /// through `model` on the images still being attacked, as one batch.
 pub fn square_attack(
     model: &mut dyn Scored,

@@ -22,7 +22,7 @@ use ndarray::{Array2, Array4, ArrayView4};
 /// An eps-prediction diffusion model. `Send`, so a pipeline (and a [`crate::Defense`]) can move
 /// to a worker thread.
 pub trait Denoiser: Send {
-    /// Predicted noise eps for `x_t` (NCHW f32, diffusion space [-1,1] plus noise) at integer
+    /// Predicted noise eps for `x_t` (NCHW f32, diffusion space \[-1,1\] plus noise) at integer
     /// timestep `t` (1-based count of noising steps, the same for every item of the batch).
     /// Returns an array of the same shape as `x_t`.
     fn predict_eps(&mut self, x_t: ArrayView4<f32>, t: u32) -> Result<Array4<f32>>;
@@ -30,7 +30,7 @@ pub trait Denoiser: Send {
 
 /// An image classifier. `Send`, like [`Denoiser`].
 pub trait Classifier: Send {
-    /// Logits (N x classes, f32) of `images` (NCHW f32, RGB pixels in [0,1]).
+    /// Logits (N x classes, f32) of `images` (NCHW f32, RGB pixels in \[0,1\]).
     fn logits(&mut self, images: ArrayView4<f32>) -> Result<Array2<f32>>;
 }
 
@@ -72,7 +72,7 @@ pub fn load(
 /// Deterministic test inputs for the kernels' unit tests.
 #[cfg(test)]
 mod test_values {
-    /// `n` values in [-1, 1] on a 1e-4 grid from a xorshift stream keyed by `seed`.
+    /// `n` values in \[-1, 1\] on a 1e-4 grid from a xorshift stream keyed by `seed`.
     pub fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)

@@ -143,7 +143,7 @@ pub(crate) struct DefenseArgs {
     /// Fresh noise per DDIM step, 0..=1 [default: 1].
     #[arg(long)]
     eta: Option<f64>,
-    /// Purifications per frame [default: 1].
+    /// Purifications per frame [default: 3].
     #[arg(long)]
     votes: Option<u32>,
     /// How votes combine: majority or mean-prob [default: majority].

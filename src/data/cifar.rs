@@ -23,7 +23,7 @@ pub const CIFAR_RECORD_BYTES: usize = 1 + CIFAR_IMAGE_BYTES;
 /// A CIFAR-10 file read into memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CifarSet {
-    /// Images, NCHW `[N, 3, 32, 32]`, RGB, `f32` in [0,1] (byte / 255).
+    /// Images, NCHW `[N, 3, 32, 32]`, RGB, `f32` in \[0,1\] (byte / 255).
     pub images: Array4<f32>,
     /// Class labels, 0..=9, one per image, in file order.
     pub labels: Vec<u8>,

@@ -2,7 +2,7 @@
 //!
 //! Loading decodes with the `image` crate (format guessed from the file's first bytes, the
 //! extension only as a fallback), converts to 8-bit RGB (grey is replicated, alpha is dropped
-//! without compositing, 16-bit samples are scaled to 8 bits) and returns CHW `f32` in [0,1]
+//! without compositing, 16-bit samples are scaled to 8 bits) and returns CHW `f32` in \[0,1\]
 //! (byte / 255).
 //!
 //! Resizing: an image that already has the target size is used pixel for pixel. Any other is
@@ -96,7 +96,7 @@ fn target_dims(size: (usize, usize)) -> Result<(u32, u32)> {
     }
 }
 
-/// Loads an image file as CHW `[3, h, w]` `f32` RGB in [0,1] (byte / 255), where
+/// Loads an image file as CHW `[3, h, w]` `f32` RGB in \[0,1\] (byte / 255), where
 /// `size = (h, w)` is the output height and width in pixels.
 ///
 /// PNG, JPEG and PPM/PGM are read, the format guessed from the content (see the module doc).
@@ -116,7 +116,7 @@ pub fn load_image(path: &Path, size: (usize, usize)) -> Result<Array3<f32>> {
     rgb8_to_chw(&rgb, size)
 }
 
-/// Turns an in-memory 8-bit RGB image into CHW `[3, h, w]` `f32` in [0,1] (byte / 255), where
+/// Turns an in-memory 8-bit RGB image into CHW `[3, h, w]` `f32` in \[0,1\] (byte / 255), where
 /// `size = (h, w)` is the output height and width in pixels: exactly what [`load_image`] does
 /// after decoding (same-size images used pixel for pixel, any other resized to cover the
 /// target with its aspect ratio kept, Triangle filter, then centre-cropped).
@@ -170,12 +170,12 @@ where
     Some(imageops::crop_imm(src, x0, y0, tw, th).to_image())
 }
 
-/// Fits a CHW `[3, H, W]` f32 RGB image in [0,1] of any size to CHW `[3, h, w]`, where
+/// Fits a CHW `[3, H, W]` f32 RGB image in \[0,1\] of any size to CHW `[3, h, w]`, where
 /// `size = (h, w)`: the same scaling, filter and centre crop as [`rgb8_to_chw`], in f32 (no
 /// rounding to bytes). An image of the target size is returned as is.
 ///
 /// Errors: [`Error::Shape`] where `chw` is not `[3, H, W]` with H, W > 0; [`Error::Pixels`]
-/// for a value that is NaN, infinite or outside [0,1]; [`Error::InvalidConfig`] for a bad size.
+/// for a value that is NaN, infinite or outside \[0,1\]; [`Error::InvalidConfig`] for a bad size.
 pub fn fit_chw_f32(chw: ArrayView3<f32>, size: (usize, usize)) -> Result<Array3<f32>> {
     let (th, tw) = target_dims(size)?;
     let (c, h, w) = chw.dim();
@@ -218,7 +218,7 @@ pub fn fit_chw_f32(chw: ArrayView3<f32>, size: (usize, usize)) -> Result<Array3<
 
 /// Turns raw interleaved 8-bit RGB pixels (HWC: row 0 first, left to right, `R G B` per pixel,
 /// `width * height * 3` bytes) of a `width` x `height` image into CHW `[3, h, w]` `f32` in
-/// [0,1], like [`rgb8_to_chw`] (and so like [`load_image`] on a file of that image), where
+/// \[0,1\], like [`rgb8_to_chw`] (and so like [`load_image`] on a file of that image), where
 /// `size = (h, w)` is the output height and width in pixels.
 ///
 /// Errors: [`Error::Shape`] where `bytes` is not exactly `width * height * 3` long or a side is
@@ -294,8 +294,8 @@ pub fn collect_image_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Writes CHW `[3, h, w]` RGB pixels in [0,1] as an 8-bit PNG at `path`; each byte is
-/// `round(v * 255)`, values outside [0,1] clamped first.
+/// Writes CHW `[3, h, w]` RGB pixels in \[0,1\] as an 8-bit PNG at `path`; each byte is
+/// `round(v * 255)`, values outside \[0,1\] clamped first.
 ///
 /// Atomic: the PNG is written to a hidden temporary file in the same folder and renamed over
 /// `path` only once complete, so `path` never holds a partial image.

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 /// Decoded inputs, in order.
 #[derive(Debug, Clone)]
 pub struct Inputs {
-    /// NCHW `[N, 3, h, w]` f32 RGB in [0,1], fitted to the requested size.
+    /// NCHW `[N, 3, h, w]` f32 RGB in \[0,1\], fitted to the requested size.
     pub images: Array4<f32>,
     /// Where each image came from: a file path, or `PATH#k` for record k of a CIFAR file.
     pub sources: Vec<String>,

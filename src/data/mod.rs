@@ -1,6 +1,6 @@
 //! Image data in and out of the pipeline.
 //!
-//! Everything here produces or consumes pixels as `f32` in [0,1] (byte / 255), channels first:
+//! Everything here produces or consumes pixels as `f32` in \[0,1\] (byte / 255), channels first:
 //! one image is CHW `[3, H, W]`, a batch is NCHW `[N, 3, H, W]`, channels in RGB order.
 //!
 //! - [`cifar`]: the CIFAR-10 binary format (records of 1 label byte + 3x1024 pixel bytes).

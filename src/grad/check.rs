@@ -133,7 +133,7 @@ pub struct NamedCheck {
     pub replay_error: f32,
 }
 
-/// The three checks the harness relies on, at `images` ([0,1] pixels) with `labels`: the
+/// The three checks the harness relies on, at `images` (\[0,1\] pixels) with `labels`: the
 /// classifier's cross-entropy; one denoiser call at the plan's T* (the scalar
 /// `sum(w * eps(x_t))` for fixed pseudo-random weights w); and the loss through the whole
 /// purifier with the noise of `noise_seed` replayed.

@@ -52,7 +52,7 @@ pub fn load_denoiser_twin(
 
 /// A classifier whose logits have an exact input gradient.
 pub trait DifferentiableClassifier: Classifier {
-    /// Logits (N x classes) of `images` ([0,1] pixels, NCHW f32) and the vector-Jacobian
+    /// Logits (N x classes) of `images` (\[0,1\] pixels, NCHW f32) and the vector-Jacobian
     /// product: the gradient of `sum(c * logits)` with respect to `images`, where
     /// `c = cotangent(logits)`. The cotangent is a function of the logits so that a loss
     /// gradient costs one forward pass, not two.
@@ -128,7 +128,7 @@ impl Loss {
     }
 }
 
-/// Loss of the bare classifier and its gradient with respect to `images` ([0,1] pixels).
+/// Loss of the bare classifier and its gradient with respect to `images` (\[0,1\] pixels).
 pub fn classifier_loss_grad(
     classifier: &mut dyn DifferentiableClassifier,
     images: ArrayView4<f32>,

@@ -21,9 +21,9 @@ use ndarray::{Array4, ArrayView4, Zip};
 pub struct PurifiedGradient {
     /// Per-image loss of the purified images.
     pub loss: Vec<f32>,
-    /// Gradient of the summed loss with respect to the input images ([0,1] pixel units).
+    /// Gradient of the summed loss with respect to the input images (\[0,1\] pixel units).
     pub grad: Array4<f32>,
-    /// The purified images ([0,1] pixels) the classifier saw.
+    /// The purified images (\[0,1\] pixels) the classifier saw.
     pub purified: Array4<f32>,
     /// Largest absolute difference between a recomputed value (eps or next state) and the
     /// stored forward value, over all steps. Exact replay gives 0.

@@ -15,10 +15,14 @@
 //! ```
 //!
 //! An axis that a grid does not name takes the default configuration's single value
-//! (denoiser s, stride 10, eta 1, votes 1, threads 1). Axes given on the command line replace
+//! (denoiser s, stride 10, eta 1, threads 1), except votes: 1, not the runtime's default of 3,
+//! so that a sweep compares single purifications unless votes are one of its axes. Axes given on the command line replace
 //! the same axis in every grid of the file.
 
 use crate::config::{DefenseConfig, DEFAULT_STRIDE};
+
+/// Votes of a grid without a votes axis (see the module doc).
+const UNNAMED_VOTES: u32 = 1;
 use crate::error::{Error, Result};
 use crate::schedule::PlanSpec;
 use serde::{Deserialize, Serialize};
@@ -299,7 +303,7 @@ impl GridAxes {
             plans.push(PlanChoice::Stride(DEFAULT_STRIDE));
         }
         let etas = self.eta.clone().unwrap_or_else(|| vec![d.eta]);
-        let votes = self.votes.clone().or_else(|| one(d.votes)).unwrap_or_default();
+        let votes = self.votes.clone().or_else(|| one(UNNAMED_VOTES)).unwrap_or_default();
         let threads = self.threads.clone().unwrap_or_else(|| vec![d.threads]);
         let mut out = Vec::new();
         for den in &denoisers {

@@ -5,8 +5,9 @@
 //!
 //! Modules: [`grid`] (axes, TOML grid files, expansion into points), [`measure`] (one point:
 //! latency, clean and robust accuracy; [`measure::robust_accuracy`] is the one place that runs
-//! an attack), [`cache`] (one JSON file per point, so a sweep resumes and extends),
-//! [`pareto`], [`report`] (CSV, Markdown, JSON summary) and [`plot`] (SVG via plotters).
+//! an attack), `cache` (one JSON file per point, so a sweep resumes and extends), [`pareto`],
+//! `report` (CSV, Markdown, JSON summary) and `plot` (SVG via plotters); the last three are
+//! crate-private: [`run`] writes their files.
 
 pub(crate) mod cache;
 pub mod grid;

@@ -48,7 +48,7 @@ pub struct AttackArgs {
     /// PGD steps.
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// PGD step size in [0,1] pixel units, e.g. 2/255 [default: eps/4 for Linf, 2.5 eps/steps
+    /// PGD step size in \[0,1\] pixel units, e.g. 2/255 [default: eps/4 for Linf, 2.5 eps/steps
     /// for L2].
     #[arg(long)]
     step_size: Option<String>,
