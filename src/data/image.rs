@@ -170,6 +170,18 @@ where
     Some(imageops::crop_imm(src, x0, y0, tw, th).to_image())
 }
 
+/// (width, height) of a CHW `[3, h, w]` RGB array with h, w > 0 (an [`Error::Shape`] otherwise).
+fn rgb_dims(chw: ArrayView3<f32>) -> Result<(u32, u32)> {
+    let (c, h, w) = chw.dim();
+    match (u32::try_from(w), u32::try_from(h)) {
+        (Ok(w), Ok(h)) if c == 3 && w > 0 && h > 0 => Ok((w, h)),
+        _ => Err(Error::Shape {
+            expected: "RGB pixels [3, h, w] with h, w > 0".into(),
+            got: format!("{:?}", chw.shape()),
+        }),
+    }
+}
+
 /// Fits a CHW `[3, H, W]` f32 RGB image in \[0,1\] of any size to CHW `[3, h, w]`, where
 /// `size = (h, w)`: the same scaling, filter and centre crop as [`rgb8_to_chw`], in f32 (no
 /// rounding to bytes). An image of the target size is returned as is.
@@ -178,17 +190,7 @@ where
 /// for a value that is NaN, infinite or outside \[0,1\]; [`Error::InvalidConfig`] for a bad size.
 pub fn fit_chw_f32(chw: ArrayView3<f32>, size: (usize, usize)) -> Result<Array3<f32>> {
     let (th, tw) = target_dims(size)?;
-    let (c, h, w) = chw.dim();
-    let dims = (u32::try_from(w), u32::try_from(h));
-    let (sw, sh) = match dims {
-        (Ok(sw), Ok(sh)) if c == 3 && sw > 0 && sh > 0 => (sw, sh),
-        _ => {
-            return Err(Error::Shape {
-                expected: "an RGB frame [3, H, W] with H, W > 0".into(),
-                got: format!("{:?}", chw.shape()),
-            })
-        }
-    };
+    let (sw, sh) = rgb_dims(chw)?;
     if let Some(((ci, y, x), v)) = chw.indexed_iter().find(|(_, v)| !(0.0..=1.0).contains(*v)) {
         return Err(Error::Pixels {
             what: "frame".into(),
@@ -304,17 +306,8 @@ pub fn collect_image_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// [`Error::Pixels`] for a NaN or infinite value; [`Error::Io`] where the file cannot be
 /// written (the temporary file is removed); [`Error::Image`] where encoding fails.
 pub fn save_png(path: &Path, chw: ArrayView3<f32>) -> Result<()> {
-    let (c, h, w) = chw.dim();
-    let dims = (u32::try_from(w), u32::try_from(h));
-    let (pw, ph) = match dims {
-        (Ok(pw), Ok(ph)) if c == 3 && pw > 0 && ph > 0 => (pw, ph),
-        _ => {
-            return Err(Error::Shape {
-                expected: "[3, h, w] with h, w > 0".into(),
-                got: format!("{:?}", chw.shape()),
-            })
-        }
-    };
+    let (pw, ph) = rgb_dims(chw)?;
+    let (h, w) = (ph as usize, pw as usize);
     if let Some(((ci, y, x), v)) = chw.indexed_iter().find(|(_, v)| !v.is_finite()) {
         return Err(Error::Pixels {
             what: format!("PNG output {}", path.display()),
