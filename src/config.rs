@@ -126,6 +126,13 @@ pub const MODELS_ENV: &str = "DIFFSHIELD_MODELS";
 /// The `models/` folder of the source tree the library was compiled from.
 const BUILT_MODELS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
 
+/// Most votes per frame.
+pub const MAX_VOTES: u32 = 256;
+/// Most frames per batch.
+pub const MAX_BATCH: usize = 1024;
+/// Most purifications in one pipeline call (batch x votes); bounds the memory of a call.
+pub const MAX_BATCH_IMAGES: usize = 4096;
+
 /// Votes per frame when a configuration names none (see [`DefenseConfig::votes`]).
 pub const DEFAULT_VOTES: u32 = 3;
 
@@ -196,6 +203,19 @@ impl DefenseConfig {
         let bad = |m: String| Err(Error::InvalidConfig(m));
         if self.votes == 0 {
             return bad("votes must be at least 1".into());
+        }
+        if self.votes > MAX_VOTES {
+            return bad(format!("votes must be at most {MAX_VOTES}, got {}", self.votes));
+        }
+        if self.batch > MAX_BATCH {
+            return bad(format!("batch must be in 1..={MAX_BATCH}, got {}", self.batch));
+        }
+        let images = self.batch as u64 * u64::from(self.votes);
+        if images > MAX_BATCH_IMAGES as u64 {
+            return bad(format!(
+                "batch x votes = {images} purifications at once is more than the \
+                 {MAX_BATCH_IMAGES} allowed (each holds a few states of the image)"
+            ));
         }
         if self.threads == 0 {
             return bad("threads must be at least 1".into());

@@ -15,6 +15,7 @@ use crate::pipeline::Pipeline;
 use crate::stream::{spawn_producer, FrameQueue, FrameSource, LatencySummary};
 use ndarray::{ArrayView4, Axis};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -131,8 +132,8 @@ impl DefenseBuilder {
     }
 }
 
-/// How [`Defense::run_stream`] paces and queues frames.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How [`Defense::run_stream`] paces and queues frames, and when it stops.
+#[derive(Debug, Clone)]
 pub struct StreamOptions {
     /// Frames per second the source delivers (Hz); `None`: as fast as the defence takes them
     /// (nothing is dropped).
@@ -141,13 +142,19 @@ pub struct StreamOptions {
     pub limit: Option<u64>,
     /// Frames that may wait while one is processed; a paced stream drops the oldest beyond it.
     pub queue: usize,
+    /// Set (by a signal handler, another thread) to stop the stream: the frame in progress is
+    /// finished, the queued ones are counted as dropped, and the summary says `interrupted`.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl Default for StreamOptions {
     fn default() -> Self {
-        Self { rate_hz: None, limit: None, queue: 4 }
+        Self { rate_hz: None, limit: None, queue: 4, stop: None }
     }
 }
+
+/// How often a stream's consumer looks at the stop flag while waiting for a frame.
+const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// One decision of a stream with where its frame came from and how long it took.
 #[derive(Debug, Clone, PartialEq)]
@@ -173,16 +180,16 @@ pub struct StreamOutcome {
     pub seed: u64,
 }
 
-/// A stream that failed part-way: the error, and the summary of the frames classified before
-/// it (each of which went to the callback).
+/// A stream that failed: the error and, when it had started, the summary of the frames
+/// classified before it (each of which went to the callback).
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
 pub struct StreamFailure {
     /// Why the stream stopped.
     #[source]
     pub error: Error,
-    /// The frames classified before it.
-    pub partial: StreamOutcome,
+    /// The frames before it; `None` when the stream was refused before it started (bad options).
+    pub partial: Option<Box<StreamOutcome>>,
 }
 
 /// The defended classifier a camera app embeds. See the crate documentation for an example.
@@ -342,17 +349,33 @@ impl Defense {
         on_decision: &mut dyn FnMut(StreamedDecision) -> Result<()>,
     ) -> std::result::Result<StreamOutcome, StreamFailure> {
         let seed = self.seed();
-        let failed = |error: Error| StreamFailure {
-            error,
-            partial: StreamOutcome { latency: LatencySummary::from_latencies(&[], 0, 0), seed },
-        };
-        let queue = Arc::new(FrameQueue::new(options.queue).map_err(failed)?);
+        let refused = |error: Error| StreamFailure { error, partial: None };
+        if let Some(rate) = options.rate_hz {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(refused(Error::InvalidConfig(format!(
+                    "frame rate {rate} Hz must be finite and greater than 0"
+                ))));
+            }
+        }
+        let queue = Arc::new(FrameQueue::new(options.queue).map_err(refused)?);
         let producer = spawn_producer(source, options.rate_hz, options.limit, Arc::clone(&queue));
         let base = self.next_frame;
         let mut latencies = Vec::new();
         let mut missed = 0u64;
         let mut outcome = Ok(());
-        while let Some(frame) = queue.pop() {
+        let stopped = || options.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        let mut interrupted = false;
+        loop {
+            if stopped() {
+                interrupted = true;
+                break;
+            }
+            let Some(frame) = queue.pop_timeout(STOP_POLL) else {
+                if queue.is_closed() && queue.is_empty() {
+                    break;
+                }
+                continue;
+            };
             let started = Instant::now();
             let x = frame.image.view().insert_axis(Axis(0));
             self.next_frame = base + frame.index;
@@ -381,17 +404,25 @@ impl Defense {
                 break;
             }
         }
-        queue.close();
-        let produced = producer
-            .join()
-            .unwrap_or_else(|_| Err(Error::Backend("the frame reader thread panicked".into())));
-        let done = StreamOutcome {
-            latency: LatencySummary::from_latencies(&latencies, missed, queue.dropped()),
-            seed,
+        let produced = if interrupted {
+            queue.abandon();
+            // The reader may be blocked on its input (a pipe, a watched folder): it ends by
+            // itself at its next frame, as the queue is closed; nothing is left to wait for.
+            drop(producer);
+            Ok(0)
+        } else {
+            queue.close();
+            producer
+                .join()
+                .unwrap_or_else(|_| Err(Error::Backend("the frame reader thread panicked".into())))
         };
+        let mut latency = LatencySummary::from_latencies(&latencies, missed, queue.dropped());
+        latency.rejected = queue.rejected();
+        latency.interrupted = interrupted;
+        let done = StreamOutcome { latency, seed };
         match outcome.and(produced.map(|_| ())) {
             Ok(()) => Ok(done),
-            Err(error) => Err(StreamFailure { error, partial: done }),
+            Err(error) => Err(StreamFailure { error, partial: Some(Box::new(done)) }),
         }
     }
 
@@ -452,6 +483,9 @@ impl Defense {
             });
         }
         let n = labels.len();
+        if n == 0 {
+            return Err(Error::InvalidConfig("no images to evaluate (--limit 0?)".into()));
+        }
         let correct = |d: &[Decision]| {
             d.iter().zip(labels).filter(|(d, &l)| d.label == Some(usize::from(l))).count() as f64
                 / n.max(1) as f64

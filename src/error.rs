@@ -1,5 +1,6 @@
 //! Typed errors of the library. The binary maps every variant to exit code 2 (bad input or
-//! configuration) except [`Error::Backend`], which is an internal failure (exit code 1).
+//! configuration) except [`Error::Backend`] and [`Error::Entropy`] (internal failures) and
+//! [`Error::CheckFailed`] (a check the user asked for did not pass), which exit with 1.
 
 use std::path::PathBuf;
 
@@ -54,6 +55,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A check the user asked for failed: a `--min-acc` threshold, a gradient check.
+    #[error("{0}")]
+    CheckFailed(String),
     /// The operating system's entropy source failed (no seed could be drawn).
     #[error("cannot draw a noise seed from the operating system: {0}; pass a fixed seed")]
     Entropy(String),
@@ -68,6 +72,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// True where the error is the caller's input or configuration, not an internal fault.
     pub fn is_user_error(&self) -> bool {
-        !matches!(self, Error::Backend(_) | Error::Entropy(_))
+        !matches!(self, Error::Backend(_) | Error::Entropy(_) | Error::CheckFailed(_))
     }
 }

@@ -81,7 +81,6 @@ pub mod decision;
 pub mod defense;
 pub mod error;
 pub(crate) mod files;
-#[cfg(any(feature = "twin", feature = "tune"))]
 pub(crate) mod fingerprint;
 pub mod grad;
 pub mod input;

@@ -110,8 +110,34 @@ impl Manifest {
         if self.schedule.kind != "linear" {
             return Err(bad(format!("unknown schedule kind {:?}", self.schedule.kind)));
         }
+        let max = crate::schedule::MAX_SCHEDULE_STEPS;
+        if !(2..=max).contains(&self.schedule.steps) {
+            return Err(bad(format!(
+                "[schedule] steps = {} must be in 2..={max}",
+                self.schedule.steps
+            )));
+        }
         if self.classifier.classes.is_empty() {
             return Err(bad("classifier has no class names".into()));
+        }
+        let c = &self.classifier;
+        let mut files = vec![("classifier file", c.file.as_str())];
+        files.extend(c.int8_file.as_deref().map(|f| ("classifier int8_file", f)));
+        for d in self.denoisers.values() {
+            files.push(("denoiser file", d.file.as_str()));
+            files.extend(d.int8_file.as_deref().map(|f| ("denoiser int8_file", f)));
+        }
+        for (what, file) in files {
+            // Model files stay inside the models folder: no absolute path, no `..`.
+            let inside = std::path::Path::new(file)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !inside || file.is_empty() {
+                return Err(bad(format!(
+                    "{what} {file:?} must be a path inside the models folder (no absolute \
+                     path, no ..)"
+                )));
+            }
         }
         for (name, d) in &self.denoisers {
             let [lo, hi] = d.trained_t;

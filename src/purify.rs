@@ -84,6 +84,14 @@ impl<'p> Purification<'p> {
                 self.x.shape()
             )));
         }
+        if let Some(v) = eps.iter().find(|v| !v.is_finite()) {
+            return Err(Error::Backend(format!(
+                "the denoiser returned a non-finite eps ({v}) at step {} (t={}): the model or \
+                 its backend is broken",
+                self.done + 1,
+                c.t
+            )));
+        }
         let z = ddim::needs_noise(&c).then(|| draw_batch(noise, self.done + 1, self.x.raw_dim()));
         let out = ddim::step(&c, self.x.view(), eps.view(), z.as_ref().map(|z| z.view()));
         self.x = out.x_s;

@@ -6,6 +6,9 @@
 use crate::error::{Error, Result};
 use std::ops::RangeInclusive;
 
+/// Most noising steps a schedule may have (DDPM uses 1000).
+pub const MAX_SCHEDULE_STEPS: u32 = 100_000;
+
 /// Cumulative noise levels abar(t) for t = 0..=T of a DDPM schedule (f64).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
@@ -16,9 +19,13 @@ impl Schedule {
     /// The DDPM linear schedule: beta_s = linspace(beta_start, beta_end, steps)[s-1] for
     /// s = 1..=steps, abar(0) = 1, abar(t) = prod_{s<=t} (1 - beta_s).
     pub fn linear(steps: u32, beta_start: f64, beta_end: f64) -> Result<Self> {
-        if steps < 2 || !(0.0..1.0).contains(&beta_start) || !(0.0..1.0).contains(&beta_end) {
+        if !(2..=MAX_SCHEDULE_STEPS).contains(&steps)
+            || !(0.0..1.0).contains(&beta_start)
+            || !(0.0..1.0).contains(&beta_end)
+        {
             return Err(Error::InvalidConfig(format!(
-                "linear schedule needs steps >= 2 and betas in [0,1): steps={steps}, beta_start={beta_start}, beta_end={beta_end}"
+                "linear schedule needs steps in 2..={MAX_SCHEDULE_STEPS} and betas in [0,1): \
+                 steps={steps}, beta_start={beta_start}, beta_end={beta_end}"
             )));
         }
         let n = steps as usize;

@@ -91,8 +91,9 @@ impl<S: FrameSource + ?Sized> FrameSource for Box<S> {
 /// present at construction the folder is listed again every [`WATCH_POLL_INTERVAL`] (100 ms)
 /// and files whose names have not been seen before are delivered, each poll's new files in
 /// name order, forever: the stream never ends and `next_frame` blocks while no new file comes
-/// (stop it with the producer's `limit`, or end the process). A file that fails to decode
-/// (it may still be being written) is retried every 100 ms for up to [`WATCH_RETRY_WINDOW`]
+/// (stop it with the producer's `limit`, or end the process). A file is read once its size
+/// has stayed the same for one poll (100 ms), so that one still being written is waited for; a
+/// file that fails to decode (it may still be being written) is retried every 100 ms for up to [`WATCH_RETRY_WINDOW`]
 /// (1 s) before its error is returned; the next call goes on with the following file. A file
 /// rewritten under a name already seen is not read again. Writers should create files
 /// atomically (write a hidden `.name` or non-image name, then rename), as hidden files and
@@ -105,6 +106,8 @@ pub struct FolderSource {
     seen: HashSet<OsString>,
     failing_since: Option<Instant>,
     size: (usize, usize),
+    /// The front file's size when last looked at, while watching.
+    last_size: Option<(PathBuf, u64)>,
 }
 
 impl FolderSource {
@@ -138,6 +141,7 @@ impl FolderSource {
             seen: HashSet::new(),
             failing_since: None,
             size: FRAME_SIZE,
+            last_size: None,
         };
         source.enqueue_new(paths);
         Ok(source)
@@ -174,6 +178,26 @@ impl FrameSource for FolderSource {
     fn next_frame(&mut self) -> Result<Option<SourceFrame>> {
         loop {
             if let Some(path) = self.pending.front() {
+                // While watching, a file is read only once its size has held for a poll: a
+                // camera still writing it would otherwise be read half-way.
+                if self.watch {
+                    let meta = fs::metadata(path).ok();
+                    let size = meta.as_ref().map(|m| m.len());
+                    // A file untouched for a poll is complete already; only fresh ones wait.
+                    let settled = meta
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age >= WATCH_POLL_INTERVAL);
+                    let stable = settled
+                        || matches!(&self.last_size, Some((p, s)) if p == path && Some(*s) == size);
+                    if !stable {
+                        self.last_size = size.map(|s| (path.clone(), s));
+                        if size.is_some() {
+                            thread::sleep(WATCH_POLL_INTERVAL);
+                            continue;
+                        }
+                    }
+                }
                 match load_image(path, self.size) {
                     Ok(image) => {
                         let name = path.display().to_string();
@@ -238,6 +262,13 @@ impl<R: Read + Send> RawSource<R> {
             )));
         }
         let bytes = u64::from(width) * u64::from(height) * 3;
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > crate::data::image::MAX_IMAGE_PIXELS {
+            return Err(Error::InvalidConfig(format!(
+                "raw frame size {width}x{height} is {pixels} pixels, more than the {} allowed",
+                crate::data::image::MAX_IMAGE_PIXELS
+            )));
+        }
         if bytes > MAX_RAW_FRAME_BYTES {
             return Err(Error::InvalidConfig(format!(
                 "raw frame size {width}x{height} is {bytes} bytes per frame, more than the \
@@ -401,6 +432,7 @@ struct QueueState {
     frames: VecDeque<Frame>,
     closed: bool,
     dropped: u64,
+    rejected: u64,
 }
 
 impl FrameQueue {
@@ -416,6 +448,7 @@ impl FrameQueue {
                 frames: VecDeque::with_capacity(capacity.min(1024)),
                 closed: false,
                 dropped: 0,
+                rejected: 0,
             }),
             ready: Condvar::new(),
             capacity,
@@ -522,6 +555,29 @@ impl FrameQueue {
         self.lock().dropped
     }
 
+    /// Counts a frame the producer could not read and skipped.
+    pub fn reject(&self) {
+        self.lock().rejected += 1;
+    }
+
+    /// Number of frames skipped so far because they could not be read or decoded.
+    pub fn rejected(&self) -> u64 {
+        self.lock().rejected
+    }
+
+    /// Closes the queue and discards the frames still in it, counting them as dropped: what an
+    /// interrupted stream does with frames it will not classify. Returns how many.
+    pub fn abandon(&self) -> u64 {
+        let mut st = self.lock();
+        st.closed = true;
+        let n = st.frames.len() as u64;
+        st.frames.clear();
+        st.dropped += n;
+        drop(st);
+        self.ready.notify_all();
+        n
+    }
+
     /// Number of frames queued now.
     pub fn len(&self) -> usize {
         self.lock().frames.len()
@@ -560,8 +616,10 @@ impl Drop for CloseOnDrop {
 /// a full queue makes the producer wait (back-pressure), so nothing is dropped.
 ///
 /// Stops after `limit` frames (before asking the source for more, so a watching folder is not
-/// waited on), at the end of the stream, at the source's first error, or when the queue is
-/// closed by someone else; the queue is closed in every case (also on a panic).
+/// waited on), at the end of the stream, at the source's first error that is not about one
+/// frame (frames that do not decode, [`is_frame_error`], are skipped, logged and counted in
+/// [`FrameQueue::rejected`]), or when the queue is closed by someone else; the queue is closed
+/// in every case (also on a panic).
 ///
 /// The thread's result is the number of frames pushed, or the source's error (frames pushed
 /// before it stay queued); [`Error::InvalidConfig`] where `rate_hz` is not finite and > 0.
@@ -580,6 +638,13 @@ pub fn spawn_producer(
         .expect("the OS refused to start the frame producer thread")
 }
 
+/// Whether a source's error concerns one frame (a file that does not decode, bad pixels), so
+/// that the stream can go on without it, rather than the source itself (a folder that cannot
+/// be listed, a raw stream cut mid-frame, a broken CIFAR file).
+pub fn is_frame_error(e: &Error) -> bool {
+    matches!(e, Error::Image { .. } | Error::Pixels { .. })
+}
+
 fn produce(
     source: &mut dyn FrameSource,
     rate_hz: Option<f64>,
@@ -596,7 +661,17 @@ fn produce(
     let start = Instant::now();
     let mut produced = 0u64;
     while limit.is_none_or(|l| produced < l) && !queue.is_closed() {
-        let Some((name, image, label)) = source.next_frame()? else {
+        let next = match source.next_frame() {
+            Ok(next) => next,
+            // One unreadable file must not end a camera's stream: skip it, say so, count it.
+            Err(e) if is_frame_error(&e) => {
+                log::warn!("skipped a frame: {e}");
+                queue.reject();
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let Some((name, image, label)) = next else {
             break;
         };
         if let Some(rate) = rate_hz {
@@ -637,8 +712,13 @@ pub struct LatencySummary {
     pub frames: u64,
     /// Frames whose result came after their deadline.
     pub deadline_missed: u64,
-    /// Frames dropped by the queue before being classified.
+    /// Frames dropped by the queue before being classified (also those still queued when the
+    /// stream was interrupted).
     pub dropped: u64,
+    /// Frames the source could not read or decode, skipped (each reported on stderr).
+    pub rejected: u64,
+    /// Whether the stream was stopped by a signal (SIGINT, SIGTERM) or the caller's stop flag.
+    pub interrupted: bool,
     /// Median latency in milliseconds (nearest rank).
     pub p50_ms: f64,
     /// 95th-percentile latency in milliseconds (nearest rank).
@@ -659,6 +739,8 @@ impl LatencySummary {
             frames: sorted.len() as u64,
             deadline_missed,
             dropped,
+            rejected: 0,
+            interrupted: false,
             p50_ms: ms(50.0),
             p95_ms: ms(95.0),
             p99_ms: ms(99.0),
@@ -670,8 +752,16 @@ impl std::fmt::Display for LatencySummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "frames={} deadline_missed={} dropped={} latency_ms p50={:.1} p95={:.1} p99={:.1}",
-            self.frames, self.deadline_missed, self.dropped, self.p50_ms, self.p95_ms, self.p99_ms
+            "frames={} deadline_missed={} dropped={} rejected={}{} latency_ms p50={:.1} p95={:.1} \
+             p99={:.1}",
+            self.frames,
+            self.deadline_missed,
+            self.dropped,
+            self.rejected,
+            if self.interrupted { " interrupted" } else { "" },
+            self.p50_ms,
+            self.p95_ms,
+            self.p99_ms
         )
     }
 }

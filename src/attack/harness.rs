@@ -15,6 +15,15 @@ use crate::pipeline::Pipeline;
 use ndarray::{Array2, ArrayView4};
 use serde::{Deserialize, Serialize};
 
+/// Most fresh-noise evaluation runs per image.
+pub const MAX_RUNS: u32 = 1000;
+/// Most EOT samples per gradient (each is a purification of every image of the batch).
+pub const MAX_EOT: u32 = 1024;
+/// Most PGD steps.
+pub const MAX_STEPS: usize = 100_000;
+/// Most Square queries per image.
+pub const MAX_QUERIES: usize = 1_000_000;
+
 /// Every setting of a harness run that changes its results (echoed in reports, compared on
 /// resume).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,14 +52,20 @@ impl HarnessConfig {
     /// Refuses settings that cannot run.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::InvalidConfig(what.to_string()));
-        if self.runs == 0 {
-            return bad("--runs must be at least 1");
+        let out_of = |what: &str, v: u64, max: u64| {
+            Err(Error::InvalidConfig(format!("{what} must be in 1..={max}, got {v}")))
+        };
+        if self.runs == 0 || self.runs > MAX_RUNS {
+            return out_of("--runs", u64::from(self.runs), u64::from(MAX_RUNS));
         }
-        if self.attack == AttackKind::Pgd && self.eot == 0 {
-            return bad("--eot must be at least 1");
+        if self.attack == AttackKind::Pgd && (self.eot == 0 || self.eot > MAX_EOT) {
+            return out_of("--eot", u64::from(self.eot), u64::from(MAX_EOT));
         }
-        if self.attack == AttackKind::Square && self.queries == 0 {
-            return bad("--queries must be at least 1");
+        if self.attack == AttackKind::Pgd && self.steps > MAX_STEPS {
+            return out_of("--steps", self.steps as u64, MAX_STEPS as u64);
+        }
+        if self.attack == AttackKind::Square && (self.queries == 0 || self.queries > MAX_QUERIES) {
+            return out_of("--queries", self.queries as u64, MAX_QUERIES as u64);
         }
         if let Some(s) = self.step_size {
             if !(s.is_finite() && s > 0.0) {

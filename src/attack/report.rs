@@ -117,6 +117,10 @@ pub struct AttackReport {
     pub complete: bool,
     /// Wall time, seconds (summed over resumed sessions).
     pub seconds: f64,
+    /// FNV-1a fingerprints (16 hex digits) of the data file and of every model file the run
+    /// used, by role (`data`, `classifier`, `denoiser`): `--resume` refuses a changed file.
+    #[serde(default)]
+    pub fingerprints: std::collections::BTreeMap<String, String>,
 }
 
 /// How the report counts, stated in every report.
@@ -247,21 +251,51 @@ impl AttackReport {
             .map_err(|e| Error::Backend(format!("attack report: {e}")))
     }
 
-    /// Whether a saved report can be resumed with these settings.
+    /// Whether this saved report can be continued by a run that would start as `other`: the
+    /// same data, models (by fingerprint), defence, attack, threats and modes, and at least as
+    /// many images. The error names every difference.
     pub fn resumable_with(&self, other: &AttackReport) -> Result<()> {
-        let same = self.data == other.data
-            && self.config == other.config
-            && self.harness == other.harness
-            && self.threats == other.threats
-            && self.modes == other.modes;
-        if same {
+        let mut diffs = Vec::new();
+        if self.data != other.data {
+            diffs.push(format!("data {} (saved) vs {}", self.data, other.data));
+        }
+        diff_json("config", &self.config, &other.config, &mut diffs);
+        diff_json("attack", &self.harness, &other.harness, &mut diffs);
+        if self.threats != other.threats {
+            diffs.push(format!("threats {:?} (saved) vs {:?}", self.threats, other.threats));
+        }
+        if self.modes != other.modes {
+            diffs.push(format!("modes {:?} (saved) vs {:?}", self.modes, other.modes));
+        }
+        if self.fingerprints.is_empty() && !other.fingerprints.is_empty() {
+            diffs.push(
+                "the saved report has no file fingerprints (made by an older version)".into(),
+            );
+        } else {
+            for (role, now) in &other.fingerprints {
+                match self.fingerprints.get(role) {
+                    Some(saved) if saved == now => {}
+                    saved => diffs.push(format!(
+                        "the {role} file changed (fingerprint {} saved, {now} now)",
+                        saved.map_or("none", String::as_str)
+                    )),
+                }
+            }
+        }
+        let done = self.results.iter().map(|c| c.images).max().unwrap_or(0);
+        if done > other.images {
+            diffs.push(format!(
+                "the saved run has {done} images, more than the {} asked for now (--limit)",
+                other.images
+            ));
+        }
+        if diffs.is_empty() {
             Ok(())
         } else {
-            Err(Error::InvalidConfig(
-                "--resume: the saved report was made with other data, defence, attack, threat \
-                 or mode settings; use a new --out file or the same settings"
-                    .into(),
-            ))
+            Err(Error::InvalidConfig(format!(
+                "--resume: the saved report differs: {}; use the same settings or a new --out",
+                diffs.join("; ")
+            )))
         }
     }
 
@@ -344,6 +378,23 @@ impl AttackReport {
     }
 }
 
+/// Adds to `diffs` every top-level key whose value differs between two serialisable settings.
+fn diff_json<T: Serialize>(what: &str, saved: &T, now: &T, diffs: &mut Vec<String>) {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(saved), serde_json::to_value(now))
+    else {
+        return;
+    };
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for k in keys {
+        let (x, y) = (a.get(k), b.get(k));
+        if x != y {
+            let show = |v: Option<&serde_json::Value>| v.map_or("unset".into(), |v| v.to_string());
+            diffs.push(format!("{what} {k} = {} (saved) vs {}", show(x), show(y)));
+        }
+    }
+}
+
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -386,6 +437,7 @@ mod tests {
             summary: Vec::new(),
             complete: false,
             seconds: 1.0,
+            fingerprints: Default::default(),
         };
         r.cell_mut("linf:8/255", AttackMode::Bpda).add(vec![outcome(0, 4), outcome(1, 1)], 4, 0.5);
         r.cell_mut("l2:1", AttackMode::Bpda).add(vec![outcome(0, 2), outcome(1, 3)], 4, 0.5);

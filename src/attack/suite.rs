@@ -113,8 +113,8 @@ pub struct SuiteOutcome {
     pub warnings: Vec<String>,
     /// The report as the paper's Table 2 (Markdown).
     pub markdown: String,
-    /// Whether every JUnit case passed its threshold.
-    pub passed: bool,
+    /// The cells below their `--min-acc` threshold (empty when all passed or none was set).
+    pub below: Vec<String>,
 }
 
 /// Runs `suite` against the defence `config` describes (its seed fixed to [`FIXED_SEED`] when
@@ -132,11 +132,48 @@ pub fn run_suite(
     if suite.modes.is_empty() || suite.threats.is_empty() {
         return Err(Error::InvalidConfig("an attack needs at least one mode and threat".into()));
     }
-    if suite.batch == 0 {
-        return Err(Error::InvalidConfig("--attack-batch must be at least 1".into()));
+    if suite.limit == 0 {
+        return Err(Error::InvalidConfig("--limit 0 attacks no image".into()));
+    }
+    let per_call = suite.batch as u64 * u64::from(suite.harness.eot.max(1));
+    if suite.batch == 0 || per_call > crate::config::MAX_BATCH_IMAGES as u64 {
+        return Err(Error::InvalidConfig(format!(
+            "--attack-batch {} x --eot {} purifications per gradient must be in 1..={}",
+            suite.batch,
+            suite.harness.eot,
+            crate::config::MAX_BATCH_IMAGES
+        )));
     }
     if outputs.resume && outputs.report.is_none() {
         return Err(Error::InvalidConfig("--resume needs the report file (--out)".into()));
+    }
+    let manifest = Manifest::load(&config.models_dir()?)?;
+    let model_files = model_files(&manifest, &config)?;
+    // Every output is checked (and the report locked) before the first image is attacked.
+    let named: Vec<(&str, &std::path::Path)> = [
+        ("--out", outputs.report.as_deref()),
+        ("--markdown", outputs.markdown.as_deref()),
+        ("--junit", outputs.junit.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(role, p)| p.map(|p| (role, p)))
+    .collect();
+    let mut inputs: Vec<&std::path::Path> = vec![suite.data.as_path()];
+    inputs.extend(model_files.iter().map(|(_, p)| p.as_path()));
+    crate::files::check_outputs(&named, &inputs)?;
+    let _lock = outputs.report.as_deref().map(crate::files::OutputLock::acquire).transpose()?;
+    if let (Some(path), true) = (&outputs.report, outputs.resume) {
+        if !path.is_file() {
+            return Err(Error::InvalidConfig(format!(
+                "--resume: {} does not exist; run without --resume to start it",
+                path.display()
+            )));
+        }
+    }
+    let mut fingerprints = std::collections::BTreeMap::new();
+    fingerprints.insert("data".to_string(), file_fingerprint(&suite.data)?);
+    for (role, path) in &model_files {
+        fingerprints.insert(role.clone(), file_fingerprint(path)?);
     }
     let mut pipeline = Pipeline::from_config(&config)?;
     let set = read_cifar_bin(&suite.data, Some(suite.limit))?;
@@ -144,7 +181,6 @@ pub fn run_suite(
     let labels: Vec<usize> = set.labels.iter().map(|&l| usize::from(l)).collect();
     let (mut classifier, mut denoiser) = (None, None);
     if suite.harness.attack == AttackKind::Pgd {
-        let manifest = Manifest::load(&config.models_dir()?)?;
         classifier = crate::grad::load_classifier_twin(&manifest)?;
         if suite.modes.contains(&AttackMode::WhiteBox) {
             denoiser = crate::grad::load_denoiser_twin(&manifest, &config.denoiser)?;
@@ -193,10 +229,11 @@ pub fn run_suite(
             summary: Vec::new(),
             complete: false,
             seconds: 0.0,
+            fingerprints,
         }
     };
     let mut report = match (&outputs.report, outputs.resume) {
-        (Some(path), true) if path.exists() => {
+        (Some(path), true) => {
             let saved = AttackReport::read(path)?;
             saved.resumable_with(&fresh)?;
             // Keep the finished cells; the clean figures are those of the images now requested
@@ -256,12 +293,39 @@ pub fn run_suite(
         write_atomically(path, markdown.as_bytes())?;
     }
     let lookup = |m: AttackMode, _: &str| outputs.min_acc.of(m);
-    let passed = report
+    let below = report
         .results
         .iter()
-        .all(|c| lookup(c.mode, &c.threat).is_none_or(|min| c.robust_acc >= min));
+        .filter_map(|c| {
+            let min = lookup(c.mode, &c.threat)?;
+            (c.robust_acc < min)
+                .then(|| format!("{} {}: {:.4} < {min:.4}", c.mode, c.threat, c.robust_acc))
+        })
+        .collect();
     if let Some(path) = &outputs.junit {
         write_atomically(path, report.junit(&lookup).as_bytes())?;
     }
-    Ok(SuiteOutcome { warnings: report.sanity_checks(), report, markdown, passed })
+    Ok(SuiteOutcome { warnings: report.sanity_checks(), report, markdown, below })
+}
+
+/// The model files a run uses, by role (`classifier`, `denoiser`), at its precision.
+fn model_files(manifest: &Manifest, config: &DefenseConfig) -> Result<Vec<(String, PathBuf)>> {
+    let c = &manifest.classifier;
+    let d = manifest.denoiser(&config.denoiser)?;
+    let what = format!("denoiser {}", config.denoiser);
+    let precision = config.precision;
+    Ok(vec![
+        (
+            "classifier".into(),
+            manifest.file_at("classifier", &c.file, c.int8_file.as_deref(), precision)?,
+        ),
+        ("denoiser".into(), manifest.file_at(&what, &d.file, d.int8_file.as_deref(), precision)?),
+    ])
+}
+
+/// FNV-1a 64 of a whole file, as 16 hex digits.
+fn file_fingerprint(path: &std::path::Path) -> Result<String> {
+    let bytes =
+        std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    Ok(format!("{:016x}", crate::fingerprint::fnv1a64(&bytes)))
 }

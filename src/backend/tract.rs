@@ -114,9 +114,10 @@ impl BatchedModel {
                 output.0
             )));
         }
-        let typed = model
-            .into_typed()
-            .and_then(|m| super::tract_opt::prepare(m, super::tract_opt::own_kernels_enabled()))
+        let typed =
+            model.into_typed().map_err(|e| mismatch(format!("shape analysis failed ({e})")))?;
+        check_weights_finite(&typed).map_err(load_err)?;
+        let typed = super::tract_opt::prepare(typed, super::tract_opt::own_kernels_enabled())
             .map_err(|e| mismatch(format!("shape analysis failed ({e})")))?;
         let mut batch = None;
         for (ix, (name, rest)) in inputs.iter().enumerate() {
@@ -200,6 +201,29 @@ impl BatchedModel {
         multithread_tract_scope(executor, || state.run(inputs))
             .map_err(|e| Error::Backend(format!("{e:#}")))
     }
+}
+
+/// Refuses a model with a NaN or infinite float constant (a corrupted or badly exported weight):
+/// it would compute plausible-looking garbage, not fail.
+fn check_weights_finite(model: &TypedModel) -> std::result::Result<(), String> {
+    for node in model.nodes() {
+        let Some(k) = node.op_as::<tract_onnx::tract_core::ops::konst::Const>() else { continue };
+        let t = k.val();
+        if !t.datum_type().is_float() {
+            continue;
+        }
+        let values = t.cast_to::<f32>().map_err(|e| format!("weight {}: {e}", node.name))?;
+        let values = values
+            .to_plain_array_view::<f32>()
+            .map_err(|e| format!("weight {}: {e}", node.name))?;
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(format!(
+                "weight {} holds a non-finite value ({v}) at element {i}: the file is corrupt",
+                node.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_batch(x: &ArrayView4<f32>, rest: [usize; 3], what: &str) -> Result<()> {

@@ -10,6 +10,8 @@ mod attack_cmd;
 mod gradcheck_cmd;
 #[path = "diffshield/output.rs"]
 mod output;
+#[path = "diffshield/progress.rs"]
+mod progress;
 #[path = "diffshield/tune_cmd.rs"]
 mod tune_cmd;
 
@@ -20,16 +22,20 @@ use diffshield::data::inputs::load_inputs;
 use diffshield::defense::StreamOptions;
 use diffshield::stream::{CifarSource, FolderSource, FrameSource, RawSource};
 use diffshield::{Defense, DefenseConfig, Precision, VoteRule};
-use indicatif::{ProgressBar, ProgressStyle};
 use output::{Format, Out};
+use progress::Progress;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
     name = "diffshield",
     version,
-    about = "Diffusion-purification defence for image classifiers"
+    about = "Diffusion-purification defence for image classifiers",
+    // `--t-star -1` is a bad value to name, not an unknown flag.
+    allow_negative_numbers = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -255,16 +261,6 @@ impl DefenseArgs {
     }
 }
 
-pub(crate) fn progress(len: usize, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed} < {eta}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message(what.to_string());
-    bar
-}
-
 fn classify(
     inputs: &[PathBuf],
     limit: Option<usize>,
@@ -276,13 +272,13 @@ fn classify(
     // Every input is decoded and checked before the first line is printed, so a bad file
     // fails the command without leaving half an answer on stdout.
     let inputs = load_inputs(inputs, limit, defense.input_size())?;
-    let bar = progress(inputs.len(), "classify");
+    let mut bar = Progress::new(inputs.len(), "classify");
     let decisions = if no_purify {
         defense.classify_undefended(inputs.images.view())?
     } else {
         defense.classify_images_with(inputs.images.view(), &mut |d| bar.inc(d.len() as u64))?
     };
-    bar.finish_and_clear();
+    bar.finish();
     let mut out = Out::new(format);
     for ((d, src), label) in decisions.iter().zip(&inputs.sources).zip(&inputs.labels) {
         out.decision(d, src, *label, None)?;
@@ -299,18 +295,28 @@ fn eval(
 ) -> anyhow::Result<()> {
     let mut defense = Defense::from_config(&args.resolve()?)?;
     let set = read_cifar_bin(data, limit)?;
-    let bar = progress(set.len(), "purified");
+    let mut bar = Progress::new(set.len(), "purified");
     let acc = defense.accuracy(set.images.view(), &set.labels, !no_purify, &mut |n| {
         bar.set_position(n as u64)
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     let mut out = Out::new(format);
     out.eval(data, &acc, &defense)?;
     out.finish()
 }
 
 fn frame_source(args: &StreamArgs, size: (usize, usize)) -> anyhow::Result<Box<dyn FrameSource>> {
+    if args.watch && args.folder.is_none() {
+        return Err(diffshield::Error::InvalidConfig("--watch watches a --folder".into()).into());
+    }
     if let Some(folder) = &args.folder {
+        if !folder.is_dir() {
+            return Err(diffshield::Error::InvalidConfig(format!(
+                "--folder {} is not a folder (classify takes single files)",
+                folder.display()
+            ))
+            .into());
+        }
         return Ok(Box::new(FolderSource::new(folder, args.watch)?.with_size(size)));
     }
     if let Some(data) = &args.data {
@@ -333,7 +339,18 @@ fn frame_source(args: &StreamArgs, size: (usize, usize)) -> anyhow::Result<Box<d
 fn run(args: &StreamArgs, format: Format, defense: &DefenseArgs) -> anyhow::Result<()> {
     let mut defense = Defense::from_config(&defense.resolve()?)?;
     let source = frame_source(args, defense.input_size())?;
-    let options = StreamOptions { rate_hz: args.rate, limit: args.limit, queue: args.queue };
+    // SIGINT and SIGTERM stop the stream after the frame in progress, with its summary.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    if let Err(e) = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)) {
+        log::warn!("no SIGINT/SIGTERM handler ({e}): a signal ends the run without its summary");
+    }
+    let options = StreamOptions {
+        rate_hz: args.rate,
+        limit: args.limit,
+        queue: args.queue,
+        stop: Some(stop),
+    };
     let mut out = Out::new(format);
     let outcome = defense.run_stream(source, &options, &mut |s| {
         out.decision(&s.decision, &s.source, s.true_label, Some((s.latency_ms, s.queued_ms)))
@@ -346,8 +363,10 @@ fn run(args: &StreamArgs, format: Format, defense: &DefenseArgs) -> anyhow::Resu
             out.finish()
         }
         Err(failure) => {
-            if !output::is_stdout_error(&failure.error) {
-                out.summary(&failure.partial.latency, failure.partial.seed)?;
+            if let (Some(partial), false) =
+                (&failure.partial, output::is_stdout_error(&failure.error))
+            {
+                out.summary(&partial.latency, partial.seed)?;
                 out.finish()?;
             }
             Err(failure.error.into())

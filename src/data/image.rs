@@ -37,7 +37,49 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.to_path_buf(), source }
 }
 
-/// Decodes `path` to 8-bit RGB. Decoder panics (there should be none) are turned into errors.
+/// Most pixels an input image (or a raw frame) may have: 64 Mpx (8192 x 8192, 192 MiB as RGB8).
+/// Checked from the header before anything is decoded, so a small file claiming a huge image
+/// (a decompression bomb) is refused instead of exhausting memory.
+pub const MAX_IMAGE_PIXELS: u64 = 1 << 26;
+
+/// Most bytes the decoder may allocate at once (the RGB8 image of [`MAX_IMAGE_PIXELS`] and some
+/// room for a 16-bit or alpha intermediate).
+const MAX_DECODE_BYTES: u64 = 8 * MAX_IMAGE_PIXELS;
+
+fn check_pixels(path: &Path, what: &str, w: u64, h: u64) -> Result<()> {
+    if w.saturating_mul(h) > MAX_IMAGE_PIXELS {
+        return Err(image_err(
+            path,
+            format!(
+                "{what} of {w}x{h} pixels is more than the {MAX_IMAGE_PIXELS} pixels (64 Mpx) \
+                 allowed"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A JPEG must end with its end-of-image marker (FF D9), after which only padding may follow;
+/// the decoder itself fills a cut-off file with grey and reports nothing.
+fn check_jpeg_complete(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 4096;
+    let mut f = fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let len = f.metadata().map_err(|e| io_err(path, e))?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).map_err(|e| io_err(path, e))?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).map_err(|e| io_err(path, e))?;
+    let end =
+        tail.iter().rposition(|b| !matches!(b, 0x00 | b'\n' | b'\r' | b' ')).map_or(0, |i| i + 1);
+    if tail[..end].ends_with(&[0xFF, 0xD9]) {
+        Ok(())
+    } else {
+        Err(image_err(path, "truncated JPEG: the file does not end with the end-of-image marker"))
+    }
+}
+
+/// Decodes `path` to 8-bit RGB, refusing more than [`MAX_IMAGE_PIXELS`] (from the header, before
+/// decoding) and truncated JPEGs. Decoder panics (there should be none) are turned into errors.
 fn decode_rgb8(path: &Path) -> Result<RgbImage> {
     let meta = fs::metadata(path).map_err(|e| io_err(path, e))?;
     if !meta.is_file() {
@@ -46,17 +88,34 @@ fn decode_rgb8(path: &Path) -> Result<RgbImage> {
     if meta.len() == 0 {
         return Err(image_err(path, "empty file (0 bytes)"));
     }
-    let reader = ImageReader::open(path).map_err(|e| io_err(path, e))?;
-    let reader = reader.with_guessed_format().map_err(|e| io_err(path, e))?;
-    if reader.format().is_none() {
-        return Err(image_err(
-            path,
-            "unrecognised image format (expected PNG, JPEG or PPM/PGM content)",
-        ));
+    let open = || -> Result<ImageReader<std::io::BufReader<fs::File>>> {
+        let reader = ImageReader::open(path).map_err(|e| io_err(path, e))?;
+        let reader = reader.with_guessed_format().map_err(|e| io_err(path, e))?;
+        if reader.format().is_none() {
+            return Err(image_err(
+                path,
+                "unrecognised image format (expected PNG, JPEG or PPM/PGM content)",
+            ));
+        }
+        Ok(reader)
+    };
+    let probe = open()?;
+    if probe.format() == Some(::image::ImageFormat::Jpeg) {
+        check_jpeg_complete(path)?;
     }
+    let (w, h) = catch_unwind(AssertUnwindSafe(|| probe.into_dimensions()))
+        .map_err(|_| image_err(path, "the image decoder panicked on this file (corrupt data?)"))?
+        .map_err(|e| decode_err(path, e))?;
+    check_pixels(path, "an image", u64::from(w), u64::from(h))?;
+    let mut reader = open()?;
+    let mut limits = ::image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
     let decoded = catch_unwind(AssertUnwindSafe(|| reader.decode()))
         .map_err(|_| image_err(path, "the image decoder panicked on this file (corrupt data?)"))?
-        .map_err(|e| image_err(path, format!("corrupt, truncated or unsupported data: {e}")))?;
+        .map_err(|e| decode_err(path, e))?;
     let rgb = decoded.into_rgb8();
     if rgb.width() == 0 || rgb.height() == 0 {
         return Err(image_err(
@@ -65,6 +124,22 @@ fn decode_rgb8(path: &Path) -> Result<RgbImage> {
         ));
     }
     Ok(rgb)
+}
+
+fn decode_err(path: &Path, e: ::image::ImageError) -> Error {
+    match e {
+        ::image::ImageError::Limits(l) => {
+            image_err(path, format!("too large to decode within this program's limits ({l})"))
+        }
+        // The file opened; running out of it while decoding is its content's fault.
+        ::image::ImageError::IoError(source)
+            if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            image_err(path, format!("truncated: {source}"))
+        }
+        ::image::ImageError::IoError(source) => io_err(path, source),
+        other => image_err(path, format!("corrupt, truncated or unsupported data: {other}")),
+    }
 }
 
 /// Size (width, height) in pixels that a `src_w` x `src_h` image is scaled to so that it covers
@@ -160,6 +235,18 @@ where
     }
     let (nw, nh) = cover_size(sw, sh, tw, th);
     let scaled;
+    // An extreme aspect ratio (1 x 10 000 000) would scale to billions of pixels before the
+    // crop: crop the source to the target's aspect ratio first; its pixels are the same ones
+    // the crop would keep, up to the filter's half-pixel border.
+    if u64::from(nw) * u64::from(nh) > MAX_IMAGE_PIXELS {
+        let (cw, ch) = if u64::from(sw) * u64::from(th) > u64::from(sh) * u64::from(tw) {
+            (((u64::from(sh) * u64::from(tw)) / u64::from(th)).max(1) as u32, sh)
+        } else {
+            (sw, ((u64::from(sw) * u64::from(th)) / u64::from(tw)).max(1) as u32)
+        };
+        let inner = imageops::crop_imm(img, (sw - cw) / 2, (sh - ch) / 2, cw, ch).to_image();
+        return Some(fit(&inner, th, tw).unwrap_or(inner));
+    }
     let src = if (nw, nh) == (sw, sh) {
         img
     } else {

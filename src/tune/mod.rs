@@ -453,6 +453,25 @@ pub struct TuneOutcome {
     pub files: Option<OutputFiles>,
 }
 
+/// The output folder is checked before anything is measured: a folder (made if missing) that
+/// takes a new file and is not the data file.
+fn check_out_folder(out: &Path, data: &Path) -> Result<()> {
+    let bad =
+        |reason: String| Error::InvalidConfig(format!("tune --out {}: {reason}", out.display()));
+    if out.exists() && !out.is_dir() {
+        return Err(bad("exists and is not a folder".into()));
+    }
+    crate::files::create_dir(out)?;
+    let same = std::fs::canonicalize(out).ok() == std::fs::canonicalize(data).ok();
+    if same {
+        return Err(bad("is the data file".into()));
+    }
+    let probe = out.join(format!(".probe-{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(|e| bad(format!("cannot be written ({e})")))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 impl TuneOutcome {
     /// The JSON summary the sweep writes (`summary.json`) and `diffshield tune` prints: the
     /// settings, every point, the frontier and the files.
@@ -476,6 +495,9 @@ pub fn run(
     settings.base.seed.get_or_insert(FIXED_SEED);
     let settings = &settings;
     settings.validate()?;
+    if !dry_run {
+        check_out_folder(out, &settings.data)?;
+    }
     let points = grid.points()?;
     if points.is_empty() {
         return Err(Error::InvalidConfig("tune: the grid has no points".into()));

@@ -10,6 +10,21 @@ pub fn models_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")
 }
 
+/// `dir/name`: a models folder whose manifest is the shipped one passed through `edit`, with
+/// links to the shipped ONNX files (replace one to test a broken model).
+pub fn models_copy(dir: &std::path::Path, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let manifest = std::fs::read_to_string(models_dir().join("models.toml")).unwrap();
+    std::fs::write(d.join("models.toml"), edit(manifest)).unwrap();
+    for f in std::fs::read_dir(models_dir()).unwrap().filter_map(|e| e.ok()) {
+        if f.path().extension().is_some_and(|e| e == "onnx") {
+            std::os::unix::fs::symlink(f.path(), d.join(f.file_name())).unwrap();
+        }
+    }
+    d
+}
+
 /// `../shared/data/NAME`. The tests that call this carry
 /// `#[cfg_attr(not(shared_data), ignore = "...")]`: build.rs sets `shared_data` when the data
 /// set is present, so where it is absent they are reported as ignored, with the reason. A file

@@ -1,7 +1,7 @@
 //! `diffshield attack`: the options of an attack suite; the runner (cells, batches, saving,
 //! resume, outputs) is the library's `diffshield::attack::suite`.
 
-use super::{progress, DefenseArgs};
+use super::{DefenseArgs, Progress};
 use clap::{Args, ValueEnum};
 use diffshield::attack::gradients::AttackMode;
 use diffshield::attack::harness::HarnessConfig;
@@ -105,6 +105,15 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
         args.threat.iter().map(|t| t.parse()).collect::<Result<_, _>>()?
     };
     let modes: Vec<AttackMode> = args.mode.iter().map(|m| m.parse()).collect::<Result<_, _>>()?;
+    let twice = |names: Vec<String>| -> anyhow::Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        match names.into_iter().find(|n| !seen.insert(n.clone())) {
+            Some(n) => Err(diffshield::Error::InvalidConfig(format!("{n} is given twice")).into()),
+            None => Ok(()),
+        }
+    };
+    twice(threats.iter().map(|t| format!("--threat {t}")).collect())?;
+    twice(modes.iter().map(|m| format!("--mode {m}")).collect())?;
     let suite = Suite {
         data: args.data.clone(),
         limit: args.limit,
@@ -138,12 +147,12 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
     };
     let mut bar = None;
     let outcome = run_suite(&config, &suite, &outputs, &mut |p| {
-        let bar = bar.get_or_insert_with(|| progress(p.total, "attack"));
+        let bar = bar.get_or_insert_with(|| Progress::new(p.total, "attack"));
         bar.set_position(p.done as u64);
         bar.set_message(format!("{} {}", p.mode, p.threat));
     })?;
     if let Some(bar) = bar {
-        bar.finish_and_clear();
+        bar.finish();
     }
     for warning in &outcome.warnings {
         eprintln!("sanity check: {warning}");
@@ -154,6 +163,13 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
         writeln!(stdout, "{}", serde_json::to_string(&outcome.report)?)
             .and_then(|()| stdout.flush())
             .map_err(|source| diffshield::Error::Io { path: "stdout".into(), source })?;
+    }
+    if !outcome.below.is_empty() {
+        return Err(diffshield::Error::CheckFailed(format!(
+            "robust accuracy below --min-acc: {}",
+            outcome.below.join(", ")
+        ))
+        .into());
     }
     Ok(())
 }

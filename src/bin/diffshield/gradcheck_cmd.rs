@@ -38,8 +38,37 @@ pub struct GradcheckArgs {
 }
 
 /// Runs `diffshield gradcheck`.
-#[cfg(feature = "twin")]
 pub fn gradcheck(args: &GradcheckArgs) -> anyhow::Result<()> {
+    validate(args)?;
+    check(args)
+}
+
+/// Refuses tolerances and counts that cannot mean anything, before any model is loaded.
+fn validate(args: &GradcheckArgs) -> anyhow::Result<()> {
+    for (name, v) in [
+        ("--h", args.h),
+        ("--max-rel-error", args.max_rel_error),
+        ("--max-rel-error-classifier", args.max_rel_error_classifier),
+        ("--max-median-error", args.max_median_error),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(diffshield::Error::InvalidConfig(format!(
+                "{name} must be a positive number, got {v}"
+            ))
+            .into());
+        }
+    }
+    if args.images == 0 || args.coords == 0 {
+        return Err(diffshield::Error::InvalidConfig(
+            "--images and --coords must be at least 1".into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+#[cfg(feature = "twin")]
+fn check(args: &GradcheckArgs) -> anyhow::Result<()> {
     use diffshield::grad::burn_twin::{TwinClassifier, TwinDenoiser};
     use diffshield::grad::check::standard_checks;
     let mut config = args.defense.resolve()?;
@@ -111,8 +140,8 @@ pub fn gradcheck(args: &GradcheckArgs) -> anyhow::Result<()> {
     if passed {
         Ok(())
     } else {
-        Err(diffshield::Error::Backend(
-            "gradient check failed: a relative error exceeds its tolerance (see the checks above)"
+        Err(diffshield::Error::CheckFailed(
+            "gradient check failed: a relative error exceeds its tolerance (see the JSON report)"
                 .into(),
         )
         .into())
@@ -121,7 +150,7 @@ pub fn gradcheck(args: &GradcheckArgs) -> anyhow::Result<()> {
 
 /// Without the twin there is nothing to check.
 #[cfg(not(feature = "twin"))]
-pub fn gradcheck(_: &GradcheckArgs) -> anyhow::Result<()> {
+fn check(_: &GradcheckArgs) -> anyhow::Result<()> {
     Err(diffshield::Error::AttackUnavailable(
         "gradcheck needs the differentiable twin (build with the default `twin` feature)".into(),
     )

@@ -197,7 +197,18 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    eprintln!("error: {e:#}");
+    // Each cause once: a library error's message already includes its source's text.
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&c);
+        }
+    }
+    eprintln!("error: {text}");
     let user = lib.is_none_or(|e| e.is_user_error());
     ExitCode::from(if user { 2 } else { 1 })
 }
