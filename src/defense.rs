@@ -358,7 +358,8 @@ impl Defense {
             }
         }
         let queue = Arc::new(FrameQueue::new(options.queue).map_err(refused)?);
-        let producer = spawn_producer(source, options.rate_hz, options.limit, Arc::clone(&queue));
+        let producer = spawn_producer(source, options.rate_hz, options.limit, Arc::clone(&queue))
+            .map_err(refused)?;
         let base = self.next_frame;
         let mut latencies = Vec::new();
         let mut missed = 0u64;

@@ -623,19 +623,27 @@ impl Drop for CloseOnDrop {
 ///
 /// The thread's result is the number of frames pushed, or the source's error (frames pushed
 /// before it stay queued); [`Error::InvalidConfig`] where `rate_hz` is not finite and > 0.
+/// Starting the thread is refused with [`Error::InvalidConfig`] when the OS will not (a process
+/// at its thread limit); the queue is then closed.
 pub fn spawn_producer(
     mut source: Box<dyn FrameSource>,
     rate_hz: Option<f64>,
     limit: Option<u64>,
     queue: Arc<FrameQueue>,
-) -> JoinHandle<Result<u64>> {
+) -> Result<JoinHandle<Result<u64>>> {
+    let closer = CloseOnDrop(Arc::clone(&queue));
     thread::Builder::new()
         .name("diffshield-frames".into())
         .spawn(move || {
-            let _close = CloseOnDrop(Arc::clone(&queue));
+            let _close = closer;
             produce(&mut *source, rate_hz, limit, &queue)
         })
-        .expect("the OS refused to start the frame producer thread")
+        .map_err(|e| {
+            Error::InvalidConfig(format!(
+                "cannot start the frame reader thread ({e}); the process may be at its thread \
+                 limit (ulimit -u)"
+            ))
+        })
 }
 
 /// Whether a source's error concerns one frame (a file that does not decode, bad pixels), so

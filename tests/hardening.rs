@@ -555,3 +555,34 @@ fn a_stream_accounts_for_every_frame_through_faults_and_sigterm() {
     assert!(count("frames") + count("dropped") + count("rejected") <= total as u64, "{summary}");
     let _ = writeln!(std::io::stderr(), "stream fault test, SIGTERM: {summary}");
 }
+
+/// A process at its thread limit (`ulimit -u`, which binds only unprivileged users: run as
+/// `nobody` where the tests run as root) gets an error, not a panic.
+#[test]
+fn thread_limits_are_errors_not_panics() {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let runuser = Path::new("/usr/sbin/runuser").exists() || Path::new("/sbin/runuser").exists();
+    if !(root && runuser) {
+        // Not silently passed: the skip shows in the test output (stderr is not captured here).
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED thread_limits_are_errors_not_panics: needs root and runuser"
+        );
+        return;
+    }
+    let d = scratch("ulimit");
+    let cat = d.join("cat.png");
+    std::fs::copy("samples/02_cat.png", &cat).unwrap();
+    std::fs::set_permissions(&*d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let under_limit = |limit: u32, cmd: &str| {
+        Command::new("runuser")
+            .args(["-u", "nobody", "--", "bash", "-c", &format!("ulimit -u {limit}; exec {cmd}")])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = under_limit(4, &format!("{DS} classify {} --threads 8 --stride 70", cat.display()));
+    assert_refused(&out, "ulimit -u");
+    let out = under_limit(1, &format!("{DS} run --raw 32x32 --stride 70"));
+    assert_refused(&out, "thread");
+}

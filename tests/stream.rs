@@ -49,7 +49,7 @@ fn drain(queue: &FrameQueue) -> Vec<Frame> {
 /// Runs `source` through a producer into a large queue and returns all its frames.
 fn produce_all(source: Box<dyn FrameSource>, limit: Option<u64>) -> (u64, Vec<Frame>) {
     let queue = Arc::new(FrameQueue::new(1000).unwrap());
-    let handle = spawn_producer(source, None, limit, Arc::clone(&queue));
+    let handle = spawn_producer(source, None, limit, Arc::clone(&queue)).unwrap();
     let frames = drain(&queue);
     let produced = handle.join().expect("producer panicked").expect("producer failed");
     assert_eq!(queue.dropped(), 0);
@@ -231,7 +231,8 @@ fn close_unblocks_a_waiting_pop() {
 fn producer_paces_frames_at_the_rate() {
     let queue = Arc::new(FrameQueue::new(100).unwrap());
     let t = Instant::now();
-    let handle = spawn_producer(Box::new(Endless(0)), Some(50.0), Some(10), Arc::clone(&queue));
+    let handle =
+        spawn_producer(Box::new(Endless(0)), Some(50.0), Some(10), Arc::clone(&queue)).unwrap();
     let frames = drain(&queue);
     let elapsed = t.elapsed();
     assert_eq!(handle.join().unwrap().unwrap(), 10);
@@ -246,7 +247,7 @@ fn producer_paces_frames_at_the_rate() {
     // Without a rate, frames come as fast as the source gives them.
     let queue = Arc::new(FrameQueue::new(1000).unwrap());
     let t = Instant::now();
-    let handle = spawn_producer(Box::new(Endless(0)), None, Some(200), Arc::clone(&queue));
+    let handle = spawn_producer(Box::new(Endless(0)), None, Some(200), Arc::clone(&queue)).unwrap();
     assert_eq!(handle.join().unwrap().unwrap(), 200);
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_eq!(queue.len(), 200);
@@ -256,7 +257,8 @@ fn producer_paces_frames_at_the_rate() {
 fn producer_fills_a_slow_consumers_queue_by_dropping() {
     // A paced (camera-like) source drops the oldest frames when the consumer falls behind.
     let queue = Arc::new(FrameQueue::new(3).unwrap());
-    let handle = spawn_producer(Box::new(Endless(0)), Some(10_000.0), Some(10), Arc::clone(&queue));
+    let handle =
+        spawn_producer(Box::new(Endless(0)), Some(10_000.0), Some(10), Arc::clone(&queue)).unwrap();
     assert_eq!(handle.join().unwrap().unwrap(), 10);
     assert_eq!(queue.dropped(), 7);
     let idx: Vec<u64> = drain(&queue).iter().map(|f| f.index).collect();
@@ -266,7 +268,7 @@ fn producer_fills_a_slow_consumers_queue_by_dropping() {
 #[test]
 fn unpaced_producer_waits_for_a_slow_consumer_and_drops_nothing() {
     let queue = Arc::new(FrameQueue::new(3).unwrap());
-    let handle = spawn_producer(Box::new(Endless(0)), None, Some(10), Arc::clone(&queue));
+    let handle = spawn_producer(Box::new(Endless(0)), None, Some(10), Arc::clone(&queue)).unwrap();
     let mut idx = Vec::new();
     while let Some(f) = queue.pop() {
         std::thread::sleep(Duration::from_millis(2));
@@ -282,6 +284,7 @@ fn producer_refuses_bad_rates_and_reports_source_errors() {
     for rate in [0.0, -5.0, f64::NAN, f64::INFINITY] {
         let queue = Arc::new(FrameQueue::new(2).unwrap());
         let r = spawn_producer(Box::new(Endless(0)), Some(rate), None, Arc::clone(&queue))
+            .unwrap()
             .join()
             .unwrap();
         assert!(matches!(r, Err(Error::InvalidConfig(_))), "rate {rate}: {r:?}");
@@ -290,12 +293,14 @@ fn producer_refuses_bad_rates_and_reports_source_errors() {
     // A truncated raw stream: the good frame is queued, then the error ends the producer.
     let source = RawSource::new(Cursor::new(vec![9u8; 12 + 5]), "pipe", 2, 2).unwrap();
     let queue = Arc::new(FrameQueue::new(4).unwrap());
-    let r = spawn_producer(Box::new(source), None, None, Arc::clone(&queue)).join().unwrap();
+    let r =
+        spawn_producer(Box::new(source), None, None, Arc::clone(&queue)).unwrap().join().unwrap();
     assert!(matches!(r, Err(Error::Shape { .. })), "{r:?}");
     assert_eq!(drain(&queue).len(), 1);
     // A consumer closing the queue stops an endless producer.
     let queue = Arc::new(FrameQueue::new(4).unwrap());
-    let handle = spawn_producer(Box::new(Endless(0)), Some(1000.0), None, Arc::clone(&queue));
+    let handle =
+        spawn_producer(Box::new(Endless(0)), Some(1000.0), None, Arc::clone(&queue)).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     queue.close();
     assert!(handle.join().unwrap().unwrap() > 0);
@@ -384,7 +389,7 @@ fn watch_mode_picks_up_files_added_later() {
     write_flat_png(&dir.join("a.png"), 10);
     let source = FolderSource::new(&dir, true).unwrap();
     let queue = Arc::new(FrameQueue::new(10).unwrap());
-    let handle = spawn_producer(Box::new(source), None, Some(3), Arc::clone(&queue));
+    let handle = spawn_producer(Box::new(source), None, Some(3), Arc::clone(&queue)).unwrap();
 
     let first = queue.pop_timeout(Duration::from_secs(10)).expect("the existing file");
     assert!(first.source.ends_with("a.png"), "{}", first.source);
