@@ -21,11 +21,13 @@ pub enum VoteRule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendKind {
-    /// tract on the CPU, float32.
+    /// tract on the CPU with this crate's kernels (f32 or int8).
     #[default]
     Cpu,
-    /// CUDA through cudarc (not in this build yet).
+    /// tract-cuda on an NVIDIA GPU (feature `cuda`; f32): an error where none is usable.
     Cuda,
+    /// CUDA where it is usable, else the CPU (the choice is logged).
+    Auto,
 }
 
 /// Numeric precision of the models: which file of each manifest entry is loaded.

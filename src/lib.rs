@@ -79,6 +79,7 @@ pub mod data;
 pub(crate) mod ddim;
 pub mod decision;
 pub mod defense;
+pub mod device_check;
 pub mod error;
 pub(crate) mod files;
 pub(crate) mod fingerprint;

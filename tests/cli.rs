@@ -557,3 +557,76 @@ fn a_closed_stdout_ends_quietly_and_a_full_one_is_an_error() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("stdout") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn backend_auto_falls_back_to_the_cpu_and_cuda_names_its_reason() {
+    let out =
+        diffshield(&["classify", "samples/02_cat.png", "--backend", "auto", "--stride", "70"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_user_error(
+        &diffshield(&[
+            "classify",
+            "samples/02_cat.png",
+            "--backend",
+            "cuda",
+            "--precision",
+            "int8",
+        ]),
+        "CUDA",
+    );
+}
+
+/// The GPU check's code on the CPU: everything scripts/gpu_check.sh runs except the device.
+#[test]
+fn device_check_runs_every_check_on_the_cpu() {
+    let d = scratch("devcheck");
+    let data = d.join("d.bin");
+    let mut bytes = Vec::new();
+    for i in 0..8usize {
+        bytes.push((i % 10) as u8);
+        bytes.extend((0..3072).map(|k| ((k * 7 + i * 31) % 256) as u8));
+    }
+    std::fs::write(&data, bytes).unwrap();
+    let out = diffshield(&[
+        "device-check",
+        "--vectors",
+        "tests/vectors",
+        "--data",
+        data.to_str().unwrap(),
+        "--images",
+        "8",
+        "--batches",
+        "1,8",
+        "--speed-frames",
+        "2",
+        "--speed-batch",
+        "8",
+        "--t-star",
+        "20",
+        "--stride",
+        "20",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out);
+    let checks: Vec<&str> = lines.iter().map(|l| l["check"].as_str().unwrap()).collect();
+    assert_eq!(
+        checks,
+        ["engine", "placement", "placement", "golden", "accuracy", "batches", "speed", "summary"]
+    );
+    assert_eq!(lines[0]["engine"], "cpu");
+    assert!(lines[3]["max_eps_rel"].as_f64().unwrap() < 1e-3, "{}", lines[3]);
+    assert_eq!(lines[7]["passed"], true);
+    // A check that fails fails the command.
+    let out = diffshield(&[
+        "device-check",
+        "--vectors",
+        "tests/vectors",
+        "--speed-frames",
+        "0",
+        "--batches",
+        "1",
+        "--max-eps-rel",
+        "1e-12",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+}

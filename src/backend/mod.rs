@@ -3,6 +3,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod conv_kernel;
+mod cuda;
 pub(crate) mod direct_conv;
 #[cfg(test)]
 mod own_kernels_tests;
@@ -46,27 +47,46 @@ impl<C: Classifier + ?Sized> Classifier for Box<C> {
     }
 }
 
-use crate::config::{BackendKind, DefenseConfig};
+use crate::config::{BackendKind, DefenseConfig, Precision};
 use crate::manifest::Manifest;
+use tract::Engine;
 
-/// Loads the denoiser tier and the classifier of `manifest` on the backend `config` names.
+/// The engine `config` asks for: `cpu`; `cuda` (an error naming tract-cuda's reason where no
+/// usable GPU or CUDA library is found, or where this build has no CUDA backend); `auto` (CUDA
+/// when usable, else the CPU; the choice is logged).
+pub fn engine(config: &DefenseConfig) -> Result<Engine> {
+    let cpu = || Ok(Engine::Cpu(tract::CpuThreads::new(config.threads)?));
+    let engine = match config.backend {
+        BackendKind::Cpu => cpu()?,
+        BackendKind::Cuda => Engine::Runtime(cuda::runtime()?),
+        BackendKind::Auto => match cuda::runtime() {
+            Ok(rt) => {
+                log::info!("backend auto: CUDA");
+                Engine::Runtime(rt)
+            }
+            Err(e) => {
+                log::info!("backend auto: the CPU ({e})");
+                cpu()?
+            }
+        },
+    };
+    if matches!(engine, Engine::Runtime(_)) && config.precision == Precision::Int8 {
+        return Err(crate::error::Error::InvalidConfig(
+            "precision int8 is a CPU mode (our VNNI kernels); use f32 with --backend cuda".into(),
+        ));
+    }
+    Ok(engine)
+}
+
+/// Loads the denoiser tier and the classifier of `manifest` on the engine `config` names.
 pub fn load(
     manifest: &Manifest,
     config: &DefenseConfig,
 ) -> Result<(Box<dyn Denoiser>, Box<dyn Classifier>)> {
-    match config.backend {
-        BackendKind::Cpu => {
-            let threads = tract::CpuThreads::new(config.threads)?;
-            let d = tract::TractDenoiser::load_with(manifest, &config.denoiser, config.precision)?
-                .with_threads(&threads);
-            let c = tract::TractClassifier::load_with(manifest, config.precision)?
-                .with_threads(&threads);
-            Ok((Box::new(d), Box::new(c)))
-        }
-        BackendKind::Cuda => Err(crate::error::Error::BackendUnavailable(
-            "this build has no CUDA backend yet; use --backend cpu".into(),
-        )),
-    }
+    let engine = engine(config)?;
+    let d = tract::TractDenoiser::load_on(manifest, &config.denoiser, config.precision, &engine)?;
+    let c = tract::TractClassifier::load_on(manifest, config.precision, &engine)?;
+    Ok((Box::new(d), Box::new(c)))
 }
 
 /// Deterministic test inputs for the kernels' unit tests.

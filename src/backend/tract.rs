@@ -1,9 +1,11 @@
-//! CPU inference on tract: float32, or the int8 (QOperator) models with `precision = "int8"`.
+//! Inference on tract: on the CPU (float32, or the int8 QOperator models with `precision =
+//! "int8"`) with this crate's kernels swapped in, or on another tract runtime (tract-cuda's
+//! `cuda`, feature `cuda`) on the plain ONNX graph: an [`Engine`].
 //!
 //! A model is parsed and decluttered once with its symbolic batch dimension; each batch size
-//! actually used (up to [`MAX_PLAN_BATCH`]; larger batches run in chunks) gets its own
-//! optimized plan (the batch fixed before codegen, so tract can pick kernels for the real
-//! shapes), built on first use and cached with a reusable session state.
+//! actually used (up to the engine's [`Engine::max_plan_batch`]; larger batches run in chunks)
+//! gets its own optimized plan (the batch fixed before codegen, so tract can pick kernels for
+//! the real shapes), built on first use and cached with a reusable session state.
 
 use super::{Classifier, Denoiser};
 use crate::config::Precision;
@@ -61,19 +63,57 @@ impl CpuThreads {
     }
 }
 
-/// Largest batch one tract plan runs; larger batches run in chunks. This bounds the plan cache
+/// Largest batch one CPU plan runs; larger batches run in chunks. This bounds the plan cache
 /// to this many plans (an attack's shrinking active set would otherwise build one per size),
 /// and the per-sample conv split of `tract_opt` makes bigger plans slower to build and no
 /// faster to run.
 pub const MAX_PLAN_BATCH: usize = 8;
+
+/// Largest batch one plan of another runtime (a GPU) runs: a GPU needs large batches to fill.
+pub const MAX_DEVICE_PLAN_BATCH: usize = 256;
+
+/// Where a model's plans run.
+#[derive(Debug, Clone)]
+pub enum Engine {
+    /// tract's CPU runtime with this crate's kernels and graph passes, on these threads.
+    Cpu(CpuThreads),
+    /// Another registered tract runtime (tract-cuda's `cuda`) on the plain ONNX graph: our
+    /// CPU-only fused ops are not swapped in, and tract's own placement decides what runs on
+    /// the device.
+    Runtime(&'static dyn Runtime),
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::Cpu(CpuThreads::single())
+    }
+}
+
+impl Engine {
+    /// The largest batch one plan runs.
+    pub fn max_plan_batch(&self) -> usize {
+        match self {
+            Engine::Cpu(_) => MAX_PLAN_BATCH,
+            Engine::Runtime(_) => MAX_DEVICE_PLAN_BATCH,
+        }
+    }
+
+    /// A short name for logs and reports (`cpu`, or the runtime's name).
+    pub fn name(&self) -> String {
+        match self {
+            Engine::Cpu(_) => "cpu".into(),
+            Engine::Runtime(rt) => rt.name().to_string(),
+        }
+    }
+}
 
 /// A loaded ONNX model with per-batch-size plans.
 struct BatchedModel {
     path: PathBuf,
     base: TypedModel,
     batch: Symbol,
-    states: HashMap<usize, TypedSimpleState>,
-    threads: CpuThreads,
+    states: HashMap<usize, Box<dyn State>>,
+    engine: Engine,
 }
 
 impl BatchedModel {
@@ -83,6 +123,7 @@ impl BatchedModel {
         path: &Path,
         inputs: &[(&str, Vec<usize>)],
         output: (&str, Vec<usize>),
+        engine: &Engine,
     ) -> Result<Self> {
         let load_err = |reason: String| Error::ModelLoad { path: path.to_path_buf(), reason };
         let mismatch =
@@ -117,7 +158,9 @@ impl BatchedModel {
         let typed =
             model.into_typed().map_err(|e| mismatch(format!("shape analysis failed ({e})")))?;
         check_weights_finite(&typed).map_err(load_err)?;
-        let typed = super::tract_opt::prepare(typed, super::tract_opt::own_kernels_enabled())
+        let own_kernels =
+            matches!(engine, Engine::Cpu(_)) && super::tract_opt::own_kernels_enabled();
+        let typed = super::tract_opt::prepare(typed, own_kernels)
             .map_err(|e| mismatch(format!("shape analysis failed ({e})")))?;
         let mut batch = None;
         for (ix, (name, rest)) in inputs.iter().enumerate() {
@@ -158,15 +201,15 @@ impl BatchedModel {
             base: typed,
             batch,
             states: HashMap::new(),
-            threads: CpuThreads::single(),
+            engine: engine.clone(),
         })
     }
 
     /// Runs `x` (plus, for a denoiser, the timestep `t` for every item) in chunks of at most
-    /// [`MAX_PLAN_BATCH`] images and concatenates the first output along the batch axis.
+    /// the engine's plan batch and concatenates the first output along the batch axis.
     fn run_chunked(&mut self, x: ArrayView4<f32>, t: Option<f32>) -> Result<ArrayD<f32>> {
         let mut parts = Vec::new();
-        for chunk in x.axis_chunks_iter(Axis(0), MAX_PLAN_BATCH) {
+        for chunk in x.axis_chunks_iter(Axis(0), self.engine.max_plan_batch()) {
             let n = chunk.shape()[0];
             let mut inputs = tvec![to_tensor(chunk)];
             if let Some(t) = t {
@@ -185,21 +228,45 @@ impl BatchedModel {
     fn run(&mut self, inputs: TVec<TValue>, n: usize) -> Result<TVec<TValue>> {
         let backend = |e: TractError| Error::Backend(format!("{}: {e:#}", self.path.display()));
         if !self.states.contains_key(&n) {
-            log::debug!("building tract plan for {} at batch {n}", self.path.display());
-            let subs = HashMap::from([(self.batch.clone(), TDim::from(n as i64))]);
-            let state = self
-                .base
-                .set_symbols(&subs)
-                .and_then(super::tract_opt::optimise)
-                .and_then(|m| m.into_runnable())
-                .and_then(|p| p.spawn())
-                .map_err(backend)?;
+            log::debug!(
+                "building a {} plan for {} at batch {n}",
+                self.engine.name(),
+                self.path.display()
+            );
+            let state = self.plan(n).and_then(|p| p.spawn()).map_err(backend)?;
             self.states.insert(n, state);
         }
         let state = self.states.get_mut(&n).expect("inserted above");
-        let executor = self.threads.0.clone();
-        multithread_tract_scope(executor, || state.run(inputs))
-            .map_err(|e| Error::Backend(format!("{e:#}")))
+        match &self.engine {
+            Engine::Cpu(threads) => {
+                multithread_tract_scope(threads.0.clone(), || state.run(inputs))
+            }
+            Engine::Runtime(_) => state.run(inputs),
+        }
+        .map_err(|e| Error::Backend(format!("{}: {e:#}", self.path.display())))
+    }
+
+    /// The engine's runnable plan at batch `n`.
+    fn plan(&self, n: usize) -> TractResult<Box<dyn Runnable>> {
+        let subs = HashMap::from([(self.batch.clone(), TDim::from(n as i64))]);
+        let fixed = self.base.set_symbols(&subs)?;
+        match &self.engine {
+            Engine::Cpu(_) => {
+                let plan = super::tract_opt::optimise(fixed)?.into_runnable()?;
+                Ok(Box::new(plan))
+            }
+            Engine::Runtime(rt) => rt.prepare(fixed),
+        }
+    }
+
+    /// Every node of the engine's plan at batch `n`: (node name, op name).
+    fn nodes(&self, n: usize) -> Result<Vec<(String, String)>> {
+        let backend = |e: TractError| Error::Backend(format!("{}: {e:#}", self.path.display()));
+        let plan = self.plan(n).map_err(backend)?;
+        let model = plan
+            .typed_model()
+            .ok_or_else(|| Error::Backend("the plan exposes no model to list".into()))?;
+        Ok(model.nodes().iter().map(|n| (n.name.clone(), n.op.name().to_string())).collect())
     }
 }
 
@@ -252,22 +319,28 @@ impl TractClassifier {
         Self::load_with(manifest, Precision::F32)
     }
 
-    /// Loads the manifest's classifier at `precision` (`int8_file` for int8).
+    /// Loads the manifest's classifier at `precision` (`int8_file` for int8), on one CPU thread.
     pub fn load_with(manifest: &Manifest, precision: Precision) -> Result<Self> {
+        Self::load_on(manifest, precision, &Engine::default())
+    }
+
+    /// Loads the manifest's classifier at `precision` on `engine`.
+    pub fn load_on(manifest: &Manifest, precision: Precision, engine: &Engine) -> Result<Self> {
         let e = manifest.classifier.clone();
         let path = manifest.file_at("classifier", &e.file, e.int8_file.as_deref(), precision)?;
         let model = BatchedModel::load(
             &path,
             &[(e.input.as_str(), e.input_shape.to_vec())],
             (e.output.as_str(), vec![e.classes.len()]),
+            engine,
         )?;
         Ok(Self { model, entry: e })
     }
 
-    /// Runs the model's matrix kernels on `threads`.
-    pub fn with_threads(mut self, threads: &CpuThreads) -> Self {
-        self.model.threads = threads.clone();
-        self
+    /// Every node of the plan at batch `n`: (node name, op name); on a device engine, which
+    /// ops it runs and which stayed on the CPU.
+    pub fn plan_nodes(&self, n: usize) -> Result<Vec<(String, String)>> {
+        self.model.nodes(n)
     }
 }
 
@@ -292,8 +365,19 @@ impl TractDenoiser {
         Self::load_with(manifest, name, Precision::F32)
     }
 
-    /// Loads the denoiser of tier `name` at `precision` (`int8_file` for int8).
+    /// Loads the denoiser of tier `name` at `precision` (`int8_file` for int8), on one CPU
+    /// thread.
     pub fn load_with(manifest: &Manifest, name: &str, precision: Precision) -> Result<Self> {
+        Self::load_on(manifest, name, precision, &Engine::default())
+    }
+
+    /// Loads the denoiser of tier `name` at `precision` on `engine`.
+    pub fn load_on(
+        manifest: &Manifest,
+        name: &str,
+        precision: Precision,
+        engine: &Engine,
+    ) -> Result<Self> {
         let e = manifest.denoiser(name)?.clone();
         let what = format!("denoiser {name}");
         let path = manifest.file_at(&what, &e.file, e.int8_file.as_deref(), precision)?;
@@ -301,14 +385,14 @@ impl TractDenoiser {
             &path,
             &[(e.input.as_str(), e.input_shape.to_vec()), (e.t_input.as_str(), vec![])],
             (e.output.as_str(), e.input_shape.to_vec()),
+            engine,
         )?;
         Ok(Self { model, entry: e })
     }
 
-    /// Runs the model's matrix kernels on `threads`.
-    pub fn with_threads(mut self, threads: &CpuThreads) -> Self {
-        self.model.threads = threads.clone();
-        self
+    /// Every node of the plan at batch `n`: (node name, op name).
+    pub fn plan_nodes(&self, n: usize) -> Result<Vec<(String, String)>> {
+        self.model.nodes(n)
     }
 }
 

@@ -6,6 +6,8 @@
 
 #[path = "diffshield/attack_cmd.rs"]
 mod attack_cmd;
+#[path = "diffshield/device_check_cmd.rs"]
+mod device_check_cmd;
 #[path = "diffshield/gradcheck_cmd.rs"]
 mod gradcheck_cmd;
 #[path = "diffshield/output.rs"]
@@ -88,6 +90,9 @@ enum Command {
     /// clean and robust accuracy; writes tune.csv, pareto.md, pareto.svg, depth.svg under --out
     /// (finished points are cached there, so a sweep resumes and extends).
     Tune(Box<tune_cmd::TuneArgs>),
+    /// Check a backend (a GPU: --backend cuda) against the golden vectors, the CPU's accuracy,
+    /// batch sizes; node placement and speed; one JSON line per check, exit 1 if one fails.
+    DeviceCheck(Box<device_check_cmd::DeviceCheckArgs>),
     /// Classify a stream of frames (folder, raw RGB on stdin, CIFAR-10 .bin) at a target rate;
     /// one line per frame, then a summary line.
     Run {
@@ -165,7 +170,8 @@ pub(crate) struct DefenseArgs {
     /// CPU threads for inference [default: 1].
     #[arg(long)]
     threads: Option<usize>,
-    /// Inference backend [default: cpu].
+    /// Inference backend: cpu, cuda (an NVIDIA GPU, builds with feature cuda; f32 only) or auto
+    /// (cuda where usable, else cpu) [default: cpu].
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
     /// Model precision: f32 or int8 (the manifest's int8_file models) [default: f32].
@@ -212,6 +218,7 @@ enum VoteRuleArg {
 enum BackendArg {
     Cpu,
     Cuda,
+    Auto,
 }
 
 impl DefenseArgs {
@@ -254,6 +261,7 @@ impl DefenseArgs {
             c.backend = match b {
                 BackendArg::Cpu => BackendKind::Cpu,
                 BackendArg::Cuda => BackendKind::Cuda,
+                BackendArg::Auto => BackendKind::Auto,
             };
         }
         c.validate()?;
@@ -388,6 +396,7 @@ fn main() -> ExitCode {
         Command::Tune(args) => tune_cmd::tune(args),
         Command::Attack(args) => attack_cmd::attack(args),
         Command::Gradcheck(args) => gradcheck_cmd::gradcheck(args),
+        Command::DeviceCheck(args) => device_check_cmd::device_check(args),
     };
     output::exit_code(result)
 }

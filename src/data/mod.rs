@@ -10,6 +10,7 @@
 pub mod cifar;
 pub mod image;
 pub mod inputs;
+pub mod npy;
 
 pub use cifar::{is_cifar_bin, read_cifar_bin, CifarSet, CIFAR_IMAGE_BYTES, CIFAR_RECORD_BYTES};
 pub use image::{collect_image_paths, load_image, save_png, IMAGE_EXTENSIONS};

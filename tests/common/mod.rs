@@ -39,43 +39,9 @@ pub fn shared_data(name: &str) -> PathBuf {
     p
 }
 
-/// A little-endian .npy array: shape and values as f64.
-pub struct Npy {
-    pub shape: Vec<usize>,
-    pub data: Vec<f64>,
-}
-
-/// Reads the .npy files numpy writes for f32 / f64 / i64 C-order arrays.
-pub fn read_npy(path: &std::path::Path) -> Npy {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(&bytes[..6], b"\x93NUMPY", "not an npy file");
-    let (hlen, start) = if bytes[6] == 1 {
-        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
-    } else {
-        (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12)
-    };
-    let header = std::str::from_utf8(&bytes[start..start + hlen]).unwrap();
-    assert!(header.contains("'fortran_order': False"), "{header}");
-    let descr = header.split("'descr': '").nth(1).unwrap().split('\'').next().unwrap();
-    let shape_txt = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let shape: Vec<usize> = shape_txt
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse().unwrap())
-        .collect();
-    let body = &bytes[start + hlen..];
-    let data: Vec<f64> = match descr {
-        "<f4" => {
-            body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
-        }
-        "<f8" => body.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-        "<i8" => {
-            body.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
-        }
-        other => panic!("unsupported dtype {other}"),
-    };
-    assert_eq!(data.len(), shape.iter().product::<usize>());
-    Npy { shape, data }
+/// Reads a `.npy` file of the golden vectors (the library's reader).
+pub fn read_npy(path: &std::path::Path) -> diffshield::data::npy::Npy {
+    diffshield::data::npy::read_npy(path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Largest absolute difference between two equally long slices.

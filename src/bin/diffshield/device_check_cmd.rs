@@ -1,0 +1,115 @@
+//! `diffshield device-check`: the checks of a device run (`diffshield::device_check`), one JSON
+//! line each, then a summary; exit 1 when one fails. scripts/gpu_check.sh runs it with
+//! `--backend cuda`; the tests run it on the CPU.
+
+use super::DefenseArgs;
+use clap::Args;
+use diffshield::device_check;
+use diffshield::manifest::Manifest;
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Options of `diffshield device-check`.
+#[derive(Args)]
+pub struct DeviceCheckArgs {
+    /// The golden vectors folder (tests/vectors of the source tree).
+    #[arg(long)]
+    vectors: PathBuf,
+    /// CIFAR-10 file for the defended accuracy (skipped without).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Images of the accuracy check.
+    #[arg(long, default_value_t = 500)]
+    images: usize,
+    /// The CPU's defended accuracy on the same images and seed (a fraction): the check fails
+    /// more than one point away from it.
+    #[arg(long)]
+    expect_acc: Option<f64>,
+    /// Largest relative eps error of the golden vectors.
+    #[arg(long, default_value_t = 1e-3)]
+    max_eps_rel: f64,
+    /// Batch sizes whose decisions must agree, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,256")]
+    batches: Vec<usize>,
+    /// Frames timed at batch 1 (0: no speed figures).
+    #[arg(long, default_value_t = 50)]
+    speed_frames: usize,
+    /// Batch of the throughput figure.
+    #[arg(long, default_value_t = 256)]
+    speed_batch: usize,
+    #[command(flatten)]
+    defense: DefenseArgs,
+}
+
+fn line(out: &mut impl Write, v: serde_json::Value) -> anyhow::Result<()> {
+    writeln!(out, "{v}")
+        .and_then(|()| out.flush())
+        .map_err(|source| diffshield::Error::Io { path: "stdout".into(), source })?;
+    Ok(())
+}
+
+/// Runs `diffshield device-check`.
+pub fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
+    let mut config = args.defense.resolve()?;
+    config.seed.get_or_insert(0);
+    let mut out = std::io::stdout().lock();
+    let mut failed = Vec::new();
+    let engine = diffshield::backend::engine(&config)?;
+    line(&mut out, json!({"check": "engine", "engine": engine.name()}))?;
+    let manifest = Manifest::load(&config.models_dir()?)?;
+    for p in device_check::placement(&manifest, &config, &engine, 1)? {
+        line(&mut out, json!({"check": "placement", "placement": p}))?;
+    }
+    let g = device_check::golden(&args.vectors, &manifest, &engine)?;
+    let ok = g.max_eps_rel() <= args.max_eps_rel && g.labels_agree;
+    if !ok {
+        failed.push(format!("golden vectors: eps error {:.2e}", g.max_eps_rel()));
+    }
+    line(
+        &mut out,
+        json!({"check": "golden", "passed": ok, "max_eps_rel": g.max_eps_rel(), "golden": g}),
+    )?;
+    if let Some(data) = &args.data {
+        let set = diffshield::data::cifar::read_cifar_bin(data, Some(args.images))?;
+        let mut defense = diffshield::Defense::from_config(&diffshield::DefenseConfig {
+            votes: 1,
+            ..config.clone()
+        })?;
+        let acc = defense.accuracy(set.images.view(), &set.labels, true, &mut |_| {})?;
+        let got = acc.purified_acc.unwrap_or(0.0);
+        let ok = args.expect_acc.is_none_or(|want| (got - want).abs() <= 0.01);
+        if !ok {
+            failed.push(format!("defended accuracy {got:.4} vs {:?}", args.expect_acc));
+        }
+        line(
+            &mut out,
+            json!({"check": "accuracy", "passed": ok, "images": acc.images, "defended": got,
+                   "clean": acc.clean_acc, "expected": args.expect_acc, "ms": acc.purified_ms}),
+        )?;
+    }
+    let b = device_check::batches(&config, &args.batches)?;
+    let ok = b.labels_agree && b.finite && b.max_prob_diff <= 1e-3;
+    if !ok {
+        failed.push(format!(
+            "batch sizes disagree (max probability difference {:.2e})",
+            b.max_prob_diff
+        ));
+    }
+    line(&mut out, json!({"check": "batches", "passed": ok, "batches": b}))?;
+    if args.speed_frames > 0 {
+        let s = device_check::speed(&config, args.speed_frames, args.speed_batch)?;
+        line(
+            &mut out,
+            json!({"check": "speed", "denoiser": config.denoiser, "t_star": config.t_star,
+                              "timesteps": config.plan_spec().ok().map(|p| format!("{p:?}")), "speed": s}),
+        )?;
+    }
+    line(&mut out, json!({"check": "summary", "passed": failed.is_empty(), "failed": failed}))?;
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(diffshield::Error::CheckFailed(format!("device check failed: {}", failed.join("; ")))
+            .into())
+    }
+}
