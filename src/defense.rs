@@ -419,6 +419,7 @@ impl Defense {
         };
         let mut latency = LatencySummary::from_latencies(&latencies, missed, queue.dropped());
         latency.rejected = queue.rejected();
+        latency.received = queue.pushed() + latency.rejected;
         latency.interrupted = interrupted;
         let done = StreamOutcome { latency, seed };
         match outcome.and(produced.map(|_| ())) {

@@ -79,7 +79,7 @@ pub struct Golden {
     pub eps_rel: Vec<f64>,
     /// Per DDIM step: largest |x_t - reference|.
     pub x_t_abs: Vec<f64>,
-    /// Largest |purified - reference| ([0,1] pixels).
+    /// Largest |purified - reference| (\[0,1\] pixels).
     pub purified_abs: f64,
     /// Largest |logit - reference|.
     pub logits_abs: f64,

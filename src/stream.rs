@@ -433,6 +433,7 @@ struct QueueState {
     closed: bool,
     dropped: u64,
     rejected: u64,
+    pushed: u64,
 }
 
 impl FrameQueue {
@@ -449,6 +450,7 @@ impl FrameQueue {
                 closed: false,
                 dropped: 0,
                 rejected: 0,
+                pushed: 0,
             }),
             ready: Condvar::new(),
             capacity,
@@ -469,6 +471,7 @@ impl FrameQueue {
         if st.closed {
             return false;
         }
+        st.pushed += 1;
         let mut dropped = false;
         while st.frames.len() >= self.capacity {
             st.frames.pop_front();
@@ -492,6 +495,7 @@ impl FrameQueue {
         if st.closed {
             return;
         }
+        st.pushed += 1;
         st.frames.push_back(frame);
         drop(st);
         self.ready.notify_all();
@@ -558,6 +562,11 @@ impl FrameQueue {
     /// Counts a frame the producer could not read and skipped.
     pub fn reject(&self) {
         self.lock().rejected += 1;
+    }
+
+    /// Number of frames accepted into the queue so far (classified, queued or dropped later).
+    pub fn pushed(&self) -> u64 {
+        self.lock().pushed
     }
 
     /// Number of frames skipped so far because they could not be read or decoded.
@@ -725,6 +734,9 @@ pub struct LatencySummary {
     pub dropped: u64,
     /// Frames the source could not read or decode, skipped (each reported on stderr).
     pub rejected: u64,
+    /// Frames the source delivered: every one is classified, dropped or rejected, so
+    /// `received = frames + dropped + rejected`.
+    pub received: u64,
     /// Whether the stream was stopped by a signal (SIGINT, SIGTERM) or the caller's stop flag.
     pub interrupted: bool,
     /// Median latency in milliseconds (nearest rank).
@@ -748,6 +760,7 @@ impl LatencySummary {
             deadline_missed,
             dropped,
             rejected: 0,
+            received: sorted.len() as u64 + dropped,
             interrupted: false,
             p50_ms: ms(50.0),
             p95_ms: ms(95.0),

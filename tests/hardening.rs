@@ -4,9 +4,9 @@
 
 mod common;
 
-use common::models_dir;
+use common::{models_dir, scratch, synthetic_cifar};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -40,40 +40,6 @@ fn assert_refused(out: &Output, needle: &str) {
     assert!(out.stdout.is_empty(), "partial output: {}", String::from_utf8_lossy(&out.stdout));
 }
 
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(name: &str) -> Scratch {
-    let d = std::env::temp_dir().join(format!("diffshield-hard-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Scratch(d)
-}
-
-/// A CIFAR-10 file of `n` synthetic records.
-fn cifar(dir: &Path, name: &str, n: usize, salt: usize) -> PathBuf {
-    let mut bytes = Vec::new();
-    for i in 0..n {
-        bytes.push((i % 10) as u8);
-        bytes.extend((0..3072).map(|k| ((k * 7 + i * 31 + salt * 13) % 256) as u8));
-    }
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
-    p
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -81,28 +47,11 @@ fn s(p: &Path) -> &str {
 #[test]
 fn closed_and_full_stdout() {
     let d = scratch("stdout");
-    let b4 = cifar(&d, "b4.bin", 4, 0);
-    let cases: Vec<Vec<&str>> = vec![
-        vec!["eval", "--data", s(&b4), "--no-purify"],
-        vec!["tune", "--print-grid"],
-        vec![
-            "attack",
-            "--data",
-            s(&b4),
-            "--limit",
-            "2",
-            "--attack",
-            "square",
-            "--queries",
-            "2",
-            "--mode",
-            "undefended",
-            "--runs",
-            "1",
-            "--threat",
-            "linf:8/255",
-            "--json",
-        ],
+    let b4 = synthetic_cifar(&d, "b4.bin", 4, 0);
+    let cases: Vec<Vec<String>> = vec![
+        ["eval", "--data", s(&b4), "--no-purify"].map(String::from).to_vec(),
+        vec!["tune".into(), "--print-grid".into()],
+        square(&b4, "2", &["--json"]),
     ];
     for args in &cases {
         let full = std::fs::File::options().write(true).open("/dev/full").unwrap();
@@ -185,7 +134,7 @@ fn allocation_bounds_on_counts() {
     assert_refused(&ds(&["classify", "samples/02_cat.png", "--votes", "1000000"]), "votes");
     assert_refused(&ds(&["classify", "samples/02_cat.png", "--batch", "100000"]), "batch");
     let d = scratch("bounds");
-    let b4 = cifar(&d, "b4.bin", 4, 0);
+    let b4 = synthetic_cifar(&d, "b4.bin", 4, 0);
     let attack = |extra: &[&str]| {
         let mut a = vec!["attack", "--data", s(&b4), "--limit", "2", "--threat", "linf:8/255"];
         a.extend_from_slice(extra);
@@ -355,7 +304,7 @@ fn ds_owned(args: &[String]) -> Output {
 #[test]
 fn attack_outputs_are_checked_before_work_and_resume_stays_consistent() {
     let d = scratch("resume");
-    let data = cifar(&d, "d.bin", 4, 0);
+    let data = synthetic_cifar(&d, "d.bin", 4, 0);
     let r = d.join("r.json");
     // Outputs are checked first: a folder, a missing folder, an input, twice the same file.
     let t = Instant::now();
@@ -374,7 +323,7 @@ fn attack_outputs_are_checked_before_work_and_resume_stays_consistent() {
     let mut other = square(&data, "4", &["--out", s(&r), "--resume"]);
     other[8] = "3".into(); // --queries 3
     assert_refused(&ds_owned(&other), "queries");
-    cifar(&d, "d.bin", 4, 1);
+    synthetic_cifar(&d, "d.bin", 4, 1);
     assert_refused(
         &ds_owned(&square(&data, "4", &["--out", s(&r), "--resume"])),
         "data file changed",
@@ -392,7 +341,7 @@ fn attack_outputs_are_checked_before_work_and_resume_stays_consistent() {
 #[test]
 fn a_second_writer_of_a_report_is_refused() {
     let d = scratch("lock");
-    let data = cifar(&d, "d.bin", 2, 0);
+    let data = synthetic_cifar(&d, "d.bin", 2, 0);
     let r = d.join("r.json");
     let lock = std::fs::File::create(d.join(".r.json.lock")).unwrap();
     lock.try_lock().unwrap(); // another run holds it
@@ -404,7 +353,7 @@ fn a_second_writer_of_a_report_is_refused() {
 #[test]
 fn failed_thresholds_fail_the_command() {
     let d = scratch("junit");
-    let data = cifar(&d, "d.bin", 2, 0);
+    let data = synthetic_cifar(&d, "d.bin", 2, 0);
     let j = d.join("j.xml");
     let out = ds_owned(&square(&data, "2", &["--junit", s(&j), "--min-acc", "1.01"]));
     assert_refused(&out, "min-acc");
@@ -421,7 +370,7 @@ fn failed_thresholds_fail_the_command() {
 #[test]
 fn empty_runs_are_refused() {
     let d = scratch("empty");
-    let data = cifar(&d, "d.bin", 2, 0);
+    let data = synthetic_cifar(&d, "d.bin", 2, 0);
     assert_refused(&ds(&["eval", "--data", s(&data), "--limit", "0"]), "no images");
     assert_refused(&ds_owned(&square(&data, "0", &[])), "--limit 0");
     assert_refused(&ds(&["classify", s(&data), "--limit", "0"]), "no images");
@@ -452,7 +401,7 @@ fn messages_name_the_problem_once() {
     assert_eq!(stderr(&out).matches("No such file").count(), 1, "{}", stderr(&out));
     assert_refused(&ds(&["classify", "samples", "--t-star", "-1"]), "-1");
     let d = scratch("misc");
-    let data = cifar(&d, "d.bin", 2, 0);
+    let data = synthetic_cifar(&d, "d.bin", 2, 0);
     assert_refused(&ds_owned(&square(&data, "2", &["--threat", "linf:8/255"])), "twice");
     assert_refused(&ds(&["run", "--folder", "samples/02_cat.png"]), "not a folder");
     let out = ds(&["run", "--watch", "--data", s(&data)]);
@@ -463,7 +412,7 @@ fn messages_name_the_problem_once() {
 #[test]
 fn progress_is_logged_when_stderr_is_not_a_terminal() {
     let d = scratch("progress");
-    let data = cifar(&d, "d.bin", 3, 0);
+    let data = synthetic_cifar(&d, "d.bin", 3, 0);
     let out = Command::new(DS)
         .args(["eval", "--data", s(&data)])
         .args(F)
@@ -540,6 +489,7 @@ fn a_stream_accounts_for_every_frame_through_faults_and_sigterm() {
     assert_eq!(count("frames"), lines.len() as u64 - 1);
     assert_eq!(count("rejected"), corrupt, "{summary}");
     assert_eq!(count("frames") + count("dropped") + count("rejected"), total as u64, "{summary}");
+    assert_eq!(count("received"), total as u64, "{summary}");
     assert!(count("dropped") > 0 && summary["interrupted"] == false, "{summary}");
     assert_eq!(err.matches("skipped a frame").count() as u64, corrupt, "{err}");
     let _ = writeln!(std::io::stderr(), "stream fault test, 1000 frames: {summary}");
@@ -552,7 +502,10 @@ fn a_stream_accounts_for_every_frame_through_faults_and_sigterm() {
     let count = |k: &str| summary[k].as_u64().unwrap();
     assert_eq!(count("frames"), lines.len() as u64 - 1);
     assert!(count("frames") > 0, "{summary}");
-    assert!(count("frames") + count("dropped") + count("rejected") <= total as u64, "{summary}");
+    // Every frame read before the signal is in one count.
+    let read = count("received");
+    assert_eq!(count("frames") + count("dropped") + count("rejected"), read, "{summary}");
+    assert!(read <= total as u64, "{summary}");
     let _ = writeln!(std::io::stderr(), "stream fault test, SIGTERM: {summary}");
 }
 

@@ -5,6 +5,43 @@ use std::path::PathBuf;
 
 pub mod svg;
 
+/// A temporary folder, removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh, empty temporary folder for test `name` of this process.
+pub fn scratch(name: &str) -> Scratch {
+    let d = std::env::temp_dir().join(format!("diffshield-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    Scratch(d)
+}
+
+/// `dir/name`: a CIFAR-10 file of `n` synthetic records (labels 0..9 in turn; `salt` varies the
+/// pixels).
+pub fn synthetic_cifar(dir: &std::path::Path, name: &str, n: usize, salt: usize) -> PathBuf {
+    let mut bytes = Vec::new();
+    for i in 0..n {
+        bytes.push((i % 10) as u8);
+        bytes.extend((0..3072).map(|k| ((k * 7 + i * 31 + salt * 13) % 256) as u8));
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
 /// The project's shipped models folder.
 pub fn models_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")
