@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::models_dir;
-use std::path::{Path, PathBuf};
+use common::{models_dir, scratch, synthetic_cifar};
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn diffshield(args: &[&str]) -> Output {
@@ -13,29 +13,6 @@ fn diffshield(args: &[&str]) -> Output {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("binary runs")
-}
-
-/// A temporary folder, removed when dropped.
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(name: &str) -> Scratch {
-    let d = std::env::temp_dir().join(format!("diffshield-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Scratch(d)
 }
 
 /// Asserts a user error: exit code 2, the message names `needle`, no panic, nothing on stdout.
@@ -172,7 +149,7 @@ fn wrong_size_cifar_bin_is_named() {
 }
 
 /// A models folder with the real manifest, `edit` applied to it, and links to the real models.
-fn models_copy(name: &str, edit: impl Fn(String) -> String) -> Scratch {
+fn models_copy(name: &str, edit: impl Fn(String) -> String) -> common::Scratch {
     let d = scratch(name);
     let (parent, leaf) = (d.parent().unwrap(), d.file_name().unwrap().to_str().unwrap());
     common::models_copy(parent, leaf, edit);
@@ -580,13 +557,7 @@ fn backend_auto_falls_back_to_the_cpu_and_cuda_names_its_reason() {
 #[test]
 fn device_check_runs_every_check_on_the_cpu() {
     let d = scratch("devcheck");
-    let data = d.join("d.bin");
-    let mut bytes = Vec::new();
-    for i in 0..8usize {
-        bytes.push((i % 10) as u8);
-        bytes.extend((0..3072).map(|k| ((k * 7 + i * 31) % 256) as u8));
-    }
-    std::fs::write(&data, bytes).unwrap();
+    let data = synthetic_cifar(&d, "d.bin", 8, 0);
     let out = diffshield(&[
         "device-check",
         "--vectors",
@@ -629,4 +600,38 @@ fn device_check_runs_every_check_on_the_cpu() {
         "1e-12",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// AutoAttack's rand suite (APGD-CE + APGD-DLR, per image the worst) through the CLI.
+#[cfg(feature = "twin")]
+#[test]
+fn aa_rand_runs_both_apgd_losses_and_keeps_the_worst() {
+    let d = scratch("aarand");
+    let data = synthetic_cifar(&d, "d.bin", 3, 0);
+    let out = diffshield(&[
+        "attack",
+        "--data",
+        data.to_str().unwrap(),
+        "--limit",
+        "3",
+        "--attack",
+        "aa-rand",
+        "--mode",
+        "undefended",
+        "--steps",
+        "5",
+        "--eot",
+        "1",
+        "--runs",
+        "1",
+        "--threat",
+        "linf:8/255",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["harness"]["attack"], "aa-rand");
+    let r = &v["results"][0];
+    assert!(r["robust_acc"].as_f64().unwrap() <= v["undefended_clean_acc"].as_f64().unwrap());
+    assert!(r["max_distance"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6);
 }

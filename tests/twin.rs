@@ -143,3 +143,42 @@ fn a_fixed_seed_white_box_run_is_reproducible_and_stays_in_the_ball() {
     }
     assert!(a.iter().all(|v| (0.0..=1.0).contains(v)));
 }
+
+/// APGD-CE (100 steps) on the bare classifier is at least as strong as PGD-20 on the same
+/// images: the check that the new attack is not weaker than the old one.
+#[cfg_attr(not(shared_data), ignore = "needs ../shared/data (absent at build time)")]
+#[test]
+fn apgd_ce_is_at_least_as_strong_as_pgd_20_on_the_bare_classifier() {
+    use diffshield::attack::apgd::apgd;
+    use diffshield::attack::gradients::ClassifierGradient;
+    let set = diffshield::data::cifar::read_cifar_bin(
+        &common::shared_data("cifar10_test_2000.bin"),
+        Some(12),
+    )
+    .unwrap();
+    let labels: Vec<usize> = set.labels.iter().map(|&l| usize::from(l)).collect();
+    let m = manifest();
+    let mut twin = TwinClassifier::load(&m).unwrap();
+    let mut deployed = TractClassifier::load(&m).unwrap();
+    let threat: ThreatModel = "linf:4/255".parse().unwrap();
+    let accuracy = |x: &Array4<f32>, c: &mut TractClassifier| {
+        let logits = c.logits(x.view()).unwrap();
+        logits
+            .outer_iter()
+            .zip(&labels)
+            .filter(|(r, &l)| {
+                r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 == l
+            })
+            .count()
+    };
+    let cfg = PgdConfig { threat, steps: 20, step_size: 1.0 / 255.0, random_start: true, seed: 1 };
+    let mut g = ClassifierGradient { classifier: &mut twin, loss: Loss::CrossEntropy };
+    let by_pgd = pgd(&mut g, set.images.view(), &labels, &cfg).unwrap();
+    let by_apgd = apgd(&mut g, set.images.view(), &labels, threat, 100).unwrap();
+    for d in distances(by_apgd.view(), set.images.view(), threat.norm) {
+        assert!(d <= threat.eps + 1e-6, "APGD left the ball: {d}");
+    }
+    let (pgd_ok, apgd_ok) = (accuracy(&by_pgd, &mut deployed), accuracy(&by_apgd, &mut deployed));
+    eprintln!("robust of 12 at linf 4/255: PGD-20 {pgd_ok}, APGD-CE-100 {apgd_ok}");
+    assert!(apgd_ok <= pgd_ok, "APGD-CE {apgd_ok} correct vs PGD-20 {pgd_ok}");
+}

@@ -77,6 +77,15 @@ impl LossGradient for ClassifierGradient<'_> {
     fn loss_grad(&mut self, x: ArrayView4<f32>, labels: &[usize], _: usize) -> Result<Array4<f32>> {
         Ok(classifier_loss_grad(self.classifier, x, labels, self.loss)?.1)
     }
+
+    fn loss_values_and_grad(
+        &mut self,
+        x: ArrayView4<f32>,
+        labels: &[usize],
+        _: usize,
+    ) -> Result<(Vec<f32>, Array4<f32>)> {
+        classifier_loss_grad(self.classifier, x, labels, self.loss)
+    }
 }
 
 /// Where the EOT samples' noise comes from: the streams of [`NoiseDomain::AttackEot`] of the
@@ -123,6 +132,18 @@ impl EotNoise {
         (0..self.eot).flat_map(|_| labels.iter().copied()).collect()
     }
 
+    /// Mean over the `eot` sample-major copies of per-image values.
+    fn average_values(&self, v: &[f32], n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (0..self.eot as usize)
+                    .map(|e| v.get(e * n + i).copied().unwrap_or(0.0))
+                    .sum::<f32>()
+                    / self.eot as f32
+            })
+            .collect()
+    }
+
     /// Mean over the `eot` sample-major copies of a replicated gradient.
     fn average(&self, g: Array4<f32>, n: usize) -> Array4<f32> {
         let mut sum = Array4::<f32>::zeros(g.slice(ndarray::s![..n, .., .., ..]).raw_dim());
@@ -150,11 +171,21 @@ pub struct BpdaGradient<'a> {
 
 impl LossGradient for BpdaGradient<'_> {
     fn loss_grad(&mut self, x: ArrayView4<f32>, labels: &[usize], k: usize) -> Result<Array4<f32>> {
+        Ok(self.loss_values_and_grad(x, labels, k)?.1)
+    }
+
+    fn loss_values_and_grad(
+        &mut self,
+        x: ArrayView4<f32>,
+        labels: &[usize],
+        k: usize,
+    ) -> Result<(Vec<f32>, Array4<f32>)> {
         let (batch, mut noise) = self.noise.replicate(x, k)?;
         let purified = purify(self.plan, self.denoiser, batch.view(), &mut noise)?;
         let labels = self.noise.labels(labels);
-        let (_, g) = classifier_loss_grad(self.classifier, purified.view(), &labels, self.loss)?;
-        Ok(self.noise.average(g, x.shape()[0]))
+        let (v, g) = classifier_loss_grad(self.classifier, purified.view(), &labels, self.loss)?;
+        let n = x.shape()[0];
+        Ok((self.noise.average_values(&v, n), self.noise.average(g, n)))
     }
 }
 
@@ -176,6 +207,15 @@ pub struct WhiteBoxGradient<'a> {
 
 impl LossGradient for WhiteBoxGradient<'_> {
     fn loss_grad(&mut self, x: ArrayView4<f32>, labels: &[usize], k: usize) -> Result<Array4<f32>> {
+        Ok(self.loss_values_and_grad(x, labels, k)?.1)
+    }
+
+    fn loss_values_and_grad(
+        &mut self,
+        x: ArrayView4<f32>,
+        labels: &[usize],
+        k: usize,
+    ) -> Result<(Vec<f32>, Array4<f32>)> {
         let (batch, mut noise) = self.noise.replicate(x, k)?;
         let labels = self.noise.labels(labels);
         let out = purified_loss_grad(
@@ -188,6 +228,7 @@ impl LossGradient for WhiteBoxGradient<'_> {
             &mut noise,
         )?;
         self.replay_error = self.replay_error.max(out.replay_error);
-        Ok(self.noise.average(out.grad, x.shape()[0]))
+        let n = x.shape()[0];
+        Ok((self.noise.average_values(&out.loss, n), self.noise.average(out.grad, n)))
     }
 }

@@ -3,6 +3,7 @@
 //! evaluated model's scores), then they are evaluated on the deployed pipeline with fresh noise,
 //! `runs` times. [`super::suite`] drives the cells and batches, saving after every batch.
 
+use super::apgd::Apgd;
 use super::eval::{correct_runs, Evaluated};
 use super::gradients::{AttackMode, BpdaGradient, ClassifierGradient, EotNoise, WhiteBoxGradient};
 use super::pgd::{distances, LossGradient, Pgd};
@@ -58,10 +59,15 @@ impl HarnessConfig {
         if self.runs == 0 || self.runs > MAX_RUNS {
             return out_of("--runs", u64::from(self.runs), u64::from(MAX_RUNS));
         }
-        if self.attack == AttackKind::Pgd && (self.eot == 0 || self.eot > MAX_EOT) {
+        let gradient =
+            matches!(self.attack, AttackKind::Pgd | AttackKind::Apgd | AttackKind::AaRand);
+        if gradient && (self.eot == 0 || self.eot > MAX_EOT) {
             return out_of("--eot", u64::from(self.eot), u64::from(MAX_EOT));
         }
-        if self.attack == AttackKind::Pgd && self.steps > MAX_STEPS {
+        if matches!(self.attack, AttackKind::Apgd | AttackKind::AaRand) && self.steps == 0 {
+            return out_of("--steps", 0, MAX_STEPS as u64);
+        }
+        if gradient && self.steps > MAX_STEPS {
             return out_of("--steps", self.steps as u64, MAX_STEPS as u64);
         }
         if self.attack == AttackKind::Square && (self.queries == 0 || self.queries > MAX_QUERIES) {
@@ -75,9 +81,23 @@ impl HarnessConfig {
         Ok(())
     }
 
-    /// The configured attack for `threat`.
+    /// The configured attacks for `threat`: one, or for `aa-rand` APGD-CE and APGD-DLR, whose
+    /// results count per image at their worst.
+    pub fn attacks_for(&self, threat: ThreatModel) -> Vec<Box<dyn Attack>> {
+        match self.attack {
+            AttackKind::AaRand => vec![
+                Box::new(Apgd { steps: self.steps, loss: Loss::CrossEntropy }),
+                Box::new(Apgd { steps: self.steps, loss: Loss::Dlr }),
+            ],
+            _ => vec![self.attack_for(threat)],
+        }
+    }
+
+    /// The configured attack for `threat` (`aa-rand`: its APGD-CE).
     pub fn attack_for(&self, threat: ThreatModel) -> Box<dyn Attack> {
         match self.attack {
+            AttackKind::Apgd => Box::new(Apgd { steps: self.steps, loss: self.loss }),
+            AttackKind::AaRand => Box::new(Apgd { steps: self.steps, loss: Loss::CrossEntropy }),
             AttackKind::Pgd => Box::new(Pgd {
                 steps: self.steps,
                 step_size: self.step_size.unwrap_or_else(|| {
@@ -160,6 +180,16 @@ impl Target<'_, '_> {
         &mut self,
         f: impl FnOnce(&mut dyn LossGradient) -> Result<R>,
     ) -> Result<R> {
+        self.with_gradient_for(self.loss, f)
+    }
+
+    /// [`Target::with_gradient`] with the attack's own loss instead of the configured one
+    /// (APGD-CE and APGD-DLR of one suite).
+    pub fn with_gradient_for<R>(
+        &mut self,
+        loss: Loss,
+        f: impl FnOnce(&mut dyn LossGradient) -> Result<R>,
+    ) -> Result<R> {
         let mode = self.mode;
         let eot = EotNoise {
             seed: self.seed,
@@ -171,18 +201,12 @@ impl Target<'_, '_> {
             self.twins.classifier.as_deref_mut().ok_or_else(|| needs_twin(mode, "classifier"))?;
         match mode {
             AttackMode::Undefended | AttackMode::GreyBox => {
-                f(&mut ClassifierGradient { classifier, loss: self.loss })
+                f(&mut ClassifierGradient { classifier, loss })
             }
             AttackMode::Bpda => {
                 let plan = self.pipeline.plan().clone();
                 let denoiser = self.pipeline.denoiser_mut();
-                f(&mut BpdaGradient {
-                    plan: &plan,
-                    denoiser,
-                    classifier,
-                    noise: eot,
-                    loss: self.loss,
-                })
+                f(&mut BpdaGradient { plan: &plan, denoiser, classifier, noise: eot, loss })
             }
             AttackMode::WhiteBox => {
                 let denoiser = self
@@ -196,7 +220,7 @@ impl Target<'_, '_> {
                     denoiser,
                     classifier,
                     noise: eot,
-                    loss: self.loss,
+                    loss,
                     replay_error: 0.0,
                 })
             }
@@ -237,21 +261,31 @@ pub fn run_cell(
     cell: u32,
 ) -> Result<Vec<ImageOutcome>> {
     let n = labels.len();
-    let attack = cfg.attack_for(threat);
-    let mut target = Target {
-        pipeline: &mut *pipeline,
-        twins,
-        mode,
-        cell,
-        first,
-        loss: cfg.loss,
-        eot: cfg.eot,
-        seed: cfg.seed,
-    };
-    let adversarial = attack.craft(&mut target, images, labels, threat)?;
     let what = if mode.evaluates_defended() { Evaluated::Defended } else { Evaluated::Undefended };
-    let correct = correct_runs(pipeline, what, adversarial.view(), labels, cfg.runs, cell, first)?;
-    let dist = distances(adversarial.view(), images, threat.norm);
+    // Per image the worst of the suite's attacks: fewest correct runs, and the distance of the
+    // adversarial image that achieved it.
+    let mut correct = vec![u32::MAX; n];
+    let mut dist = vec![0.0f64; n];
+    for attack in cfg.attacks_for(threat) {
+        let mut target = Target {
+            pipeline: &mut *pipeline,
+            twins: &mut *twins,
+            mode,
+            cell,
+            first,
+            loss: cfg.loss,
+            eot: cfg.eot,
+            seed: cfg.seed,
+        };
+        let adversarial = attack.craft(&mut target, images, labels, threat)?;
+        let c = correct_runs(pipeline, what, adversarial.view(), labels, cfg.runs, cell, first)?;
+        let d = distances(adversarial.view(), images, threat.norm);
+        for i in 0..n {
+            if c[i] < correct[i] {
+                (correct[i], dist[i]) = (c[i], d[i]);
+            }
+        }
+    }
     Ok((0..n)
         .map(|i| ImageOutcome {
             index: first + i,

@@ -2,6 +2,7 @@
 //! the gradient-free Square Attack), final evaluation with fresh noise, the harness cell and the
 //! reports.
 
+pub mod apgd;
 pub mod eval;
 pub mod gradients;
 pub mod harness;
@@ -38,6 +39,10 @@ pub enum AttackKind {
     Pgd,
     /// The gradient-free Square Attack on the deployed pipeline's outputs ([`square::Square`]).
     Square,
+    /// APGD along the mode's gradient with the configured loss ([`apgd::Apgd`]).
+    Apgd,
+    /// AutoAttack's `rand` version: APGD-CE and APGD-DLR, per image the worst of the two.
+    AaRand,
 }
 
 impl fmt::Display for AttackKind {
@@ -45,6 +50,8 @@ impl fmt::Display for AttackKind {
         f.write_str(match self {
             AttackKind::Pgd => "pgd",
             AttackKind::Square => "square",
+            AttackKind::Apgd => "apgd",
+            AttackKind::AaRand => "aa-rand",
         })
     }
 }

@@ -21,6 +21,18 @@ pub trait LossGradient {
         labels: &[usize],
         iteration: usize,
     ) -> Result<Array4<f32>>;
+
+    /// The per-image loss (averaged over the same EOT samples) with its gradient, for attacks
+    /// that track the best point (APGD). Gradients that cannot report a loss refuse.
+    fn loss_values_and_grad(
+        &mut self,
+        images: ArrayView4<f32>,
+        labels: &[usize],
+        iteration: usize,
+    ) -> Result<(Vec<f32>, Array4<f32>)> {
+        let _ = (images, labels, iteration);
+        Err(Error::AttackUnavailable("this gradient reports no loss values".into()))
+    }
 }
 
 /// Settings of one PGD run.

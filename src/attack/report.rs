@@ -195,7 +195,7 @@ impl AttackReport {
             if c.mode == AttackMode::Undefended
                 && t.norm == Norm::Linf
                 && t.eps >= 8.0 / 255.0 - 1e-9
-                && self.harness.attack == AttackKind::Pgd
+                && self.harness.attack != AttackKind::Square
                 && self.harness.steps >= 10
                 && c.robust_acc > 0.1
             {

@@ -180,7 +180,7 @@ pub fn run_suite(
     let n = set.labels.len();
     let labels: Vec<usize> = set.labels.iter().map(|&l| usize::from(l)).collect();
     let (mut classifier, mut denoiser) = (None, None);
-    if suite.harness.attack == AttackKind::Pgd {
+    if suite.harness.attack != AttackKind::Square {
         classifier = crate::grad::load_classifier_twin(&manifest)?;
         if suite.modes.contains(&AttackMode::WhiteBox) {
             denoiser = crate::grad::load_denoiser_twin(&manifest, &config.denoiser)?;

@@ -84,6 +84,10 @@ pub enum Loss {
     CrossEntropy,
     /// Best other logit minus the true logit (Carlini-Wagner margin; > 0 once misclassified).
     Margin,
+    /// Croce & Hein's difference of logits ratio: -(z_y - max_{i != y} z_i) / (z_1 - z_3 + 1e-12)
+    /// with z_1 >= z_2 >= z_3 the sorted logits; invariant to shifting and scaling the logits,
+    /// so it resists gradient masking by saturated softmax (needs at least 3 classes).
+    Dlr,
 }
 
 impl Loss {
@@ -114,18 +118,44 @@ impl Loss {
                     }
                 }
                 Loss::Margin => {
-                    let (best, other) = row.iter().enumerate().filter(|&(j, _)| j != y).fold(
-                        (0, f32::NEG_INFINITY),
-                        |b, (j, &v)| if v > b.1 { (j, v) } else { b },
-                    );
+                    let (best, other) = best_other(row, y);
                     values.push(other - row[y]);
                     grad[[i, best]] = 1.0;
                     grad[[i, y]] = -1.0;
+                }
+                Loss::Dlr => {
+                    if k < 3 {
+                        return Err(Error::InvalidConfig(format!(
+                            "the DLR loss needs at least 3 classes, the classifier has {k}"
+                        )));
+                    }
+                    let (m, other) = best_other(row, y);
+                    let mut order: Vec<usize> = (0..k).collect();
+                    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                    let (p1, p3) = (order[0], order[2]);
+                    let a = row[y] - other;
+                    let d = row[p1] - row[p3] + 1e-12;
+                    values.push(-a / d);
+                    grad[[i, y]] -= 1.0 / d;
+                    grad[[i, m]] += 1.0 / d;
+                    grad[[i, p1]] += a / (d * d);
+                    grad[[i, p3]] -= a / (d * d);
                 }
             }
         }
         Ok((values, grad))
     }
+}
+
+/// The largest logit other than `y`'s: (its index, its value).
+fn best_other(row: ndarray::ArrayView1<f32>, y: usize) -> (usize, f32) {
+    row.iter().enumerate().filter(|&(j, _)| j != y).fold((0, f32::NEG_INFINITY), |b, (j, &v)| {
+        if v > b.1 {
+            (j, v)
+        } else {
+            b
+        }
+    })
 }
 
 /// Loss of the bare classifier and its gradient with respect to `images` (\[0,1\] pixels).
@@ -142,4 +172,43 @@ pub fn classifier_loss_grad(
         Ok(g)
     })?;
     Ok((values, grad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Loss;
+    use ndarray::array;
+
+    /// Every loss's gradient against central differences of its value, on logits with ties
+    /// broken (a kink would make the difference quotient meaningless).
+    #[test]
+    fn loss_gradients_match_finite_differences() {
+        let logits = array![[1.0f32, 3.5, -0.5, 2.0, 0.25], [0.1, -1.0, 2.2, 1.7, 0.9]];
+        let labels = [3, 0];
+        for loss in [Loss::CrossEntropy, Loss::Margin, Loss::Dlr] {
+            let (_, g) = loss.value_and_grad(logits.view(), &labels).unwrap();
+            for i in 0..2 {
+                for j in 0..5 {
+                    let h = 1e-3f32;
+                    let at = |d: f32| {
+                        let mut l = logits.clone();
+                        l[[i, j]] += d;
+                        loss.value_and_grad(l.view(), &labels).unwrap().0[i]
+                    };
+                    let fd = (at(h) - at(-h)) / (2.0 * h);
+                    assert!(
+                        (fd - g[[i, j]]).abs() < 2e-3,
+                        "{loss:?} [{i},{j}]: {fd} vs {}",
+                        g[[i, j]]
+                    );
+                }
+            }
+        }
+        // DLR is invariant to shifting and scaling the logits.
+        let (v, _) = Loss::Dlr.value_and_grad(logits.view(), &labels).unwrap();
+        let scaled = logits.mapv(|z| 3.0 * z + 7.0);
+        let (w, _) = Loss::Dlr.value_and_grad(scaled.view(), &labels).unwrap();
+        assert!(v.iter().zip(&w).all(|(a, b)| (a - b).abs() < 1e-5), "{v:?} vs {w:?}");
+        assert!(Loss::Dlr.value_and_grad(array![[1.0f32, 2.0]].view(), &[0]).is_err());
+    }
 }

@@ -142,7 +142,7 @@ pub fn robust_accuracy(
     super::check_available(attack.kind)?;
     let twin = match kind {
         AttackKind::Square => None,
-        AttackKind::Pgd => {
+        AttackKind::Pgd | AttackKind::Apgd | AttackKind::AaRand => {
             crate::grad::load_classifier_twin(&crate::manifest::Manifest::load(models)?)?
         }
     };

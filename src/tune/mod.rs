@@ -60,38 +60,43 @@ pub fn parse_attack(s: &str) -> Result<Option<AttackKind>> {
         "none" => Ok(None),
         "square" => Ok(Some(AttackKind::Square)),
         "bpda" => Ok(Some(AttackKind::Pgd)),
+        "apgd" => Ok(Some(AttackKind::Apgd)),
         _ => Err(Error::InvalidConfig(format!(
-            "unknown attack {s:?}: expected square, bpda or none"
+            "unknown attack {s:?}: expected square, bpda, apgd or none"
         ))),
     }
 }
 
-/// The name [`parse_attack`] reads back: `none`, `square` or `bpda`.
+/// The name [`parse_attack`] reads back: `none`, `square`, `bpda` (PGD) or `apgd`.
 pub fn attack_name(kind: Option<AttackKind>) -> &'static str {
     match kind {
         None => "none",
         Some(AttackKind::Square) => "square",
         Some(AttackKind::Pgd) => "bpda",
+        Some(AttackKind::Apgd) => "apgd",
+        Some(AttackKind::AaRand) => "aa-rand",
     }
 }
 
-/// The harness mode tune attacks in: PGD follows BPDA's gradient, Square queries the defended
-/// pipeline (grey-box: it sees only outputs); both are evaluated defended.
+/// The harness mode tune attacks in: the gradient attacks follow BPDA's gradient, Square
+/// queries the defended pipeline (grey-box: it sees only outputs); all are evaluated defended.
 pub(crate) fn attack_mode(kind: AttackKind) -> AttackMode {
     match kind {
-        AttackKind::Pgd => AttackMode::Bpda,
         AttackKind::Square => AttackMode::GreyBox,
+        AttackKind::Pgd | AttackKind::Apgd | AttackKind::AaRand => AttackMode::Bpda,
     }
 }
 
 /// Refuses an attack this build does not have, before anything is measured.
 pub fn check_available(kind: Option<AttackKind>) -> Result<()> {
     match kind {
-        Some(AttackKind::Pgd) if !cfg!(feature = "twin") => Err(Error::AttackUnavailable(
-            "--attack bpda needs the differentiable classifier twin (build with the default \
-             `twin` feature); use --attack square or --attack none"
-                .into(),
-        )),
+        Some(k) if k != AttackKind::Square && !cfg!(feature = "twin") => {
+            Err(Error::AttackUnavailable(format!(
+                "--attack {} needs the differentiable classifier twin (build with the default \
+                 `twin` feature); use --attack square or --attack none",
+                attack_name(kind)
+            )))
+        }
         _ => Ok(()),
     }
 }
@@ -120,8 +125,9 @@ impl AttackSettings {
     pub fn canonical(&self) -> String {
         match self.kind {
             None => "attack=none".into(),
-            Some(AttackKind::Pgd) => format!(
-                "attack=bpda;threat={};eps={};steps={};eot={};images={};runs={}",
+            Some(_) if self.kind != Some(AttackKind::Square) => format!(
+                "attack={};threat={};eps={};steps={};eot={};images={};runs={}",
+                attack_name(self.kind),
                 self.threat,
                 grid::fmt_f64(self.threat.eps),
                 self.pgd_steps,
@@ -129,7 +135,7 @@ impl AttackSettings {
                 self.images,
                 self.runs
             ),
-            Some(AttackKind::Square) => format!(
+            Some(_) => format!(
                 "attack=square;threat={};eps={};queries={};images={};runs={}",
                 self.threat,
                 grid::fmt_f64(self.threat.eps),
@@ -147,6 +153,10 @@ impl AttackSettings {
             Some(AttackKind::Pgd) => format!(
                 "bpda+EOT {} PGD-{} EOT {}, {} images, {} runs",
                 self.threat, self.pgd_steps, self.eot, self.images, self.runs
+            ),
+            Some(k @ (AttackKind::Apgd | AttackKind::AaRand)) => format!(
+                "bpda+EOT {} {}-{} EOT {}, {} images, {} runs",
+                self.threat, k, self.pgd_steps, self.eot, self.images, self.runs
             ),
             Some(AttackKind::Square) => format!(
                 "square {}, {} queries, {} images, {} runs",

@@ -17,6 +17,10 @@ enum AttackArg {
     Pgd,
     /// Gradient-free Square Attack on the pipeline's outputs.
     Square,
+    /// APGD (Croce & Hein 2020) along the mode's gradient with --loss.
+    Apgd,
+    /// AutoAttack's rand version: APGD-CE and APGD-DLR with EOT, per image the worst.
+    AaRand,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -25,6 +29,8 @@ enum LossArg {
     Ce,
     /// Best other logit minus the true logit.
     Margin,
+    /// Croce & Hein's difference of logits ratio.
+    Dlr,
 }
 
 /// Options of `diffshield attack`.
@@ -45,10 +51,10 @@ pub struct AttackArgs {
     /// Crafting attack.
     #[arg(long, value_enum, default_value = "pgd")]
     attack: AttackArg,
-    /// PGD steps.
+    /// Gradient steps (PGD, APGD).
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// PGD step size in \[0,1\] pixel units, e.g. 2/255 [default: eps/4 for Linf, 2.5 eps/steps
+    /// PGD step size in [0,1] pixel units, e.g. 2/255 [default: eps/4 for Linf, 2.5 eps/steps
     /// for L2].
     #[arg(long)]
     step_size: Option<String>,
@@ -123,6 +129,8 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
             attack: match args.attack {
                 AttackArg::Pgd => AttackKind::Pgd,
                 AttackArg::Square => AttackKind::Square,
+                AttackArg::Apgd => AttackKind::Apgd,
+                AttackArg::AaRand => AttackKind::AaRand,
             },
             steps: args.steps,
             step_size: args.step_size.as_deref().map(parse_fraction).transpose()?,
@@ -133,6 +141,7 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
             loss: match args.loss {
                 LossArg::Ce => Loss::CrossEntropy,
                 LossArg::Margin => Loss::Margin,
+                LossArg::Dlr => Loss::Dlr,
             },
             random_start: !args.no_random_start,
         },
