@@ -81,6 +81,36 @@ impl HarnessConfig {
         Ok(())
     }
 
+    /// The attack in words, with only the settings that apply to it: `pgd, 20 steps of eps/4,
+    /// EOT 8, loss ce, random start`, `square, 100 queries`, `aa-rand (APGD-CE + APGD-DLR), 100
+    /// steps, EOT 20`.
+    pub fn describe(&self) -> String {
+        let loss = match self.loss {
+            Loss::CrossEntropy => "ce",
+            Loss::Margin => "margin",
+            Loss::Dlr => "dlr",
+        };
+        let step = self.step_size.map_or_else(
+            || "eps/4 (Linf) or 2.5 eps/steps (L2)".to_string(),
+            |s| format!("{:.6} ({:.2}/255)", s, s * 255.0),
+        );
+        match self.attack {
+            AttackKind::Pgd => format!(
+                "pgd, {} steps of {step}, EOT {}, loss {loss}{}",
+                self.steps,
+                self.eot,
+                if self.random_start { ", random start" } else { "" }
+            ),
+            AttackKind::Apgd => {
+                format!("apgd, {} steps, EOT {}, loss {loss}", self.steps, self.eot)
+            }
+            AttackKind::AaRand => {
+                format!("aa-rand (APGD-CE + APGD-DLR), {} steps, EOT {}", self.steps, self.eot)
+            }
+            AttackKind::Square => format!("square, {} queries", self.queries),
+        }
+    }
+
     /// The configured attacks for `threat`: one, or for `aa-rand` APGD-CE and APGD-DLR, whose
     /// results count per image at their worst.
     pub fn attacks_for(&self, threat: ThreatModel) -> Vec<Box<dyn Attack>> {

@@ -329,17 +329,15 @@ impl AttackReport {
         }
         let _ = writeln!(
             s,
-            "\n{} images, {} evaluation runs each (robust_acc = mean over runs); attack: {:?}, \
-             {} steps, EOT {}, loss {:?}; defence: denoiser {}, T*={}, eta {}.",
+            "\n{} images, {} evaluation runs each (robust_acc = mean over runs); attack: {}; \
+             defence: denoiser {}, T*={}, eta {}, {} vote(s).",
             self.images,
             self.harness.runs,
-            self.harness.attack,
-            self.harness.steps,
-            self.harness.eot,
-            self.harness.loss,
+            self.harness.describe(),
             self.config.denoiser,
             self.config.t_star,
-            self.config.eta
+            self.config.eta,
+            self.config.votes
         );
         s
     }

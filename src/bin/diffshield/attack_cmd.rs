@@ -51,8 +51,9 @@ pub struct AttackArgs {
     /// Crafting attack.
     #[arg(long, value_enum, default_value = "pgd")]
     attack: AttackArg,
-    /// Gradient steps (PGD, APGD).
-    #[arg(long, default_value_t = 20)]
+    /// Gradient steps of PGD and APGD (`--steps` is the purifier's DDIM step count, as in the
+    /// other commands).
+    #[arg(long = "pgd-steps", default_value_t = 20)]
     steps: usize,
     /// PGD step size in [0,1] pixel units, e.g. 2/255 [default: eps/4 for Linf, 2.5 eps/steps
     /// for L2].
