@@ -23,8 +23,38 @@ fn main() {
         // adding ../shared, `touch build.rs`.
         println!("cargo:rerun-if-changed={}", shared.display());
     }
+    record_commit(std::path::Path::new(&manifest_dir));
     #[cfg(feature = "twin")]
     twin::generate();
+}
+
+/// Sets `DIFFSHIELD_COMMIT` (attack reports quote it) from git, when the package is a git
+/// checkout and git runs; the reports say `unknown` otherwise. Watches HEAD and the branch it
+/// points to, so a new commit rebuilds.
+fn record_commit(dir: &std::path::Path) {
+    let git = dir.join(".git");
+    if !git.is_dir() {
+        return;
+    }
+    println!("cargo:rerun-if-changed={}", git.join("HEAD").display());
+    if let Ok(head) = std::fs::read_to_string(git.join("HEAD")) {
+        if let Some(r) = head.trim().strip_prefix("ref: ") {
+            let branch = git.join(r);
+            if branch.is_file() {
+                println!("cargo:rerun-if-changed={}", branch.display());
+            }
+        }
+    }
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(dir)
+        .output();
+    if let Some(out) = out.ok().filter(|o| o.status.success()) {
+        let commit = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !commit.is_empty() {
+            println!("cargo:rustc-env=DIFFSHIELD_COMMIT={commit}");
+        }
+    }
 }
 
 /// The same hash the runtime applies to the model file it loads.

@@ -28,7 +28,14 @@ fn main() -> anyhow::Result<()> {
         plan: &plan,
         denoiser: &mut d,
         classifier: &mut c,
-        noise: EotNoise { seed: 1, eot: eot as u32, first_frame: 0, cell: 1 },
+        noise: EotNoise {
+            seed: 1,
+            eot: eot as u32,
+            first_frame: 0,
+            cell: 1,
+            attack: 0,
+            known: false,
+        },
         loss: Loss::CrossEntropy,
         replay_error: 0.0,
     };

@@ -82,6 +82,8 @@ pub mod defense;
 pub mod device_check;
 pub mod error;
 pub(crate) mod files;
+// Keys tune's cache and checks the twins against their models.
+#[cfg(any(feature = "tune", feature = "twin"))]
 pub(crate) mod fingerprint;
 pub mod grad;
 pub mod input;

@@ -24,11 +24,13 @@ pub enum NoiseDomain {
     Calibration,
     /// Untimed warm-up frames (tune).
     Warmup,
-    /// The attacker's EOT purification samples in attack cell `cell` (vote = PGD iteration x
-    /// EOT samples + sample).
+    /// The EOT purification samples of attack `attack` (from 0) in attack cell `cell` (vote =
+    /// PGD iteration x EOT samples + sample).
     AttackEot {
         /// The (threat model, mode) cell, numbered from 1.
         cell: u32,
+        /// The crafting attack's place in the cell's list, from 0.
+        attack: u32,
     },
     /// The defended pipeline's purifications of Square Attack query `query` in cell `cell`.
     AttackQuery {
@@ -56,7 +58,7 @@ impl NoiseDomain {
             NoiseDomain::Frames => None,
             NoiseDomain::Calibration => tagged(1, 0, 0),
             NoiseDomain::Warmup => tagged(2, 0, 0),
-            NoiseDomain::AttackEot { cell } => tagged(3, cell, 0),
+            NoiseDomain::AttackEot { cell, attack } => tagged(3, cell, attack),
             NoiseDomain::AttackQuery { cell, query } => tagged(4, cell, query),
             NoiseDomain::Evaluation { cell, run } => tagged(5, cell, run),
         }

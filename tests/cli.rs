@@ -394,7 +394,19 @@ fn pgd_attack_resumes_and_writes_table_and_junit() {
     let table = std::fs::read_to_string(&md).unwrap();
     assert!(table.contains("| undefended |"), "{table}");
     let xml = std::fs::read_to_string(&junit).unwrap();
-    assert!(xml.contains("tests=\"2\""), "{xml}");
+    let checks = v["sanity"].as_array().unwrap().len();
+    assert!(checks >= 7, "{}", v["sanity"]);
+    assert!(xml.contains(&format!("tests=\"{}\"", 2 + checks)), "{xml}");
+    let status = |name: &str| {
+        let c = v["sanity"].as_array().unwrap().iter().find(|c| c["check"] == name).unwrap();
+        c["status"].as_str().unwrap().to_string()
+    };
+    assert_eq!(status("eps-0-is-clean"), "passed", "{}", v["sanity"]);
+    assert_eq!(status("undefended-reaches-zero"), "passed", "{}", v["sanity"]);
+    assert_eq!(status("unbounded-eps-reaches-zero"), "not-run");
+    assert!(v["fingerprints"]["data"].as_str().unwrap().starts_with("sha256:"));
+    assert_eq!(v["data"], "cifar10_test_2000.bin", "no machine path in the report");
+    assert_eq!(v["tool"]["name"], "diffshield");
     // Resuming a finished run measures nothing new and keeps the results.
     let mut again = args("4");
     again.push("--resume".into());
@@ -630,8 +642,85 @@ fn aa_rand_runs_both_apgd_losses_and_keeps_the_worst() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["harness"]["attack"], "aa-rand");
+    assert_eq!(v["harness"]["attacks"][0]["kind"], "aa-rand");
     let r = &v["results"][0];
+    let names: Vec<&str> =
+        r["attacks"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["apgd-ce-5", "apgd-dlr-5"]);
+    for p in r["per_image"].as_array().unwrap() {
+        let by: Vec<u64> = p["by_attack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["runs_correct"].as_u64().unwrap())
+            .collect();
+        assert_eq!(p["runs_correct"].as_u64(), by.iter().copied().min(), "per image the worst");
+    }
     assert!(r["robust_acc"].as_f64().unwrap() <= v["undefended_clean_acc"].as_f64().unwrap());
     assert!(r["max_distance"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6);
+}
+
+/// The strict protocol at a screening size: every attack of the preset, the known-noise
+/// ablation evaluated with the attacker's noise, the unbounded probe and the sanity checks.
+#[cfg(feature = "twin")]
+#[test]
+fn strict_protocol_runs_every_attack_and_reports_what_ran() {
+    let d = scratch("strict");
+    let data = synthetic_cifar(&d, "d.bin", 2, 3);
+    let out = diffshield(&[
+        "attack",
+        "--data",
+        data.to_str().unwrap(),
+        "--limit",
+        "2",
+        "--protocol",
+        "strict",
+        "--pgd-steps",
+        "2",
+        "--eot",
+        "1",
+        "--runs",
+        "3",
+        "--t-star",
+        "20",
+        "--stride",
+        "20",
+        "--votes",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["protocol"], "strict");
+    assert_eq!(v["modes"], serde_json::json!(["white-box", "known-noise"]));
+    assert_eq!(v["threats"], serde_json::json!(["linf:8/255"]));
+    for cell in v["results"].as_array().unwrap() {
+        assert_eq!(cell["threat_model"]["norm"], "linf");
+        let names: Vec<&str> = cell["attacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["apgd-ce-2", "apgd-dlr-2", "pgd-2", "pgd-1"], "{cell}");
+        let pgd = &cell["attacks"][2];
+        assert_eq!(pgd["step_size"], 0.007);
+        assert_eq!(cell["attacks"][3]["step_size"].as_f64().unwrap(), 8.0 / 255.0, "FGSM: eps");
+        assert!(pgd["forward_passes_per_image"].as_f64().unwrap() > 0.0);
+        for p in cell["per_image"].as_array().unwrap() {
+            assert!(p["clean_pred"].is_u64() || p["clean_pred"].is_null());
+            if cell["mode"] == "known-noise" {
+                for a in p["by_attack"].as_array().unwrap() {
+                    let c = a["runs_correct"].as_u64().unwrap();
+                    assert!(c == 0 || c == 3, "the known noise is the same in every run: {c}");
+                }
+            }
+        }
+    }
+    let probe = &v["unbounded_probe"];
+    assert_eq!((probe["mode"].as_str(), probe["images"].as_u64()), (Some("bpda"), Some(2)));
+    let checks = v["sanity"].as_array().unwrap();
+    let ran = |name: &str| checks.iter().any(|c| c["check"] == name && c["status"] != "not-run");
+    assert!(ran("iterative-beats-one-step") && ran("unbounded-eps-reaches-zero"), "{checks:?}");
+    assert!(ran("more-attacks-no-gain"));
 }

@@ -127,7 +127,7 @@ fn a_fixed_seed_white_box_run_is_reproducible_and_stays_in_the_ball() {
             plan: &p,
             denoiser: &mut d,
             classifier: &mut c,
-            noise: EotNoise { seed: 9, eot: 2, first_frame: 100, cell: 1 },
+            noise: EotNoise { seed: 9, eot: 2, first_frame: 100, cell: 1, attack: 0, known: false },
             loss: Loss::CrossEntropy,
             replay_error: 0.0,
         };

@@ -40,9 +40,79 @@ pub enum Evaluated {
     Undefended,
 }
 
+/// Which noise the evaluation runs draw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalNoise {
+    /// Run r draws from [`NoiseDomain::Evaluation`] `{ cell, run: r }`: fresh noise each run.
+    Fresh {
+        /// The cell (0: the clean images).
+        cell: u32,
+    },
+    /// Every run draws the noise of run 0, the noise the known-noise attacker was given, so
+    /// the runs agree and one pass stands for all of them.
+    Known {
+        /// The cell.
+        cell: u32,
+    },
+}
+
+/// One image's evaluation over the runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Runs that classified it correctly.
+    pub correct: u32,
+    /// The label it got most often (the smallest on a tie; `None`: abstained most often).
+    pub predicted: Option<usize>,
+}
+
+/// Per image, how `runs` evaluation runs decided it; image i is frame `first + i` (its index in
+/// the data), so an image's noise does not depend on its batch.
+pub fn evaluate_runs(
+    pipeline: &mut Pipeline,
+    what: Evaluated,
+    images: ArrayView4<f32>,
+    labels: &[usize],
+    runs: u32,
+    noise: EvalNoise,
+    first: usize,
+) -> Result<Vec<Tally>> {
+    let n = labels.len();
+    let (cell, passes) = match noise {
+        EvalNoise::Fresh { cell } => (cell, runs),
+        EvalNoise::Known { cell } => (cell, runs.min(1)),
+    };
+    // The undefended classifier is deterministic: one pass stands for every run.
+    let passes = if what == Evaluated::Undefended { passes.min(1) } else { passes };
+    let mut seen: Vec<std::collections::BTreeMap<Option<usize>, u32>> = vec![Default::default(); n];
+    for run in 0..passes {
+        let decisions = match what {
+            Evaluated::Defended => {
+                pipeline.decide_in(images, NoiseDomain::Evaluation { cell, run }, first as u64)?
+            }
+            Evaluated::Undefended => pipeline.decide_undefended(images, first as u64)?,
+        };
+        for (i, d) in decisions.iter().enumerate().take(n) {
+            *seen[i].entry(d.label).or_default() += 1;
+        }
+    }
+    let scale = runs.checked_div(passes).unwrap_or(0);
+    Ok(seen
+        .iter()
+        .zip(labels)
+        .map(|(m, &label)| Tally {
+            correct: m.get(&Some(label)).copied().unwrap_or(0) * scale,
+            // Most votes wins; BTreeMap order makes the smallest label win a tie (None first,
+            // so a labelled answer beats an abstention only with more votes).
+            predicted: m
+                .iter()
+                .fold((None, 0), |(best, c), (&k, &v)| if v > c { (k, v) } else { (best, c) })
+                .0,
+        })
+        .collect())
+}
+
 /// Per-image number of correct runs out of `runs`, each run deciding every image with fresh
-/// noise: run r draws from [`NoiseDomain::Evaluation`] `{ cell, run: r }`, image i being frame
-/// `first + i` (its index in the data), so an image's noise does not depend on its batch.
+/// noise ([`EvalNoise::Fresh`]).
 pub fn correct_runs(
     pipeline: &mut Pipeline,
     what: Evaluated,
@@ -52,18 +122,6 @@ pub fn correct_runs(
     cell: u32,
     first: usize,
 ) -> Result<Vec<u32>> {
-    let n = labels.len();
-    let mut correct = vec![0u32; n];
-    for run in 0..runs {
-        let decisions = match what {
-            Evaluated::Defended => {
-                pipeline.decide_in(images, NoiseDomain::Evaluation { cell, run }, first as u64)?
-            }
-            Evaluated::Undefended => pipeline.decide_undefended(images, first as u64)?,
-        };
-        for (i, d) in decisions.iter().enumerate() {
-            correct[i] += u32::from(d.label == Some(labels[i]));
-        }
-    }
-    Ok(correct)
+    let t = evaluate_runs(pipeline, what, images, labels, runs, EvalNoise::Fresh { cell }, first)?;
+    Ok(t.iter().map(|t| t.correct).collect())
 }

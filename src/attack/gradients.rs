@@ -29,12 +29,31 @@ pub enum AttackMode {
     Bpda,
     /// The exact gradient through every DDIM step, averaged over EOT samples.
     WhiteBox,
+    /// An ablation: the exact gradient through the very purifications the evaluation then
+    /// uses (its seed, domain and votes), i.e. the defence's randomness known to the attacker.
+    /// Evaluated with that same noise in every run.
+    KnownNoise,
 }
 
 impl AttackMode {
     /// Every mode, in report order.
-    pub const ALL: [AttackMode; 4] =
-        [AttackMode::Undefended, AttackMode::GreyBox, AttackMode::Bpda, AttackMode::WhiteBox];
+    pub const ALL: [AttackMode; 5] = [
+        AttackMode::Undefended,
+        AttackMode::GreyBox,
+        AttackMode::Bpda,
+        AttackMode::WhiteBox,
+        AttackMode::KnownNoise,
+    ];
+
+    /// Its place in [`AttackMode::ALL`] (keys its cells' noise domains).
+    pub fn index(self) -> usize {
+        AttackMode::ALL.iter().position(|&m| m == self).unwrap_or(0)
+    }
+
+    /// Whether it needs the differentiable twin of the denoiser.
+    pub fn needs_denoiser_twin(self) -> bool {
+        matches!(self, AttackMode::WhiteBox | AttackMode::KnownNoise)
+    }
 
     /// Whether the adversarial images are evaluated through the purifier.
     pub fn evaluates_defended(self) -> bool {
@@ -49,6 +68,7 @@ impl fmt::Display for AttackMode {
             AttackMode::GreyBox => "grey-box",
             AttackMode::Bpda => "bpda",
             AttackMode::WhiteBox => "white-box",
+            AttackMode::KnownNoise => "known-noise",
         })
     }
 }
@@ -59,7 +79,7 @@ impl FromStr for AttackMode {
     fn from_str(s: &str) -> Result<Self> {
         AttackMode::ALL.into_iter().find(|m| m.to_string() == s.trim()).ok_or_else(|| {
             Error::InvalidConfig(format!(
-                "attack mode {s:?}: expected undefended, grey-box, bpda or white-box"
+                "attack mode {s:?}: expected undefended, grey-box, bpda, white-box or known-noise"
             ))
         })
     }
@@ -89,7 +109,8 @@ impl LossGradient for ClassifierGradient<'_> {
 }
 
 /// Where the EOT samples' noise comes from: the streams of [`NoiseDomain::AttackEot`] of the
-/// attack's cell, one frame per image, one vote per (PGD iteration, sample).
+/// attack's cell, one frame per image, one vote per (PGD iteration, sample); or, `known`, the
+/// streams of evaluation run 0 of the cell, one vote per sample, the same at every iteration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EotNoise {
     /// Seed of the attack's noise streams.
@@ -100,6 +121,11 @@ pub struct EotNoise {
     pub first_frame: u64,
     /// The attack cell (keeps the EOT streams of different cells apart).
     pub cell: u32,
+    /// The attack's place in the cell (keeps the streams of a cell's attacks apart).
+    pub attack: u32,
+    /// Use the evaluation's own noise (the known-noise ablation; `seed` is then the
+    /// pipeline's and `eot` its votes).
+    pub known: bool,
 }
 
 impl EotNoise {
@@ -118,10 +144,16 @@ impl EotNoise {
         let batch = concatenate(Axis(0), &copies).map_err(|e| Error::Backend(e.to_string()))?;
         let items = (0..self.eot)
             .flat_map(|e| {
-                (0..n).map(move |i| StreamId {
-                    domain: NoiseDomain::AttackEot { cell: self.cell },
-                    frame: self.first_frame + i as u64,
-                    vote: iteration as u32 * self.eot + e,
+                (0..n).map(move |i| {
+                    let frame = self.first_frame + i as u64;
+                    if self.known {
+                        let domain = NoiseDomain::Evaluation { cell: self.cell, run: 0 };
+                        StreamId { domain, frame, vote: e }
+                    } else {
+                        let domain =
+                            NoiseDomain::AttackEot { cell: self.cell, attack: self.attack };
+                        StreamId { domain, frame, vote: iteration as u32 * self.eot + e }
+                    }
                 })
             })
             .collect();
@@ -230,5 +262,37 @@ impl LossGradient for WhiteBoxGradient<'_> {
         self.replay_error = self.replay_error.max(out.replay_error);
         let n = x.shape()[0];
         Ok((self.noise.average_values(&out.loss, n), self.noise.average(out.grad, n)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The known-noise ablation is only an ablation if the attacker's samples are the very
+    /// purifications of evaluation run 0 (`Pipeline::decide_in` keys vote v of frame f as
+    /// `{Evaluation { cell, run: 0 }, f, v}`), at every iteration.
+    #[test]
+    fn known_noise_samples_are_the_evaluations_purifications() {
+        let noise = EotNoise { seed: 7, eot: 2, first_frame: 5, cell: 3, attack: 1, known: true };
+        let x = Array4::<f32>::zeros((2, 3, 4, 4));
+        let (batch, a) = noise.replicate(x.view(), 0).unwrap();
+        let (_, b) = noise.replicate(x.view(), 9).unwrap();
+        assert_eq!(batch.shape()[0], 4);
+        assert_eq!(a.items(), b.items(), "the same noise at every iteration");
+        let domain = NoiseDomain::Evaluation { cell: 3, run: 0 };
+        let mut want: Vec<StreamId> = (0..2)
+            .flat_map(|vote| (5..7).map(move |frame| StreamId { domain, frame, vote }))
+            .collect();
+        assert_eq!(a.items(), want.as_slice());
+        // Fresh EOT noise differs per iteration and per attack.
+        let fresh = EotNoise { known: false, ..noise };
+        let (_, c) = fresh.replicate(x.view(), 0).unwrap();
+        let (_, d) = fresh.replicate(x.view(), 1).unwrap();
+        let (_, e) = EotNoise { attack: 2, ..fresh }.replicate(x.view(), 0).unwrap();
+        assert_ne!(c.items(), d.items());
+        assert_ne!(c.items(), e.items());
+        want.iter_mut().for_each(|w| w.domain = NoiseDomain::AttackEot { cell: 3, attack: 1 });
+        assert_eq!(c.items(), want.as_slice());
     }
 }

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod gradients;
 pub mod harness;
 pub mod pgd;
+pub mod protocol;
 pub mod report;
 pub mod square;
 pub mod suite;

@@ -51,8 +51,12 @@ pub struct PgdConfig {
 }
 
 impl PgdConfig {
-    /// The customary step size: 2/255 for Linf 8/255 (eps/4), 2.5 * eps / steps for L2.
+    /// The customary step size: 2/255 for Linf 8/255 (eps/4), 2.5 * eps / steps for L2; eps
+    /// for a single step (FGSM, or its L2 form).
     pub fn default_step_size(threat: ThreatModel, steps: usize) -> f64 {
+        if steps == 1 {
+            return threat.eps;
+        }
         match threat.norm {
             Norm::Linf => threat.eps / 4.0,
             Norm::L2 => 2.5 * threat.eps / steps.max(1) as f64,

@@ -2,15 +2,17 @@
 //! of images, the report saved atomically after each finished batch so that a killed run keeps
 //! what it measured, `--resume` continuing it, and the Markdown and JUnit outputs at the end.
 
-use super::eval::{correct_runs, Evaluated, RunAccuracy};
+use super::eval::{evaluate_runs, EvalNoise, Evaluated, RunAccuracy, Tally};
 use super::gradients::AttackMode;
-use super::harness::{run_cell, HarnessConfig, Twins};
-use super::report::{AttackReport, COUNTING};
-use super::{parse_fraction, AttackKind, ThreatModel};
+use super::harness::{run_cell, AttackSpec, CellOutcome, HarnessConfig, Twins};
+use super::protocol::Protocol;
+use super::report::{AttackReport, ToolInfo, COUNTING};
+use super::{parse_fraction, Norm, ThreatModel};
 use crate::config::DefenseConfig;
 use crate::data::cifar::read_cifar_bin;
 use crate::error::{Error, Result};
 use crate::files::write_atomically;
+use crate::grad::Loss;
 use crate::manifest::Manifest;
 use crate::pipeline::Pipeline;
 use ndarray::s;
@@ -36,7 +38,20 @@ pub struct Suite {
     pub harness: HarnessConfig,
     /// Images attacked together (one saved batch).
     pub batch: usize,
+    /// The preset the settings came from (recorded in the report).
+    pub protocol: Option<Protocol>,
+    /// Also run the unbounded-eps probe: Linf eps 1, BPDA PGD-20 (undefended PGD-20 when no
+    /// mode is defended), on the first [`PROBE_IMAGES`] images, for the sanity check that an
+    /// unbounded attack reaches 0 %.
+    pub unbounded_probe: bool,
 }
+
+/// Images the unbounded-eps probe attacks.
+pub const PROBE_IMAGES: usize = 8;
+/// The probe's cell number (keys its noise domains apart from every real cell).
+const PROBE_CELL: u32 = 1 << 20;
+/// Cell numbers reserved per threat model (one per mode, with room to add modes).
+const CELLS_PER_THREAT: usize = 8;
 
 /// Where the suite writes.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -180,9 +195,9 @@ pub fn run_suite(
     let n = set.labels.len();
     let labels: Vec<usize> = set.labels.iter().map(|&l| usize::from(l)).collect();
     let (mut classifier, mut denoiser) = (None, None);
-    if suite.harness.attack != AttackKind::Square {
+    if suite.harness.uses_gradient() || suite.unbounded_probe {
         classifier = crate::grad::load_classifier_twin(&manifest)?;
-        if suite.modes.contains(&AttackMode::WhiteBox) {
+        if suite.modes.iter().any(|m| m.needs_denoiser_twin()) && suite.harness.uses_gradient() {
             denoiser = crate::grad::load_denoiser_twin(&manifest, &config.denoiser)?;
         }
     }
@@ -193,28 +208,36 @@ pub fn run_suite(
 
     let started = Instant::now();
     let runs = suite.harness.runs;
+    let clean_noise = EvalNoise::Fresh { cell: 0 };
+    let defended_clean = evaluate_runs(
+        &mut pipeline,
+        Evaluated::Defended,
+        set.images.view(),
+        &labels,
+        runs,
+        clean_noise,
+        0,
+    )?;
+    let bare_clean = evaluate_runs(
+        &mut pipeline,
+        Evaluated::Undefended,
+        set.images.view(),
+        &labels,
+        1,
+        clean_noise,
+        0,
+    )?;
     let fresh = {
-        let clean = correct_runs(
-            &mut pipeline,
-            Evaluated::Defended,
-            set.images.view(),
-            &labels,
-            runs,
-            0,
-            0,
-        )?;
-        let clean = RunAccuracy::from_counts(&clean, runs);
-        let bare = correct_runs(
-            &mut pipeline,
-            Evaluated::Undefended,
-            set.images.view(),
-            &labels,
-            1,
-            0,
-            0,
-        )?;
+        let counts = |t: &[Tally]| t.iter().map(|t| t.correct).collect::<Vec<u32>>();
+        let clean = RunAccuracy::from_counts(&counts(&defended_clean), runs);
         AttackReport {
-            data: suite.data.display().to_string(),
+            tool: ToolInfo::this_build(),
+            started: utc_now(),
+            protocol: suite.protocol.map(|p| p.to_string()),
+            data: suite.data.file_name().map_or_else(
+                || suite.data.display().to_string(),
+                |f| f.to_string_lossy().into_owned(),
+            ),
             images: n,
             config: config.clone(),
             harness: suite.harness.clone(),
@@ -224,9 +247,13 @@ pub fn run_suite(
             clean_acc: clean.mean,
             clean_acc_worst: clean.worst,
             clean_acc_majority: clean.majority,
-            undefended_clean_acc: RunAccuracy::from_counts(&bare, 1).mean,
+            undefended_clean_acc: RunAccuracy::from_counts(&counts(&bare_clean), 1).mean,
             results: Vec::new(),
             summary: Vec::new(),
+            unbounded_probe: suite
+                .unbounded_probe
+                .then(|| super::report::CellReport::new(PROBE_THREAT, probe_mode(&suite.modes))),
+            sanity: Vec::new(),
             complete: false,
             seconds: 0.0,
             fingerprints,
@@ -238,7 +265,13 @@ pub fn run_suite(
             saved.resumable_with(&fresh)?;
             // Keep the finished cells; the clean figures are those of the images now requested
             // (a larger limit extends the run).
-            AttackReport { results: saved.results, seconds: saved.seconds, ..fresh }
+            AttackReport {
+                results: saved.results,
+                unbounded_probe: saved.unbounded_probe,
+                seconds: saved.seconds,
+                started: saved.started,
+                ..fresh
+            }
         }
         _ => fresh,
     };
@@ -255,14 +288,15 @@ pub fn run_suite(
     let total = suite.threats.len() * suite.modes.len() * batches.len();
     let mut done = 0;
     for (ti, threat) in suite.threats.iter().enumerate() {
-        for (mi, &mode) in suite.modes.iter().enumerate() {
-            let name = threat.to_string();
-            let cell = u32::try_from(ti * AttackMode::ALL.len() + mi + 1)
-                .map_err(|_| Error::InvalidConfig("too many threat models".into()))?;
+        for &mode in &suite.modes {
+            let cell = u32::try_from(ti * CELLS_PER_THREAT + mode.index() + 1)
+                .ok()
+                .filter(|&c| c < PROBE_CELL)
+                .ok_or_else(|| Error::InvalidConfig("too many threat models".into()))?;
             for &(a, b) in &batches {
                 progress(SuiteProgress { done, total, mode, threat });
                 done += 1;
-                if (a..b).all(|i| report.cell_mut(&name, mode).has(i)) {
+                if (a..b).all(|i| report.cell_mut(*threat, mode).has(i)) {
                     continue;
                 }
                 let t0 = Instant::now();
@@ -278,11 +312,45 @@ pub fn run_suite(
                     a,
                     cell,
                 )?;
-                report.cell_mut(&name, mode).add(outcomes, runs, t0.elapsed().as_secs_f64());
+                let clean = if mode.evaluates_defended() { &defended_clean } else { &bare_clean };
+                let outcomes = with_clean_predictions(outcomes, &clean[a..b]);
+                report.cell_mut(*threat, mode).add(outcomes, runs, t0.elapsed().as_secs_f64());
                 report.seconds = seconds_before + started.elapsed().as_secs_f64();
                 report.summarise(runs);
                 save(&report)?;
             }
+        }
+    }
+    if suite.unbounded_probe {
+        let m = n.min(PROBE_IMAGES);
+        let mode = probe_mode(&suite.modes);
+        let finished = report.unbounded_probe.as_ref().is_some_and(|p| p.images >= m);
+        if !finished {
+            progress(SuiteProgress { done, total, mode, threat: &PROBE_THREAT });
+            let t0 = Instant::now();
+            let probe = HarnessConfig {
+                attacks: vec![AttackSpec::pgd(20, None, Loss::CrossEntropy, false)],
+                eot: suite.harness.eot.clamp(1, 4),
+                runs,
+                seed: suite.harness.seed,
+            };
+            let x = set.images.slice(s![0..m, .., .., ..]);
+            let outcomes = run_cell(
+                &mut pipeline,
+                &mut twins,
+                &probe,
+                PROBE_THREAT,
+                mode,
+                x,
+                &labels[..m],
+                0,
+                PROBE_CELL,
+            )?;
+            let clean = if mode.evaluates_defended() { &defended_clean } else { &bare_clean };
+            let outcomes = with_clean_predictions(outcomes, &clean[..m]);
+            let mut cell = super::report::CellReport::new(PROBE_THREAT, mode);
+            cell.add(outcomes, runs, t0.elapsed().as_secs_f64());
+            report.unbounded_probe = Some(cell);
         }
     }
     report.seconds = seconds_before + started.elapsed().as_secs_f64();
@@ -305,7 +373,50 @@ pub fn run_suite(
     if let Some(path) = &outputs.junit {
         write_atomically(path, report.junit(&lookup).as_bytes())?;
     }
-    Ok(SuiteOutcome { warnings: report.sanity_checks(), report, markdown, below })
+    Ok(SuiteOutcome { warnings: report.failed_checks(), report, markdown, below })
+}
+
+/// The unbounded-eps probe's threat: any image in the \[0,1\] box is allowed.
+const PROBE_THREAT: ThreatModel = ThreatModel { norm: Norm::Linf, eps: 1.0 };
+
+/// The probe attacks with BPDA (cheap, and exact enough when any image is allowed) when the
+/// suite evaluates the defence, else the bare classifier.
+fn probe_mode(modes: &[AttackMode]) -> AttackMode {
+    if modes.iter().any(|m| m.evaluates_defended()) {
+        AttackMode::Bpda
+    } else {
+        AttackMode::Undefended
+    }
+}
+
+fn with_clean_predictions(mut outcome: CellOutcome, clean: &[Tally]) -> CellOutcome {
+    for (o, t) in outcome.images.iter_mut().zip(clean) {
+        o.clean_pred = t.predicted;
+    }
+    outcome
+}
+
+/// Now, UTC, as RFC 3339 to the second (`2026-12-01T12:34:56Z`).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// The model files a run uses, by role (`classifier`, `denoiser`), at its precision.
@@ -323,9 +434,24 @@ fn model_files(manifest: &Manifest, config: &DefenseConfig) -> Result<Vec<(Strin
     ])
 }
 
-/// FNV-1a 64 of a whole file, as 16 hex digits.
+/// SHA-256 of a whole file, as `sha256:` and 64 hex digits (what model cards and RobustBench
+/// entries quote).
 fn file_fingerprint(path: &std::path::Path) -> Result<String> {
+    use sha2::Digest;
     let bytes =
         std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    Ok(format!("{:016x}", crate::fingerprint::fnv1a64(&bytes)))
+    let digest = sha2::Sha256::digest(&bytes);
+    Ok(format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::civil_from_days;
+
+    #[test]
+    fn civil_dates_match_known_days() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_788), (2026, 12, 1));
+    }
 }

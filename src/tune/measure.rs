@@ -3,7 +3,7 @@
 
 use super::{AttackSettings, LatencyStats, MeasureSettings, PointResult, RobustResult};
 use crate::attack::eval::RunAccuracy;
-use crate::attack::harness::{run_cell, HarnessConfig, Twins};
+use crate::attack::harness::{run_cell, AttackSpec, HarnessConfig, Twins};
 use crate::attack::AttackKind;
 use crate::data::cifar::CifarSet;
 use crate::error::{Error, Result};
@@ -149,20 +149,22 @@ pub fn robust_accuracy(
     let mut classifier = twin;
     let mut twins = Twins { classifier: classifier.as_deref_mut().map(|c| c as _), denoiser: None };
     let cfg = HarnessConfig {
-        attack: kind,
-        steps: attack.pgd_steps,
-        step_size: None,
+        attacks: vec![AttackSpec::of_kind(
+            kind,
+            attack.pgd_steps,
+            None,
+            crate::grad::Loss::CrossEntropy,
+            attack.queries,
+            true,
+        )],
         eot: attack.eot,
-        queries: attack.queries,
         runs: attack.runs,
         seed,
-        loss: crate::grad::Loss::CrossEntropy,
-        random_start: true,
     };
     cfg.validate()?;
     let mode = super::attack_mode(kind);
     let outcomes = run_cell(pipeline, &mut twins, &cfg, attack.threat, mode, images, labels, 0, 1)?;
-    let counts: Vec<u32> = outcomes.iter().map(|o| o.runs_correct).collect();
+    let counts: Vec<u32> = outcomes.images.iter().map(|o| o.runs_correct).collect();
     let acc = RunAccuracy::from_counts(&counts, attack.runs);
     Ok(Some(RobustResult {
         attack: attack.describe(),

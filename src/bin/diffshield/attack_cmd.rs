@@ -4,7 +4,8 @@
 use super::{DefenseArgs, Progress};
 use clap::{Args, ValueEnum};
 use diffshield::attack::gradients::AttackMode;
-use diffshield::attack::harness::HarnessConfig;
+use diffshield::attack::harness::{AttackSpec, HarnessConfig};
+use diffshield::attack::protocol::{self, Protocol};
 use diffshield::attack::suite::{run_suite, Suite, SuiteOutputs, Thresholds};
 use diffshield::attack::{parse_fraction, AttackKind, ThreatModel};
 use diffshield::grad::Loss;
@@ -33,7 +34,17 @@ enum LossArg {
     Dlr,
 }
 
-/// Options of `diffshield attack`.
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    /// The seed paper's Table 2: four threat models; grey-box, BPDA, white-box; PGD-20, EOT 8.
+    Paper,
+    /// Exact gradients: aa-rand + PGD-200 (+ PGD-1), EOT 20, 10 runs, white-box and
+    /// known-noise, Linf 8/255, with the unbounded-eps probe.
+    Strict,
+}
+
+/// Options of `diffshield attack`. With `--protocol`, every option not given takes the
+/// protocol's value; the others take the defaults shown.
 #[derive(Args)]
 pub struct AttackArgs {
     /// CIFAR-10 binary file.
@@ -42,38 +53,48 @@ pub struct AttackArgs {
     /// Attack the first N images.
     #[arg(long, default_value_t = 16)]
     limit: usize,
+    /// Start from a protocol preset (any option below overrides its part of it).
+    #[arg(long, value_enum)]
+    protocol: Option<ProtocolArg>,
     /// Threat models, e.g. linf:8/255,l2:1.0 [default: the paper's four].
     #[arg(long, value_delimiter = ',')]
     threat: Vec<String>,
-    /// Modes: undefended, grey-box, bpda, white-box (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "white-box")]
+    /// Modes: undefended, grey-box, bpda, white-box, known-noise (comma-separated)
+    /// [default: white-box].
+    #[arg(long, value_delimiter = ',')]
     mode: Vec<String>,
-    /// Crafting attack.
-    #[arg(long, value_enum, default_value = "pgd")]
-    attack: AttackArg,
-    /// Gradient steps of PGD and APGD (`--steps` is the purifier's DDIM step count, as in the
-    /// other commands).
-    #[arg(long = "pgd-steps", default_value_t = 20)]
-    steps: usize,
+    /// Crafting attacks, comma-separated; per image the worst counts [default: pgd].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    attack: Vec<AttackArg>,
+    /// Gradient steps of PGD and APGD, for every iterative attack (`--steps` is the purifier's
+    /// DDIM step count, as in the other commands) [default: 20].
+    #[arg(long)]
+    pgd_steps: Option<usize>,
     /// PGD step size in [0,1] pixel units, e.g. 2/255 [default: eps/4 for Linf, 2.5 eps/steps
-    /// for L2].
+    /// for L2, eps for one step].
     #[arg(long)]
     step_size: Option<String>,
-    /// Purification samples averaged per gradient (BPDA and white-box).
-    #[arg(long, default_value_t = 8)]
-    eot: u32,
+    /// Purification samples averaged per gradient (BPDA and white-box) [default: 8].
+    #[arg(long)]
+    eot: Option<u32>,
     /// Square's query budget per image.
     #[arg(long, default_value_t = 100)]
     queries: usize,
-    /// Evaluation runs with fresh noise per adversarial image.
-    #[arg(long, default_value_t = 5)]
-    runs: u32,
-    /// Loss PGD ascends.
+    /// Evaluation runs with fresh noise per adversarial image [default: 5].
+    #[arg(long)]
+    runs: Option<u32>,
+    /// Loss PGD and APGD ascend (aa-rand runs both CE and DLR).
     #[arg(long, value_enum, default_value = "ce")]
     loss: LossArg,
     /// Start PGD at the clean image instead of a random point of the ball.
     #[arg(long)]
     no_random_start: bool,
+    /// Run the unbounded-eps probe (on with --protocol strict).
+    #[arg(long)]
+    sanity_probe: bool,
+    /// Do not run the unbounded-eps probe.
+    #[arg(long, conflicts_with = "sanity_probe")]
+    no_sanity_probe: bool,
     /// Images attacked together (one saved batch).
     #[arg(long, default_value_t = 8)]
     attack_batch: usize,
@@ -86,10 +107,11 @@ pub struct AttackArgs {
     /// Continue the run saved in --out (same settings) instead of starting over.
     #[arg(long, requires = "out")]
     resume: bool,
-    /// Write the Markdown table (the paper's Table 2 layout) here.
+    /// Write the Markdown tables (the paper's Table 2 layout, then per attack) here.
     #[arg(long)]
     markdown: Option<PathBuf>,
-    /// Write JUnit XML here: one test case per (threat, mode), failing below --min-acc.
+    /// Write JUnit XML here: one test case per (threat, mode), failing below --min-acc, and one
+    /// per sanity check, failing when it failed; the command then exits 1.
     #[arg(long)]
     junit: Option<PathBuf>,
     /// JUnit thresholds: a fraction for every case (0.3) and/or MODE=FRACTION entries
@@ -106,12 +128,25 @@ pub struct AttackArgs {
 /// Runs `diffshield attack`.
 pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
     let config = args.defense.resolve()?;
-    let threats: Vec<ThreatModel> = if args.threat.is_empty() {
-        ThreatModel::paper_defaults()
-    } else {
+    let protocol = args.protocol.map(|p| match p {
+        ProtocolArg::Paper => Protocol::Paper,
+        ProtocolArg::Strict => Protocol::Strict,
+    });
+    let preset = protocol.map(Protocol::preset);
+    let threats: Vec<ThreatModel> = if !args.threat.is_empty() {
         args.threat.iter().map(|t| t.parse()).collect::<Result<_, _>>()?
+    } else if let Some(p) = &preset {
+        p.threats.clone()
+    } else {
+        ThreatModel::paper_defaults()
     };
-    let modes: Vec<AttackMode> = args.mode.iter().map(|m| m.parse()).collect::<Result<_, _>>()?;
+    let modes: Vec<AttackMode> = if !args.mode.is_empty() {
+        args.mode.iter().map(|m| m.parse()).collect::<Result<_, _>>()?
+    } else if let Some(p) = &preset {
+        p.modes.clone()
+    } else {
+        vec![AttackMode::WhiteBox]
+    };
     let twice = |names: Vec<String>| -> anyhow::Result<()> {
         let mut seen = std::collections::HashSet::new();
         match names.into_iter().find(|n| !seen.insert(n.clone())) {
@@ -121,32 +156,59 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
     };
     twice(threats.iter().map(|t| format!("--threat {t}")).collect())?;
     twice(modes.iter().map(|m| format!("--mode {m}")).collect())?;
+    let loss = match args.loss {
+        LossArg::Ce => Loss::CrossEntropy,
+        LossArg::Margin => Loss::Margin,
+        LossArg::Dlr => Loss::Dlr,
+    };
+    let step_size = args.step_size.as_deref().map(parse_fraction).transpose()?;
+    let mut attacks: Vec<AttackSpec> = if !args.attack.is_empty() {
+        let steps = args.pgd_steps.unwrap_or(20);
+        args.attack
+            .iter()
+            .map(|a| {
+                let kind = match a {
+                    AttackArg::Pgd => AttackKind::Pgd,
+                    AttackArg::Square => AttackKind::Square,
+                    AttackArg::Apgd => AttackKind::Apgd,
+                    AttackArg::AaRand => AttackKind::AaRand,
+                };
+                AttackSpec::of_kind(
+                    kind,
+                    steps,
+                    step_size,
+                    loss,
+                    args.queries,
+                    !args.no_random_start,
+                )
+            })
+            .collect()
+    } else if let Some(p) = &preset {
+        p.attacks.clone()
+    } else {
+        vec![AttackSpec::pgd(args.pgd_steps.unwrap_or(20), step_size, loss, !args.no_random_start)]
+    };
+    if let Some(steps) = args.pgd_steps {
+        protocol::override_steps(&mut attacks, steps);
+    }
+    if let Some(size) = step_size {
+        protocol::override_step_size(&mut attacks, size);
+    }
     let suite = Suite {
         data: args.data.clone(),
         limit: args.limit,
         threats,
         modes,
         harness: HarnessConfig {
-            attack: match args.attack {
-                AttackArg::Pgd => AttackKind::Pgd,
-                AttackArg::Square => AttackKind::Square,
-                AttackArg::Apgd => AttackKind::Apgd,
-                AttackArg::AaRand => AttackKind::AaRand,
-            },
-            steps: args.steps,
-            step_size: args.step_size.as_deref().map(parse_fraction).transpose()?,
-            eot: args.eot,
-            queries: args.queries,
-            runs: args.runs,
+            attacks,
+            eot: args.eot.or(preset.as_ref().map(|p| p.eot)).unwrap_or(8),
+            runs: args.runs.or(preset.as_ref().map(|p| p.runs)).unwrap_or(5),
             seed: args.attack_seed,
-            loss: match args.loss {
-                LossArg::Ce => Loss::CrossEntropy,
-                LossArg::Margin => Loss::Margin,
-                LossArg::Dlr => Loss::Dlr,
-            },
-            random_start: !args.no_random_start,
         },
         batch: args.attack_batch,
+        protocol,
+        unbounded_probe: !args.no_sanity_probe
+            && (args.sanity_probe || preset.as_ref().is_some_and(|p| p.unbounded_probe)),
     };
     let outputs = SuiteOutputs {
         report: args.out.clone(),
@@ -173,6 +235,13 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
         writeln!(stdout, "{}", serde_json::to_string(&outcome.report)?)
             .and_then(|()| stdout.flush())
             .map_err(|source| diffshield::Error::Io { path: "stdout".into(), source })?;
+    }
+    if args.junit.is_some() && !outcome.warnings.is_empty() {
+        return Err(diffshield::Error::CheckFailed(format!(
+            "sanity checks failed (see the JUnit file): {}",
+            outcome.warnings.join("; ")
+        ))
+        .into());
     }
     if !outcome.below.is_empty() {
         return Err(diffshield::Error::CheckFailed(format!(
