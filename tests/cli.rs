@@ -687,11 +687,14 @@ fn strict_protocol_runs_every_attack_and_reports_what_ran() {
         "20",
         "--votes",
         "1",
+        "--models",
+        models_dir().to_str().unwrap(),
         "--json",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["protocol"], "strict");
+    assert!(v["config"]["models"].is_null(), "no machine path: {}", v["config"]);
     assert_eq!(v["modes"], serde_json::json!(["white-box", "known-noise"]));
     assert_eq!(v["threats"], serde_json::json!(["linf:8/255"]));
     for cell in v["results"].as_array().unwrap() {
@@ -723,4 +726,34 @@ fn strict_protocol_runs_every_attack_and_reports_what_ran() {
     let ran = |name: &str| checks.iter().any(|c| c["check"] == name && c["status"] != "not-run");
     assert!(ran("iterative-beats-one-step") && ran("unbounded-eps-reaches-zero"), "{checks:?}");
     assert!(ran("more-attacks-no-gain"));
+}
+
+/// `--grad-device` names a device this build has, or the run is refused before any work.
+#[cfg(feature = "twin")]
+#[test]
+fn an_unavailable_gradient_device_is_refused() {
+    let d = scratch("graddev");
+    let data = synthetic_cifar(&d, "d.bin", 1, 0);
+    let attack = |dev: &str| {
+        diffshield(&[
+            "attack",
+            "--data",
+            data.to_str().unwrap(),
+            "--limit",
+            "1",
+            "--mode",
+            "bpda",
+            "--pgd-steps",
+            "1",
+            "--eot",
+            "1",
+            "--runs",
+            "1",
+            "--grad-device",
+            dev,
+        ])
+    };
+    assert_user_error(&attack("gpu"), "expected cpu or wgpu");
+    #[cfg(not(feature = "wgpu"))]
+    assert_user_error(&attack("wgpu"), "--features wgpu");
 }

@@ -182,3 +182,63 @@ fn apgd_ce_is_at_least_as_strong_as_pgd_20_on_the_bare_classifier() {
     eprintln!("robust of 12 at linf 4/255: PGD-20 {pgd_ok}, APGD-CE-100 {apgd_ok}");
     assert!(apgd_ok <= pgd_ok, "APGD-CE {apgd_ok} correct vs PGD-20 {pgd_ok}");
 }
+
+/// The twins on burn's `wgpu` backend (Mesa's lavapipe in CI) compute the flex twins' outputs
+/// and input gradients, alone and chained through a DDIM step with the forward noise replayed.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_twins_agree_with_the_flex_twins() {
+    use diffshield::attack::pgd::LossGradient;
+    use diffshield::grad::{DifferentiableClassifier, DifferentiableDenoiser, GradDevice};
+    let m = manifest();
+    let on = |d| -> (TwinClassifier, TwinDenoiser) {
+        let c = TwinClassifier::load_on(&m, d).unwrap_or_else(|e| {
+            panic!("{e} (CI installs mesa-vulkan-drivers; VK_ICD_FILENAMES picks lavapipe)")
+        });
+        (c, TwinDenoiser::load_on(&m, "s", d).unwrap())
+    };
+    let (mut cpu_c, mut cpu_d) = on(GradDevice::Cpu);
+    let (mut gpu_c, mut gpu_d) = on(GradDevice::Wgpu);
+    let rel = |a: &[f32], b: &[f32]| {
+        let scale = a.iter().fold(0.0f32, |s, v| s.max(v.abs())).max(1e-12);
+        max_abs(a, b) / scale
+    };
+    let x = images(1);
+    let ones = |l: ndarray::ArrayView2<f32>| Ok(ndarray::Array2::ones(l.raw_dim()));
+    let (l1, g1) = cpu_c.logits_vjp(x.view(), &mut |l| ones(l)).unwrap();
+    let (l2, g2) = gpu_c.logits_vjp(x.view(), &mut |l| ones(l)).unwrap();
+    let (dl, dg) = (
+        rel(l1.as_slice().unwrap(), l2.as_slice().unwrap()),
+        rel(g1.as_slice().unwrap(), g2.as_slice().unwrap()),
+    );
+    assert!(dl < 1e-4 && dg < 1e-3, "classifier: logits {dl:e}, gradient {dg:e}");
+    let cot = Array4::<f32>::ones(x.raw_dim());
+    let (e1, h1) = cpu_d.eps_vjp(x.view(), 100, cot.view()).unwrap();
+    let (e2, h2) = gpu_d.eps_vjp(x.view(), 100, cot.view()).unwrap();
+    let (de, dh) = (
+        rel(e1.as_slice().unwrap(), e2.as_slice().unwrap()),
+        rel(h1.as_slice().unwrap(), h2.as_slice().unwrap()),
+    );
+    assert!(de < 1e-4 && dh < 1e-3, "denoiser: eps {de:e}, gradient {dh:e}");
+    let p = plan(&m, 40, 20);
+    let noise = EotNoise { seed: 3, eot: 1, first_frame: 0, cell: 1, attack: 0, known: false };
+    let grad = |c: &mut TwinClassifier, d: &mut TwinDenoiser| {
+        let mut g = WhiteBoxGradient {
+            plan: &p,
+            denoiser: d,
+            classifier: c,
+            noise,
+            loss: Loss::CrossEntropy,
+            replay_error: 0.0,
+        };
+        let out = g.loss_values_and_grad(x.view(), &[3], 0).unwrap();
+        (out, g.replay_error)
+    };
+    let ((v1, w1), r1) = grad(&mut cpu_c, &mut cpu_d);
+    let ((v2, w2), r2) = grad(&mut gpu_c, &mut gpu_d);
+    let dw = rel(w1.as_slice().unwrap(), w2.as_slice().unwrap());
+    assert!((v1[0] - v2[0]).abs() < 1e-3 * v1[0].abs().max(1.0), "loss {} vs {}", v1[0], v2[0]);
+    assert!(dw < 1e-3, "white-box gradient through 2 DDIM steps: {dw:e}");
+    assert!(r1 < 1e-4 && r2 < 1e-4, "forward replay errors {r1:e} (flex), {r2:e} (wgpu)");
+    eprintln!("wgpu vs flex: classifier {dl:e}/{dg:e}, denoiser {de:e}/{dh:e}, white-box {dw:e}");
+}

@@ -152,13 +152,8 @@ impl AttackSpec {
         let steps = self.steps.unwrap_or(0);
         let used = |name: String, loss: Option<Loss>| AttackUsed {
             name,
-            kind: self.kind,
-            steps: self.steps,
-            step_size: None,
-            loss,
+            spec: AttackSpec { loss, step_size: None, ..self.clone() },
             eot: self.uses_gradient().then_some(eot),
-            queries: self.queries,
-            random_start: self.random_start,
         };
         let apgd = |loss: Loss| -> (AttackUsed, Box<dyn Attack>) {
             (
@@ -179,7 +174,7 @@ impl AttackSpec {
                     l => format!("pgd-{}-{steps}", loss_name(l)),
                 };
                 let mut u = used(name, Some(loss));
-                u.step_size = Some(step_size);
+                u.spec.step_size = Some(step_size);
                 vec![(u, Box::new(Pgd { steps, step_size, random_start }))]
             }
             AttackKind::Square => {
@@ -198,11 +193,18 @@ impl AttackSpec {
         match self.kind {
             AttackKind::Pgd => {
                 let step = self.step_size.map_or_else(
-                    || "eps/4 (Linf) or 2.5 eps/steps (L2)".to_string(),
+                    || match steps {
+                        1 => "eps".to_string(),
+                        _ => "eps/4 (Linf) or 2.5 eps/steps (L2)".to_string(),
+                    },
                     |s| format!("{s:.6} ({:.2}/255)", s * 255.0),
                 );
+                let steps = match steps {
+                    1 => "1 step".to_string(),
+                    n => format!("{n} steps"),
+                };
                 format!(
-                    "pgd, {steps} steps of {step}, loss {loss}{}",
+                    "pgd, {steps} of {step}, loss {loss}{}",
                     if self.random_start.unwrap_or(true) { ", random start" } else { "" }
                 )
             }
@@ -228,26 +230,12 @@ pub fn loss_name(loss: Loss) -> &'static str {
 pub struct AttackUsed {
     /// Name in reports: kind, loss where it is not CE, steps or queries.
     pub name: String,
-    /// Which attack.
-    pub kind: AttackKind,
-    /// Gradient steps.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub steps: Option<usize>,
-    /// Step size used, \[0,1\] pixel units (PGD; APGD adapts its own from 2 eps).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step_size: Option<f64>,
-    /// Loss ascended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loss: Option<Loss>,
+    /// Its settings; `step_size` is the size used (PGD; APGD adapts its own from 2 eps).
+    #[serde(flatten)]
+    pub spec: AttackSpec,
     /// Purifications averaged per gradient.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eot: Option<u32>,
-    /// Query budget per image.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub queries: Option<usize>,
-    /// Random start.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub random_start: Option<bool>,
 }
 
 /// Every setting of a harness run that changes its results (echoed in reports, compared on
@@ -598,7 +586,7 @@ pub fn run_cell(
             attack: u32::try_from(k)
                 .map_err(|_| Error::InvalidConfig("too many attacks".into()))?,
             first,
-            loss: used.loss.unwrap_or(Loss::CrossEntropy),
+            loss: used.spec.loss.unwrap_or(Loss::CrossEntropy),
             eot: cfg.eot,
             seed: cfg.seed,
             cost: Cost::default(),

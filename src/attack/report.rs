@@ -190,6 +190,9 @@ pub struct AttackReport {
     /// what actually ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// Where the twins computed the gradients.
+    #[serde(default)]
+    pub grad_device: crate::grad::GradDevice,
     /// Data file attacked: its file name (no machine path; its SHA-256 is in `fingerprints`).
     pub data: String,
     /// Images requested.
@@ -375,7 +378,9 @@ impl AttackReport {
             let best = c
                 .attacks
                 .iter()
-                .filter(|a| a.used.kind != AttackKind::Square && a.used.steps.unwrap_or(0) >= 10)
+                .filter(|a| {
+                    a.used.spec.kind != AttackKind::Square && a.used.spec.steps.unwrap_or(0) >= 10
+                })
                 .map(|a| a.robust_acc)
                 .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
             if let Some(best) = best {
@@ -393,11 +398,13 @@ impl AttackReport {
             let one = c
                 .attacks
                 .iter()
-                .find(|a| a.used.kind == AttackKind::Pgd && a.used.steps == Some(1));
+                .find(|a| a.used.spec.kind == AttackKind::Pgd && a.used.spec.steps == Some(1));
             let many = c
                 .attacks
                 .iter()
-                .filter(|a| a.used.kind != AttackKind::Square && a.used.steps.unwrap_or(0) > 1)
+                .filter(|a| {
+                    a.used.spec.kind != AttackKind::Square && a.used.spec.steps.unwrap_or(0) > 1
+                })
                 .min_by(|a, b| a.robust_acc.total_cmp(&b.robust_acc));
             if let (Some(one), Some(many)) = (one, many) {
                 r.push((
@@ -422,11 +429,11 @@ impl AttackReport {
 
         let mut r = Vec::new();
         for c in &done {
-            let free = c.attacks.iter().find(|a| a.used.kind == AttackKind::Square);
+            let free = c.attacks.iter().find(|a| a.used.spec.kind == AttackKind::Square);
             let grad = c
                 .attacks
                 .iter()
-                .filter(|a| a.used.kind != AttackKind::Square)
+                .filter(|a| a.used.spec.kind != AttackKind::Square)
                 .min_by(|a, b| a.robust_acc.total_cmp(&b.robust_acc));
             if let (Some(free), Some(grad)) = (free, grad) {
                 r.push((
@@ -621,7 +628,7 @@ impl AttackReport {
         let _ = writeln!(
             s,
             "\n{} images, {} evaluation runs each; attacks: {}; defence: denoiser {}, T*={}, \
-             eta {}, {} vote(s); {} {} ({}), started {}.",
+             eta {}, {} vote(s); gradients on {}; {} {} ({}), started {}.",
             self.images,
             runs,
             self.harness.describe(),
@@ -629,6 +636,7 @@ impl AttackReport {
             self.config.t_star,
             self.config.eta,
             self.config.votes,
+            self.grad_device,
             self.tool.name,
             self.tool.version,
             self.tool.commit,
@@ -750,6 +758,7 @@ mod tests {
             tool: ToolInfo::this_build(),
             started: "2026-12-01T00:00:00Z".into(),
             protocol: None,
+            grad_device: Default::default(),
             data: "x.bin".into(),
             images: 2,
             config: DefenseConfig::default(),
@@ -803,7 +812,11 @@ mod tests {
         assert_eq!(bpda.robust_acc_majority, 0.5);
         assert_eq!(bpda.threat_model.eps, 8.0 / 255.0);
         assert_eq!(bpda.attacks.len(), 1);
-        assert_eq!(bpda.attacks[0].used.step_size, Some(2.0 / 255.0), "the size used is recorded");
+        assert_eq!(
+            bpda.attacks[0].used.spec.step_size,
+            Some(2.0 / 255.0),
+            "the size used is recorded"
+        );
         assert_eq!(bpda.attacks[0].forward_passes_per_image, 60.0 / 2.0, "60 passes on 2 images");
         // AwT: mean over threat models; AoA: per image the worst threat model.
         let s = r.summary[0];

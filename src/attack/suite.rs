@@ -44,6 +44,9 @@ pub struct Suite {
     /// mode is defended), on the first [`PROBE_IMAGES`] images, for the sanity check that an
     /// unbounded attack reaches 0 %.
     pub unbounded_probe: bool,
+    /// Where the twins compute the gradients (the evaluation always runs on the deployed
+    /// backend).
+    pub grad_device: crate::grad::GradDevice,
 }
 
 /// Images the unbounded-eps probe attacks.
@@ -196,9 +199,10 @@ pub fn run_suite(
     let labels: Vec<usize> = set.labels.iter().map(|&l| usize::from(l)).collect();
     let (mut classifier, mut denoiser) = (None, None);
     if suite.harness.uses_gradient() || suite.unbounded_probe {
-        classifier = crate::grad::load_classifier_twin(&manifest)?;
+        classifier = crate::grad::load_classifier_twin(&manifest, suite.grad_device)?;
         if suite.modes.iter().any(|m| m.needs_denoiser_twin()) && suite.harness.uses_gradient() {
-            denoiser = crate::grad::load_denoiser_twin(&manifest, &config.denoiser)?;
+            denoiser =
+                crate::grad::load_denoiser_twin(&manifest, &config.denoiser, suite.grad_device)?;
         }
     }
     let mut twins = Twins {
@@ -234,12 +238,14 @@ pub fn run_suite(
             tool: ToolInfo::this_build(),
             started: utc_now(),
             protocol: suite.protocol.map(|p| p.to_string()),
+            grad_device: suite.grad_device,
             data: suite.data.file_name().map_or_else(
                 || suite.data.display().to_string(),
                 |f| f.to_string_lossy().into_owned(),
             ),
             images: n,
-            config: config.clone(),
+            // The models folder is a machine path; the files are named by their digests.
+            config: DefenseConfig { models: None, ..config.clone() },
             harness: suite.harness.clone(),
             threats: suite.threats.iter().map(|t| t.to_string()).collect(),
             modes: suite.modes.clone(),

@@ -17,35 +17,72 @@ use crate::backend::{Classifier, Denoiser};
 use crate::error::{Error, Result};
 use ndarray::{Array2, Array4, ArrayView2, ArrayView4};
 
-/// The differentiable twin of the manifest's classifier, where this build has twins (feature
-/// `twin`); `None` without them.
+/// Where the twins compute: burn's pure-Rust `flex` backend on the CPU, or burn's `wgpu`
+/// backend (WGSL shaders on Vulkan, Metal or DX12: any GPU, Jetson Orin included, or Mesa's
+/// lavapipe on a CPU). Only the gradients move; final accuracies are always measured on the
+/// deployed backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GradDevice {
+    /// burn `flex` on the CPU.
+    #[default]
+    Cpu,
+    /// burn `wgpu` (feature `wgpu`).
+    Wgpu,
+}
+
+impl std::fmt::Display for GradDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GradDevice::Cpu => "cpu",
+            GradDevice::Wgpu => "wgpu",
+        })
+    }
+}
+
+impl std::str::FromStr for GradDevice {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "cpu" => Ok(GradDevice::Cpu),
+            "wgpu" => Ok(GradDevice::Wgpu),
+            _ => Err(Error::InvalidConfig(format!("gradient device {s:?}: expected cpu or wgpu"))),
+        }
+    }
+}
+
+/// The differentiable twin of the manifest's classifier on `device`, where this build has
+/// twins (feature `twin`); `None` without them.
 pub fn load_classifier_twin(
     manifest: &crate::manifest::Manifest,
+    device: GradDevice,
 ) -> Result<Option<Box<dyn DifferentiableClassifier>>> {
     #[cfg(feature = "twin")]
     {
-        Ok(Some(Box::new(burn_twin::TwinClassifier::load(manifest)?)))
+        Ok(Some(Box::new(burn_twin::TwinClassifier::load_on(manifest, device)?)))
     }
     #[cfg(not(feature = "twin"))]
     {
-        let _ = manifest;
+        let _ = (manifest, device);
         Ok(None)
     }
 }
 
-/// The differentiable twin of the manifest's denoiser tier `tier`, where this build has twins
-/// (feature `twin`); `None` without them.
+/// The differentiable twin of the manifest's denoiser tier `tier` on `device`, where this build
+/// has twins (feature `twin`); `None` without them.
 pub fn load_denoiser_twin(
     manifest: &crate::manifest::Manifest,
     tier: &str,
+    device: GradDevice,
 ) -> Result<Option<Box<dyn DifferentiableDenoiser>>> {
     #[cfg(feature = "twin")]
     {
-        Ok(Some(Box::new(burn_twin::TwinDenoiser::load(manifest, tier)?)))
+        Ok(Some(Box::new(burn_twin::TwinDenoiser::load_on(manifest, tier, device)?)))
     }
     #[cfg(not(feature = "twin"))]
     {
-        let _ = (manifest, tier);
+        let _ = (manifest, tier, device);
         Ok(None)
     }
 }

@@ -143,7 +143,10 @@ pub fn robust_accuracy(
     let twin = match kind {
         AttackKind::Square => None,
         AttackKind::Pgd | AttackKind::Apgd | AttackKind::AaRand => {
-            crate::grad::load_classifier_twin(&crate::manifest::Manifest::load(models)?)?
+            crate::grad::load_classifier_twin(
+                &crate::manifest::Manifest::load(models)?,
+                crate::grad::GradDevice::Cpu,
+            )?
         }
     };
     let mut classifier = twin;

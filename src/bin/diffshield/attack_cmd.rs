@@ -98,6 +98,11 @@ pub struct AttackArgs {
     /// Images attacked together (one saved batch).
     #[arg(long, default_value_t = 8)]
     attack_batch: usize,
+    /// Where the differentiable twins compute gradients: cpu (burn flex) or wgpu (a GPU's
+    /// Vulkan driver, or lavapipe; builds with --features wgpu). Accuracies are measured on
+    /// the deployed backend either way.
+    #[arg(long, default_value = "cpu")]
+    grad_device: String,
     /// Seed of the attack's randomness (random start, EOT noise, Square).
     #[arg(long, default_value_t = 0)]
     attack_seed: u64,
@@ -207,6 +212,7 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
         },
         batch: args.attack_batch,
         protocol,
+        grad_device: args.grad_device.parse()?,
         unbounded_probe: !args.no_sanity_probe
             && (args.sanity_probe || preset.as_ref().is_some_and(|p| p.unbounded_probe)),
     };

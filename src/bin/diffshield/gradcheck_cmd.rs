@@ -33,6 +33,9 @@ pub struct GradcheckArgs {
     /// Seed of the coordinates and of the purifier's noise.
     #[arg(long, default_value_t = 0)]
     check_seed: u64,
+    /// Where the twins compute: cpu (burn flex) or wgpu (builds with --features wgpu).
+    #[arg(long, default_value = "cpu")]
+    grad_device: String,
     #[command(flatten)]
     defense: DefenseArgs,
 }
@@ -78,8 +81,9 @@ fn check(args: &GradcheckArgs) -> anyhow::Result<()> {
     let pipeline = diffshield::pipeline::Pipeline::from_config(&config)?;
     let set = diffshield::data::cifar::read_cifar_bin(&args.data, Some(args.images))?;
     let labels: Vec<usize> = set.labels.iter().map(|&l| usize::from(l)).collect();
-    let mut denoiser = TwinDenoiser::load(&manifest, &config.denoiser)?;
-    let mut classifier = TwinClassifier::load(&manifest)?;
+    let device: diffshield::grad::GradDevice = args.grad_device.parse()?;
+    let mut denoiser = TwinDenoiser::load_on(&manifest, &config.denoiser, device)?;
+    let mut classifier = TwinClassifier::load_on(&manifest, device)?;
     let started = std::time::Instant::now();
     let checks = standard_checks(
         pipeline.plan(),
@@ -120,6 +124,7 @@ fn check(args: &GradcheckArgs) -> anyhow::Result<()> {
         .collect();
     let report = serde_json::json!({
         "images": labels.len(),
+        "grad_device": device.to_string(),
         "denoiser": config.denoiser,
         "t_star": config.t_star,
         "timesteps": pipeline.plan().timesteps(),
