@@ -110,18 +110,3 @@ pub fn evaluate_runs(
         })
         .collect())
 }
-
-/// Per-image number of correct runs out of `runs`, each run deciding every image with fresh
-/// noise ([`EvalNoise::Fresh`]).
-pub fn correct_runs(
-    pipeline: &mut Pipeline,
-    what: Evaluated,
-    images: ArrayView4<f32>,
-    labels: &[usize],
-    runs: u32,
-    cell: u32,
-    first: usize,
-) -> Result<Vec<u32>> {
-    let t = evaluate_runs(pipeline, what, images, labels, runs, EvalNoise::Fresh { cell }, first)?;
-    Ok(t.iter().map(|t| t.correct).collect())
-}

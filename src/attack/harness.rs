@@ -117,6 +117,15 @@ impl AttackSpec {
         self.kind != AttackKind::Square
     }
 
+    /// Its gradient steps; 0 for a gradient-free attack.
+    pub fn gradient_steps(&self) -> usize {
+        if self.uses_gradient() {
+            self.steps.unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let out_of = |what: &str, v: u64, min: u64, max: u64| {
             Err(Error::InvalidConfig(format!(

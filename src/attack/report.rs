@@ -328,12 +328,12 @@ impl AttackReport {
             let detail = if results.is_empty() {
                 needs.to_string()
             } else {
-                let shown: Vec<&String> = results
+                let shown: Vec<&str> = results
                     .iter()
                     .filter(|(ok, _)| status == SanityStatus::Passed || !ok)
-                    .map(|(_, d)| d)
+                    .map(|(_, d)| d.as_str())
                     .collect();
-                shown.into_iter().cloned().collect::<Vec<_>>().join("; ")
+                shown.join("; ")
             };
             out.push(SanityCheck { check: check.into(), status, detail });
         };
@@ -378,9 +378,7 @@ impl AttackReport {
             let best = c
                 .attacks
                 .iter()
-                .filter(|a| {
-                    a.used.spec.kind != AttackKind::Square && a.used.spec.steps.unwrap_or(0) >= 10
-                })
+                .filter(|a| a.used.spec.gradient_steps() >= 10)
                 .map(|a| a.robust_acc)
                 .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
             if let Some(best) = best {
@@ -402,9 +400,7 @@ impl AttackReport {
             let many = c
                 .attacks
                 .iter()
-                .filter(|a| {
-                    a.used.spec.kind != AttackKind::Square && a.used.spec.steps.unwrap_or(0) > 1
-                })
+                .filter(|a| a.used.spec.gradient_steps() > 1)
                 .min_by(|a, b| a.robust_acc.total_cmp(&b.robust_acc));
             if let (Some(one), Some(many)) = (one, many) {
                 r.push((
