@@ -69,7 +69,8 @@ pub struct DefenseConfig {
     pub seed: Option<u64>,
     /// Denoiser tier from the manifest ("s": 1.6 M params, edge; "m": 6.5 M params).
     pub denoiser: String,
-    /// CPU threads for tract's matrix kernels.
+    /// CPU threads the models run on: one pool per pipeline, made once; each conv, attention
+    /// and GroupNorm op splits its work over it (results are the same bits for any count).
     pub threads: usize,
     /// Inference engine.
     pub backend: BackendKind,

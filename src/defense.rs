@@ -96,7 +96,8 @@ impl DefenseBuilder {
         self
     }
 
-    /// CPU threads for the models' matrix kernels (default 1).
+    /// CPU threads the models run on (default 1): every op of a frame splits its work over
+    /// them, batch 1 included, and any count gives the same results bit for bit.
     pub fn threads(mut self, threads: usize) -> Self {
         self.config.threads = threads;
         self

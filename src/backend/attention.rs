@@ -49,12 +49,26 @@ pub fn supported() -> bool {
 /// Attention of one image: `q`, `k`, `v` and `out` are `channels x pixels`, row-major.
 /// Errors when a slice length disagrees with `shape`, the shape does not [fit](AttentionShape::fits)
 /// or the CPU lacks AVX-512.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn attend(
     shape: AttentionShape,
     scale: f32,
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    out: &mut [f32],
+) -> Result<(), String> {
+    attend_images(shape, scale, 1, |_| [q, k, v], out)
+}
+
+/// Attention of `n` images: `qkv(b)` are image `b`'s queries, keys and values and `out` holds
+/// the `n` outputs, each `channels x pixels`, row-major. (image, query block) items are split
+/// over the pool of [`super::par`]. Errors as [`attend`] does.
+pub fn attend_images<'a>(
+    shape: AttentionShape,
+    scale: f32,
+    n: usize,
+    qkv: impl Fn(usize) -> [&'a [f32]; 3] + Sync,
     out: &mut [f32],
 ) -> Result<(), String> {
     let len = shape.channels * shape.pixels;
@@ -64,40 +78,54 @@ pub fn attend(
             shape.channels, shape.pixels
         ));
     }
-    if [q.len(), k.len(), v.len(), out.len()].iter().any(|&n| n != len) {
-        return Err(format!(
-            "attention: q/k/v/out of {}/{}/{}/{} values for {} x {}",
-            q.len(),
-            k.len(),
-            v.len(),
-            out.len(),
-            shape.channels,
-            shape.pixels
-        ));
+    for b in 0..n {
+        let [q, k, v] = qkv(b);
+        if [q.len(), k.len(), v.len()].iter().any(|&m| m != len) || out.len() != n * len {
+            return Err(format!(
+                "attention: q/k/v/out of {}/{}/{}/{} values for {n} x {} x {}",
+                q.len(),
+                k.len(),
+                v.len(),
+                out.len(),
+                shape.channels,
+                shape.pixels
+            ));
+        }
     }
     if !supported() {
         return Err("attention: this CPU has no AVX-512".into());
     }
     #[cfg(target_arch = "x86_64")]
-    SCORES.with(|scores| {
-        let scores = &mut *scores.borrow_mut();
-        scores.resize(shape.pixels * QV * LANES, 0.0);
+    {
         let (c, l) = (shape.channels, shape.pixels);
-        let mut i0 = 0;
-        while i0 < l {
-            let io = Io { q: q.as_ptr(), k: k.as_ptr(), v: v.as_ptr(), out: out.as_mut_ptr() };
-            // SAFETY: AVX-512F was detected above; the lengths were checked against the shape
-            // and `scores` holds `l` rows of QV vectors.
-            unsafe {
-                match ((l - i0) / LANES).min(QV) {
-                    1 => block::<1>(io, c, l, i0, scale, scores),
-                    2 => block::<2>(io, c, l, i0, scale, scores),
-                    _ => block::<QV>(io, c, l, i0, scale, scores),
+        let blocks = l.div_ceil(QV * LANES);
+        let out = super::par::SyncPtr(out.as_mut_ptr());
+        super::par::for_each(n * blocks, |item| {
+            let (b, i0) = (item / blocks, item % blocks * QV * LANES);
+            let [q, k, v] = qkv(b);
+            SCORES.with(|scores| {
+                let scores = &mut *scores.borrow_mut();
+                scores.resize(l * QV * LANES, 0.0);
+                let io = Io {
+                    q: q.as_ptr(),
+                    k: k.as_ptr(),
+                    v: v.as_ptr(),
+                    // SAFETY: image b's output lies inside `out` (its length was checked).
+                    out: unsafe { out.ptr().add(b * len) },
+                };
+                // SAFETY: AVX-512F was detected above; the lengths were checked against the
+                // shape, `scores` holds `l` rows of QV vectors, and the item writes only the
+                // columns of its own queries of image b.
+                unsafe {
+                    match ((l - i0) / LANES).min(QV) {
+                        1 => block::<1>(io, c, l, i0, scale, scores),
+                        2 => block::<2>(io, c, l, i0, scale, scores),
+                        _ => block::<QV>(io, c, l, i0, scale, scores),
+                    }
                 }
-            }
-            i0 += QV * LANES;
-        }
-    });
+            });
+        });
+    }
     Ok(())
 }
 
@@ -298,6 +326,22 @@ mod tests {
             let mut out = vec![f32::NAN; c * l];
             let shape = AttentionShape { channels: c, pixels: l };
             attend(shape, scale, &q, &k, &v, &mut out).expect("runs");
+            // Two images on 1, 2 and 3 threads: each image as alone, bit for bit.
+            let [two, two2, two3] = crate::backend::par::on_thread_counts(|| {
+                let mut out = vec![f32::NAN; 2 * c * l];
+                let qkv = |b: usize| {
+                    if b == 0 {
+                        [&k[..], &q[..], &v[..]]
+                    } else {
+                        [&q[..], &k[..], &v[..]]
+                    }
+                };
+                attend_images(shape, scale, 2, qkv, &mut out).expect("runs");
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            });
+            assert!(two == two2 && two == two3, "c={c} l={l}: thread counts change the bits");
+            let alone: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+            assert!(two[c * l..] == alone[..], "c={c} l={l}: batched differs from alone");
             let (want, largest) = reference(c, l, scale as f64, &q, &k, &v);
             // A score s carries f32 rounding of ~1e-7 |s|, which exp turns into that relative
             // error of the weights: the tolerance grows with the largest score.
@@ -345,6 +389,6 @@ mod tests {
         assert!(err.unwrap_err().contains("16 channels x 20 pixels"));
         let shape = AttentionShape { channels: 16, pixels: 16 };
         let err = attend(shape, 1.0, &[0.0; 256], &[0.0; 255], &[0.0; 256], &mut [0.0; 256]);
-        assert!(err.unwrap_err().contains("256/255/256/256"));
+        assert!(err.unwrap_err().contains("256/255/256/256 values for 1 x 16 x 16"));
     }
 }

@@ -18,6 +18,9 @@
 //! `DirectConv::small`). Summation order differs from tract's, so
 //! results agree to float rounding (relative ~1e-6), not bit for bit.
 
+#[cfg(target_arch = "x86_64")]
+use super::par::SyncPtr;
+
 /// Output channels per register tile.
 const OCB: usize = 8;
 /// Pixel vectors per register tile (each 16 f32 lanes).
@@ -133,28 +136,22 @@ impl super::conv_kernel::ConvKernel for DirectConv {
             return Err("direct conv: this CPU has no AVX-512".into());
         }
         #[cfg(target_arch = "x86_64")]
-        {
-            SCRATCH.with(|scratch| {
-                let scratch = &mut *scratch.borrow_mut();
-                scratch.bias.clear();
-                if let Some(b) = bias {
-                    scratch.bias.extend_from_slice(&self.bias);
-                    scratch.bias[..self.co].copy_from_slice(b);
-                }
-                if self.k == 3 && w < LANES {
-                    // SAFETY: AVX-512F was detected above; `small` sizes its buffers itself.
-                    unsafe { self.small(x, n, h, w, y, scratch) };
-                    return;
-                }
-                for b in 0..n {
-                    let xi = &x[b * self.ci * h * w..(b + 1) * self.ci * h * w];
-                    let yi = &mut y[b * self.co * h * w..(b + 1) * self.co * h * w];
-                    // SAFETY: AVX-512F was detected above; `image` keeps every access inside
-                    // the buffers it sizes (see its comments).
-                    unsafe { self.image(xi, h, w, yi, scratch) };
-                }
-            });
-        }
+        SCRATCH.with(|scratch| {
+            let scratch = &mut *scratch.borrow_mut();
+            scratch.bias.clear();
+            if let Some(b) = bias {
+                scratch.bias.extend_from_slice(&self.bias);
+                scratch.bias[..self.co].copy_from_slice(b);
+            }
+            if self.k == 3 && w < LANES {
+                // SAFETY: AVX-512F was detected above; `small` sizes its buffers itself.
+                unsafe { self.small(x, n, h, w, y, scratch) };
+            } else {
+                // SAFETY: AVX-512F was detected above; `images` keeps every access inside the
+                // buffers it sizes (see its comments).
+                unsafe { self.images(x, n, h, w, y, scratch) };
+            }
+        });
         Ok(())
     }
 }
@@ -183,9 +180,18 @@ struct Scratch {
 
 #[cfg(target_arch = "x86_64")]
 impl DirectConv {
-    /// One image. Safety: the CPU must support AVX-512F; `x` is `ci x h x w`, `y` `co x h x w`.
+    /// `n` images, split over the pool of [`super::par`] by (image, output-channel block).
+    /// Safety: the CPU must support AVX-512F; `x` is `n x ci x h x w`, `y` `n x co x h x w`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn image(&self, x: &[f32], h: usize, w: usize, y: &mut [f32], s: &mut Scratch) {
+    unsafe fn images(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        y: &mut [f32],
+        s: &mut Scratch,
+    ) {
         let pad = self.k / 2;
         let wp = w + 2 * pad;
         let plane = (h + 2 * pad) * wp;
@@ -195,25 +201,63 @@ impl DirectConv {
         // `x` itself.
         let rows = pad > 0 && w.is_multiple_of(LANES);
         let exact = pad == 0 && (h * w).is_multiple_of(LANES);
-        let input = if exact {
-            x.as_ptr()
+        let (x_image, y_image) = (self.ci * h * w, self.co * h * w);
+        // Flat mode reads up to 2 * wp + 2 + LANES - 1 past a vector start; slack keeps the
+        // last plane's throw-away lanes inside each image's buffer.
+        let padded_image = self.ci * plane + 2 * LANES;
+        let (input, input_image) = if exact {
+            (x.as_ptr(), x_image)
         } else {
-            // Flat mode reads up to 2 * wp + 2 + LANES - 1 past a vector start; slack keeps the
-            // last plane's throw-away lanes inside the buffer. The buffer is reused, so the
-            // padding ring and the slack are zeroed here, the interior overwritten.
-            let len = self.ci * plane + 2 * LANES;
-            if s.padded.len() < len {
-                s.padded.resize(len, 0.0);
+            // The buffer is reused, so the padding ring and the slack are zeroed here, the
+            // interior overwritten.
+            if s.padded.len() < n * padded_image {
+                s.padded.resize(n * padded_image, 0.0);
             }
-            let padded = &mut s.padded[..len];
-            pad_planes(&mut padded[..self.ci * plane], x, h, w, pad);
-            padded[self.ci * plane..].fill(0.0);
-            s.padded.as_ptr()
+            for (p, xi) in s.padded.chunks_exact_mut(padded_image).zip(x.chunks_exact(x_image)) {
+                pad_planes(&mut p[..self.ci * plane], xi, h, w, pad);
+                p[self.ci * plane..].fill(0.0);
+            }
+            (s.padded.as_ptr(), padded_image)
         };
         let in_place = rows || exact;
         // Flat planes are whole vectors long, so no vector spills into the next channel.
-        let vectors = (h * wp).div_ceil(LANES);
-        let out_plane = if in_place { h * w } else { vectors * LANES };
+        let flat_vectors = (h * wp).div_ceil(LANES);
+        let out_plane = if in_place { h * w } else { flat_vectors * LANES };
+        let vectors = if rows { h * w / LANES } else { flat_vectors };
+        let blocks = self.co.div_ceil(OCB);
+        // Every lane of `wide` that is copied out is written first: no zeroing needed.
+        let wide_image = if in_place { 0 } else { blocks * OCB * out_plane };
+        if s.wide.len() < n * wide_image {
+            s.wide.resize(n * wide_image, 0.0);
+        }
+        let pass = Pass {
+            input: SyncPtr::of(input),
+            input_image,
+            out: SyncPtr(if in_place { y.as_mut_ptr() } else { s.wide.as_mut_ptr() }),
+            out_image: if in_place { y_image } else { wide_image },
+            out_plane,
+            y: SyncPtr(y.as_mut_ptr()),
+            bias: SyncPtr::of(if s.bias.is_empty() { self.bias.as_ptr() } else { s.bias.as_ptr() }),
+            rows,
+            in_place,
+            h,
+            w,
+            wp,
+            plane,
+            vectors,
+        };
+        super::par::for_each(n * blocks, |item| {
+            // SAFETY: AVX-512F was detected by the caller; item (image, block) reads the
+            // image's input and writes only its block's output channels (in `wide` and `y`).
+            unsafe { self.block(&pass, item / blocks, item % blocks) }
+        });
+    }
+
+    /// Output channels `block * OCB ..` of image `b`, copied out of `wide` in flat mode.
+    /// Safety: the CPU must support AVX-512F; `pass` describes buffers of the sizes above.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block(&self, pass: &Pass, b: usize, block: usize) {
+        let Pass { rows, in_place, h, w, wp, vectors, out_plane, .. } = *pass;
         // Vector k's (input offset of its top-left tap, output offset).
         let position = |k: usize| {
             if rows {
@@ -223,54 +267,68 @@ impl DirectConv {
                 (k * LANES, k * LANES)
             }
         };
-        let vectors = if rows { h * w / LANES } else { vectors };
-        // Every lane of `wide` that is copied out is written first: no zeroing needed.
-        let wide = if in_place { 0 } else { self.co.div_ceil(OCB) * OCB * out_plane };
-        if s.wide.len() < wide {
-            s.wide.resize(wide, 0.0);
+        let out = pass.out.ptr().add(b * pass.out_image + block * OCB * out_plane);
+        let tile = Tile {
+            x: pass.input.ptr().add(b * pass.input_image).cast_const(),
+            plane: pass.plane,
+            wp,
+            ci: self.ci,
+            w: self.packed.as_ptr().add(block * self.ci * self.k * self.k * OCB),
+            bias: pass.bias.ptr().add(block * OCB).cast_const(),
+            out,
+            out_stride: out_plane,
+            // `y` has no padding channels; `wide` has whole blocks.
+            channels: if in_place { (self.co - block * OCB).min(OCB) } else { OCB },
+        };
+        let mut k = 0;
+        while k + PV <= vectors {
+            let (i0, o0) = position(k);
+            let (i1, o1) = position(k + 1);
+            let (i2, o2) = position(k + 2);
+            tile.taps::<PV>(self.k, [i0, i1, i2], [o0, o1, o2]);
+            k += PV;
         }
-        let out = if in_place { y.as_mut_ptr() } else { s.wide.as_mut_ptr() };
-        let out_stride = out_plane;
-        let bias = if s.bias.is_empty() { self.bias.as_ptr() } else { s.bias.as_ptr() };
-        for block in 0..self.co.div_ceil(OCB) {
-            let tile = Tile {
-                x: input,
-                plane,
-                wp,
-                ci: self.ci,
-                w: self.packed.as_ptr().add(block * self.ci * self.k * self.k * OCB),
-                bias: bias.add(block * OCB),
-                out: out.add(block * OCB * out_stride),
-                out_stride,
-                // `y` has no padding channels; `wide` has whole blocks.
-                channels: if in_place { (self.co - block * OCB).min(OCB) } else { OCB },
-            };
-            let mut k = 0;
-            while k + PV <= vectors {
-                let (i0, o0) = position(k);
-                let (i1, o1) = position(k + 1);
-                let (i2, o2) = position(k + 2);
-                tile.taps::<PV>(self.k, [i0, i1, i2], [o0, o1, o2]);
-                k += PV;
-            }
-            if k + 2 == vectors {
-                let (i0, o0) = position(k);
-                let (i1, o1) = position(k + 1);
-                tile.taps::<2>(self.k, [i0, i1], [o0, o1]);
-            } else if k + 1 == vectors {
-                let (i0, o0) = position(k);
-                tile.taps::<1>(self.k, [i0], [o0]);
-            }
+        if k + 2 == vectors {
+            let (i0, o0) = position(k);
+            let (i1, o1) = position(k + 1);
+            tile.taps::<2>(self.k, [i0, i1], [o0, o1]);
+        } else if k + 1 == vectors {
+            let (i0, o0) = position(k);
+            tile.taps::<1>(self.k, [i0], [o0]);
         }
         if !in_place {
-            for o in 0..self.co {
+            let y = pass.y.ptr().add(b * self.co * h * w);
+            for o in block * OCB..(block * OCB + OCB).min(self.co) {
                 for r in 0..h {
-                    let src = o * out_plane + r * wp;
-                    y[(o * h + r) * w..(o * h + r + 1) * w].copy_from_slice(&s.wide[src..src + w]);
+                    let src = out.add((o - block * OCB) * out_plane + r * wp);
+                    std::ptr::copy_nonoverlapping(src, y.add((o * h + r) * w), w);
                 }
             }
         }
     }
+}
+
+/// What every (image, block) item of [`DirectConv::images`] shares.
+#[cfg(target_arch = "x86_64")]
+struct Pass {
+    /// Each image's input (padded unless in place), `input_image` values apart.
+    input: SyncPtr<f32>,
+    input_image: usize,
+    /// Each image's output (`y` in place, else `wide`), `out_image` values apart, channel
+    /// planes `out_plane` apart.
+    out: SyncPtr<f32>,
+    out_image: usize,
+    out_plane: usize,
+    /// The final output when results are copied out of `wide`.
+    y: SyncPtr<f32>,
+    bias: SyncPtr<f32>,
+    rows: bool,
+    in_place: bool,
+    h: usize,
+    w: usize,
+    wp: usize,
+    plane: usize,
+    vectors: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -331,33 +389,50 @@ impl DirectConv {
         }
         // Both the packed bias and the call's copy of it are padded to whole SCB blocks.
         let bias = if s.bias.is_empty() { self.bias.as_ptr() } else { s.bias.as_ptr() };
-        let weights = self.by_channel();
+        let weights = SyncPtr::of(self.by_channel().as_ptr());
         let taps = [0, 1, 2, wp, wp + 1, wp + 2, 2 * wp, 2 * wp + 1, 2 * wp + 2];
-        for block in 0..blocks {
+        // Items are (channel block, run of pixel tiles); one thread keeps one run per block so
+        // that a chunk's weights stay in L1 over all pixels. Every output value still sums its
+        // input chunks in the same order.
+        let tiles = count.div_ceil(SPT);
+        let threads = super::par::threads();
+        let runs = if threads == 1 { 1 } else { (4 * threads).div_ceil(blocks).min(tiles) };
+        let run_tiles = tiles.div_ceil(runs);
+        let runs = tiles.div_ceil(run_tiles);
+        let (padded, pixels) = (SyncPtr::of(s.padded.as_ptr()), SyncPtr::of(s.pixels.as_ptr()));
+        let (bias, out) = (SyncPtr::of(bias), SyncPtr(s.by_pixel.as_mut_ptr()));
+        super::par::for_each(blocks * runs, |item| {
+            let (block, run) = (item / runs, item % runs);
             let tile = ChannelTile {
-                x: s.padded.as_ptr(),
+                x: padded.ptr().cast_const(),
                 plane,
-                w: weights.as_ptr().add(block * self.ci * 9 * SCB),
-                bias: bias.add(block * SCB),
-                out: s.by_pixel.as_mut_ptr().add(block * SCB),
+                w: weights.ptr().add(block * self.ci * 9 * SCB).cast_const(),
+                bias: bias.ptr().add(block * SCB).cast_const(),
+                out: out.ptr().add(block * SCB),
                 width,
             };
+            let pixels = std::slice::from_raw_parts(pixels.ptr().cast_const(), count);
+            let run = run * run_tiles * SPT..((run + 1) * run_tiles * SPT).min(count);
             for inputs in (0..self.ci).step_by(SCI) {
                 let inputs = inputs..(inputs + SCI).min(self.ci);
-                for first in (0..count).step_by(SPT) {
-                    let p = &s.pixels[first..(first + SPT).min(count)];
-                    let i = inputs.clone();
-                    match p.len() {
-                        1 => tile.run::<1>(&taps, p, first, i),
-                        2 => tile.run::<2>(&taps, p, first, i),
-                        3 => tile.run::<3>(&taps, p, first, i),
-                        4 => tile.run::<4>(&taps, p, first, i),
-                        5 => tile.run::<5>(&taps, p, first, i),
-                        _ => tile.run::<SPT>(&taps, p, first, i),
+                for first in run.clone().step_by(SPT) {
+                    let p = &pixels[first..(first + SPT).min(count)];
+                    let (i, lead) = (inputs.clone(), first == run.start);
+                    // SAFETY: AVX-512F was detected by the caller; the item writes only the
+                    // rows of its own pixels in its own block's columns of `by_pixel`.
+                    unsafe {
+                        match p.len() {
+                            1 => tile.run::<1>(&taps, p, first, i, lead),
+                            2 => tile.run::<2>(&taps, p, first, i, lead),
+                            3 => tile.run::<3>(&taps, p, first, i, lead),
+                            4 => tile.run::<4>(&taps, p, first, i, lead),
+                            5 => tile.run::<5>(&taps, p, first, i, lead),
+                            _ => tile.run::<SPT>(&taps, p, first, i, lead),
+                        }
                     }
                 }
             }
-        }
+        });
         let hw = h * w;
         for (b, image) in y.chunks_exact_mut(self.co * hw).enumerate() {
             for (o, out) in image.chunks_exact_mut(hw).enumerate() {
@@ -386,8 +461,9 @@ impl ChannelTile {
     /// Adds the input channels `inputs` (all taps) to the pixels at padded offsets `pixels`
     /// (`N` of them, output rows `first ..`), [`SCB`] output channels in registers. The first
     /// chunk starts from the bias, later ones from the partial sums in `out`. The first pixel
-    /// tile of a chunk also prefetches the next chunk's weights (same size, right after this
-    /// one in memory) into L2: at batch 1 the weights are the traffic that limits these convs.
+    /// tile of a run (`lead`) also prefetches the next chunk's weights (same size, right after
+    /// this one in memory) into L2: at batch 1 the weights are the traffic that limits these
+    /// convs.
     #[target_feature(enable = "avx512f")]
     unsafe fn run<const N: usize>(
         &self,
@@ -395,6 +471,7 @@ impl ChannelTile {
         pixels: &[usize],
         first: usize,
         inputs: std::ops::Range<usize>,
+        lead: bool,
     ) {
         use std::arch::x86_64::*;
         const V: usize = SCB / LANES;
@@ -416,7 +493,7 @@ impl ChannelTile {
             let xi = self.x.add(i * self.plane);
             let wi = self.w.add(i * 9 * SCB);
             for (t, &tap) in taps.iter().enumerate() {
-                if first == 0 {
+                if lead {
                     // One tap's weights are SCB floats = 4 cache lines; past the last chunk
                     // this prefetches nothing useful, which is harmless.
                     let line = next.wrapping_add(((i - start) * 9 + t) * SCB);
@@ -557,8 +634,14 @@ mod tests {
                 let wt: Vec<f32> = values(co * ci * k * k, 2).iter().map(|v| v * 0.2).collect();
                 let bias = values(co, 3);
                 let conv = DirectConv::new(&wt, &bias, co, ci, k).expect("shapes fit");
-                let mut y = vec![f32::NAN; n * co * h * w];
-                conv.run(&x, n, h, w, None, &mut y).expect("runs");
+                let [y, y2, y3] = crate::backend::par::on_thread_counts(|| {
+                    let mut y = vec![f32::NAN; n * co * h * w];
+                    conv.run(&x, n, h, w, None, &mut y).expect("runs");
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                });
+                let case = format!("k{k} ({n},{co},{ci},{h},{w})");
+                assert!(y == y2 && y == y3, "{case}: thread counts change the bits");
+                let y: Vec<f32> = y.into_iter().map(f32::from_bits).collect();
                 for b in 0..n {
                     let image = &x[b * ci * h * w..(b + 1) * ci * h * w];
                     let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();

@@ -7,6 +7,7 @@ mod cuda;
 pub(crate) mod direct_conv;
 #[cfg(test)]
 mod own_kernels_tests;
+pub(crate) mod par;
 pub(crate) mod quant_conv;
 pub mod tract;
 mod tract_attention;

@@ -17,6 +17,9 @@
 //! `DequantizeLinear` round trip on the output (the model's y scale) is skipped. That makes the
 //! op closer to the float network than the QOperator graph is, never further.
 
+#[cfg(target_arch = "x86_64")]
+use super::par::SyncPtr;
+
 /// Output channels per register tile.
 const OCB: usize = 8;
 /// Pixel vectors per register tile (each 16 lanes of i32).
@@ -148,12 +151,8 @@ impl QuantConv {
         }
         #[cfg(target_arch = "x86_64")]
         SCRATCH.with(|scratch| {
-            let scratch = &mut *scratch.borrow_mut();
-            let (xs, ys) = (self.ci * h * w, self.co * h * w);
-            for (xi, yi) in x.chunks_exact(xs).zip(y.chunks_exact_mut(ys)).take(n) {
-                // SAFETY: AVX-512F and VNNI were detected above; `image` sizes its buffers.
-                unsafe { self.image(xi, h, w, yi, scratch) };
-            }
+            // SAFETY: AVX-512F and VNNI were detected above; `images` sizes its buffers.
+            unsafe { self.images(x, n, h, w, y, &mut scratch.borrow_mut()) };
         });
         Ok(())
     }
@@ -201,10 +200,20 @@ struct Scratch {
 
 #[cfg(target_arch = "x86_64")]
 impl QuantConv {
-    /// One image. Safety: the CPU must support AVX-512F and VNNI; `x` is `ci x h x w`, `y`
-    /// `co x h x w`.
+    /// `n` images: each quantized into its padded buffer, then (image, output-channel block)
+    /// items split over the pool of [`super::par`].
+    /// Safety: the CPU must support AVX-512F and VNNI; `x` is `n x ci x h x w`, `y`
+    /// `n x co x h x w`.
     #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn image(&self, x: &[f32], h: usize, w: usize, y: &mut [f32], s: &mut Scratch) {
+    unsafe fn images(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        y: &mut [f32],
+        s: &mut Scratch,
+    ) {
         use std::arch::x86_64::*;
         let pad = self.k / 2;
         let wp = w + 2 * pad;
@@ -215,12 +224,13 @@ impl QuantConv {
         let zero = self.input.zero as i32;
         let zero_word = zero * 0x0101_0101;
         s.padded.clear();
-        s.padded.resize(len, zero_word);
+        s.padded.resize(n * len, zero_word);
         let inv = _mm512_set1_ps(self.input.inv_scale);
         let (lo, hi, zp) = (_mm512_set1_epi32(0), _mm512_set1_epi32(255), _mm512_set1_epi32(zero));
         let hw = h * w;
-        for g in 0..groups {
-            let dst = s.padded.as_mut_ptr().add(g * plane);
+        for (b, g) in (0..n).flat_map(|b| (0..groups).map(move |g| (b, g))) {
+            let x = &x[b * self.ci * hw..(b + 1) * self.ci * hw];
+            let dst = s.padded.as_mut_ptr().add(b * len + g * plane);
             for r in 0..h {
                 let mut c = 0;
                 while c < w {
@@ -254,8 +264,9 @@ impl QuantConv {
         let vectors = (h * wp).div_ceil(LANES);
         let out_plane = vectors * LANES;
         let blocks = self.co.div_ceil(OCB);
-        if s.wide.len() < blocks * OCB * out_plane {
-            s.wide.resize(blocks * OCB * out_plane, 0);
+        let wide_image = blocks * OCB * out_plane;
+        if s.wide.len() < n * wide_image {
+            s.wide.resize(n * wide_image, 0);
         }
         let taps = self.k * self.k;
         let tap_offsets: [usize; 9] = if self.k == 3 {
@@ -263,36 +274,45 @@ impl QuantConv {
         } else {
             [0; 9]
         };
-        for block in 0..blocks {
+        let (padded, wide) = (SyncPtr::of(s.padded.as_ptr()), SyncPtr(s.wide.as_mut_ptr()));
+        let out = SyncPtr(y.as_mut_ptr());
+        super::par::for_each(n * blocks, |item| {
+            let (b, block) = (item / blocks, item % blocks);
+            let wide = wide.ptr().add(b * wide_image + block * OCB * out_plane);
             let tile = QuantTile {
-                x: s.padded.as_ptr(),
+                x: padded.ptr().add(b * len).cast_const(),
                 plane,
                 groups,
                 w: self.packed.as_ptr().add(block * groups * taps * OCB),
-                out: s.wide.as_mut_ptr().add(block * OCB * out_plane),
+                out: wide,
                 out_plane,
             };
-            let mut v = 0;
-            while v + PV <= vectors {
-                tile.taps::<PV>(&tap_offsets[..taps], v * LANES);
-                v += PV;
-            }
-            match vectors - v {
-                2 => tile.taps::<2>(&tap_offsets[..taps], v * LANES),
-                1 => tile.taps::<1>(&tap_offsets[..taps], v * LANES),
-                _ => {}
-            }
-        }
-        for o in 0..self.co {
-            let (m, b) = (self.multiplier[o], self.offset[o]);
-            let sums = &s.wide[o * out_plane..(o + 1) * out_plane];
-            let out = &mut y[o * hw..(o + 1) * hw];
-            for (row, sums) in out.chunks_exact_mut(w).zip(sums.chunks(wp)) {
-                for (v, &acc) in row.iter_mut().zip(sums) {
-                    *v = acc as f32 * m + b;
+            // SAFETY: AVX-512F and VNNI were detected by the caller; the item reads image b's
+            // padded input and writes only its own block's planes of `wide` and channels of
+            // image b in `y`.
+            unsafe {
+                let mut v = 0;
+                while v + PV <= vectors {
+                    tile.taps::<PV>(&tap_offsets[..taps], v * LANES);
+                    v += PV;
+                }
+                match vectors - v {
+                    2 => tile.taps::<2>(&tap_offsets[..taps], v * LANES),
+                    1 => tile.taps::<1>(&tap_offsets[..taps], v * LANES),
+                    _ => {}
+                }
+                for o in block * OCB..(block * OCB + OCB).min(self.co) {
+                    let (m, bias) = (self.multiplier[o], self.offset[o]);
+                    let sums = wide.add((o - block * OCB) * out_plane).cast_const();
+                    let y = out.ptr().add((b * self.co + o) * hw);
+                    for r in 0..h {
+                        for c in 0..w {
+                            *y.add(r * w + c) = *sums.add(r * wp + c) as f32 * m + bias;
+                        }
+                    }
                 }
             }
-        }
+        });
     }
 }
 
@@ -404,8 +424,14 @@ mod tests {
                 let input_scale = 1.0 / 127.0;
                 let conv = QuantConv::new(&wt, &scales, Some(&bias), input_scale, quant, co, ci, k)
                     .expect("shapes fit");
-                let mut y = vec![f32::NAN; n * co * h * w];
-                conv.run(&x, n, h, w, &mut y).expect("runs");
+                let [y, y2, y3] = crate::backend::par::on_thread_counts(|| {
+                    let mut y = vec![f32::NAN; n * co * h * w];
+                    conv.run(&x, n, h, w, &mut y).expect("runs");
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                });
+                let case = format!("k{k} ({n},{co},{ci},{h},{w})");
+                assert!(y == y2 && y == y3, "{case}: thread counts change the bits");
+                let y: Vec<f32> = y.into_iter().map(f32::from_bits).collect();
                 for b in 0..n {
                     let image = &x[b * ci * h * w..(b + 1) * ci * h * w];
                     let want = reference(

@@ -21,17 +21,19 @@ use tract_onnx::prelude::*;
 /// typo such as `--threads 3000` would otherwise start thousands of threads.
 pub const MAX_THREADS_PER_CORE: usize = 4;
 
-/// The CPU threads tract's matrix kernels use for the models of one pipeline: 1 keeps
-/// everything on the calling thread, n > 1 a rayon pool of n threads made once and shared by
-/// the pipeline's models. Per pipeline, not process-wide, so two pipelines in one process keep
-/// their own thread counts.
+/// The CPU threads the models of one pipeline run on: 1 keeps everything on the calling
+/// thread, n > 1 a rayon pool of n threads made once and shared by the pipeline's models, which
+/// this crate's kernels split their work over. Per pipeline, not process-wide, so two pipelines
+/// in one process keep their own thread counts.
 #[derive(Debug, Clone, Default)]
-pub struct CpuThreads(Executor);
+pub struct CpuThreads {
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+}
 
 impl CpuThreads {
     /// Everything on the calling thread.
     pub fn single() -> Self {
-        Self(Executor::SingleThread)
+        Self { pool: None }
     }
 
     /// `threads` threads: refused when 0 or more than [`MAX_THREADS_PER_CORE`] per core of this
@@ -59,8 +61,42 @@ impl CpuThreads {
                      limit (ulimit -u): ask for fewer"
                 ))
             })?;
-        Ok(Self(Executor::MultiThread(std::sync::Arc::new(pool))))
+        Ok(Self { pool: Some(std::sync::Arc::new(pool)) })
     }
+
+    /// Threads of this pool (1: the calling thread).
+    pub fn count(&self) -> usize {
+        self.pool.as_ref().map_or(1, |p| p.current_num_threads())
+    }
+
+    /// Runs `f` with these threads as the pool of this crate's kernels and of tract's own ops
+    /// (its matrix products and element-wise kernels) when [`TRACT_THREADS_ENV`] allows it.
+    /// With a pool, the whole run moves onto one of its threads: the calling thread would
+    /// otherwise do the serial work between the kernels while the pool's idle threads spin,
+    /// three busy threads on two cores (batch-1 calls ran 2.3x slower that way).
+    fn scope<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            None => f(),
+            Some(pool) => {
+                let tract = if tract_threads_enabled() {
+                    Executor::MultiThread(pool.clone())
+                } else {
+                    Executor::SingleThread
+                };
+                pool.install(|| {
+                    super::par::scope(Some(pool.clone()), || multithread_tract_scope(tract, f))
+                })
+            }
+        }
+    }
+}
+
+/// Environment switch: `0` keeps tract's own ops on the calling thread while this crate's
+/// kernels use the pipeline's threads (to measure what tract's threading adds).
+pub const TRACT_THREADS_ENV: &str = "DIFFSHIELD_TRACT_THREADS";
+
+fn tract_threads_enabled() -> bool {
+    std::env::var(TRACT_THREADS_ENV).map(|v| v != "0").unwrap_or(true)
 }
 
 /// Largest batch one CPU plan runs; larger batches run in chunks. This bounds the plan cache
@@ -238,9 +274,7 @@ impl BatchedModel {
         }
         let state = self.states.get_mut(&n).expect("inserted above");
         match &self.engine {
-            Engine::Cpu(threads) => {
-                multithread_tract_scope(threads.0.clone(), || state.run(inputs))
-            }
+            Engine::Cpu(threads) => threads.scope(|| state.run(inputs)),
             Engine::Runtime(_) => state.run(inputs),
         }
         .map_err(|e| Error::Backend(format!("{}: {e:#}", self.path.display())))
@@ -427,8 +461,14 @@ pub struct OpTime {
 
 /// Profiles `reps` calls of the ONNX model at `path` at batch `batch` on synthetic inputs
 /// (t = 140 for a denoiser), planned exactly as the runtime plans it (our kernels unless
-/// `DIFFSHIELD_TRACT_ONLY=1`), by op type or with `per_node` by node.
-pub fn profile_ops(path: &Path, batch: usize, reps: usize, per_node: bool) -> Result<OpProfile> {
+/// `DIFFSHIELD_TRACT_ONLY=1`), on `threads`, by op type or with `per_node` by node.
+pub fn profile_ops(
+    path: &Path,
+    batch: usize,
+    reps: usize,
+    per_node: bool,
+    threads: &CpuThreads,
+) -> Result<OpProfile> {
     let fail = |e: TractError| Error::Backend(format!("{}: {e:#}", path.display()));
     let model = tract_onnx::onnx().model_for_path(path).map_err(|e| Error::ModelLoad {
         path: path.to_path_buf(),
@@ -458,24 +498,26 @@ pub fn profile_ops(path: &Path, batch: usize, reps: usize, per_node: bool) -> Re
     if denoiser {
         inputs.push(tract_ndarray::Array1::from_elem(batch, 140f32).into_tensor().into_tvalue());
     }
-    state.run(inputs.clone()).map_err(fail)?;
+    threads.scope(|| state.run(inputs.clone())).map_err(fail)?;
     let reps = reps.max(1);
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let t0 = std::time::Instant::now();
     for _ in 0..reps {
-        state
-            .run_plan_with_eval(inputs.clone(), |s, st, node, inp| {
-                let t = std::time::Instant::now();
-                let r = tract_onnx::tract_core::plan::eval(s, st, node, inp);
-                let key = if per_node {
-                    format!("{} {}", node.op.name(), node.name)
-                } else {
-                    node.op.name().to_string()
-                };
-                let e = by_op.entry(key).or_default();
-                e.0 += t.elapsed().as_secs_f64() * 1e3 / reps as f64;
-                e.1 += 1;
-                r
+        threads
+            .scope(|| {
+                state.run_plan_with_eval(inputs.clone(), |s, st, node, inp| {
+                    let t = std::time::Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(s, st, node, inp);
+                    let key = if per_node {
+                        format!("{} {}", node.op.name(), node.name)
+                    } else {
+                        node.op.name().to_string()
+                    };
+                    let e = by_op.entry(key).or_default();
+                    e.0 += t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+                    e.1 += 1;
+                    r
+                })
             })
             .map_err(fail)?;
     }

@@ -9,7 +9,7 @@
 //! directly, so the three slice copies go too. Anything that differs keeps tract's ops, and so
 //! does everything on CPUs without AVX-512.
 
-use super::attention::{attend, supported, AttentionShape};
+use super::attention::{attend_images, supported, AttentionShape};
 use super::tract_match::{binary, unary, with_constant};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -60,10 +60,8 @@ impl EvalOp for AttentionOp {
             let out = view.as_slice_mut().context("Attention: output is not contiguous")?;
             let part =
                 |b: usize, p: usize| &x[(b * parts + p) * c * l..(b * parts + p + 1) * c * l];
-            for (b, out) in out.chunks_exact_mut(c * l).enumerate() {
-                attend(shape, self.scale, part(b, self.q), part(b, self.k), part(b, self.v), out)
-                    .map_err(|e| anyhow!(e))?;
-            }
+            let qkv = |b: usize| [part(b, self.q), part(b, self.k), part(b, self.v)];
+            attend_images(shape, self.scale, n, qkv, out).map_err(|e| anyhow!(e))?;
         }
         Ok(tvec!(y.into_tvalue()))
     }

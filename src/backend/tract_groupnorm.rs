@@ -72,27 +72,36 @@ impl TypedOp for GroupNormOp {
 }
 
 impl GroupNormOp {
-    /// Normalises `n` images of `channels x plane` values from `x` into `y`.
+    /// Normalises `n` images of `channels x plane` values from `x` into `y`, one (image, group)
+    /// per item of [`super::par::for_each`].
     fn run(&self, x: &[f32], y: &mut [f32], n: usize, plane: usize) {
         let per_group = self.gamma.len() / self.groups;
         let len = per_group * plane;
-        let chunks = x.chunks_exact(len).zip(y.chunks_exact_mut(len)).take(n * self.groups);
-        // Chunks come in (image, group) order.
-        for (index, (xs, ys)) in chunks.enumerate() {
-            let group = index % self.groups;
-            let mean = lane_sum(xs, |v| v) / len as f64;
-            let m = mean as f32;
-            let var = lane_sum(xs, |v| (v - m) * (v - m)) / len as f64;
-            let inv = 1.0 / (var + self.eps as f64).sqrt();
-            for (c, (xc, yc)) in xs.chunks_exact(plane).zip(ys.chunks_exact_mut(plane)).enumerate()
-            {
-                let channel = group * per_group + c;
-                let scale = (self.gamma[channel] as f64 * inv) as f32;
-                let shift =
-                    (self.beta[channel] as f64 - mean * self.gamma[channel] as f64 * inv) as f32;
-                for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o = v * scale + shift;
-                }
+        let items = (n * self.groups).min(x.len() / len).min(y.len() / len);
+        let out = super::par::SyncPtr(y.as_mut_ptr());
+        super::par::for_each(items, |index| {
+            // SAFETY: item `index` writes only its own `len` values of `y`, which has at least
+            // `items * len` of them, and `y` outlives the call.
+            let ys = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(index * len), len) };
+            self.group(&x[index * len..(index + 1) * len], ys, index % self.groups, plane);
+        });
+    }
+
+    /// Normalises one group's `per_group x plane` values.
+    fn group(&self, xs: &[f32], ys: &mut [f32], group: usize, plane: usize) {
+        let len = xs.len();
+        let per_group = self.gamma.len() / self.groups;
+        let mean = lane_sum(xs, |v| v) / len as f64;
+        let m = mean as f32;
+        let var = lane_sum(xs, |v| (v - m) * (v - m)) / len as f64;
+        let inv = 1.0 / (var + self.eps as f64).sqrt();
+        for (c, (xc, yc)) in xs.chunks_exact(plane).zip(ys.chunks_exact_mut(plane)).enumerate() {
+            let channel = group * per_group + c;
+            let scale = (self.gamma[channel] as f64 * inv) as f32;
+            let shift =
+                (self.beta[channel] as f64 - mean * self.gamma[channel] as f64 * inv) as f32;
+            for (o, &v) in yc.iter_mut().zip(xc) {
+                *o = v * scale + shift;
             }
         }
     }
@@ -190,6 +199,12 @@ mod tests {
         };
         let mut y = vec![0f32; 24];
         op.run(&x, &mut y, 2, 3);
+        let [a, b, c] = super::super::par::on_thread_counts(|| {
+            let mut y = vec![0f32; 24];
+            op.run(&x, &mut y, 2, 3);
+            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        });
+        assert!(a == b && a == c, "thread counts change the bits");
         for (i, g) in x.chunks(6).enumerate() {
             let mean = g.iter().map(|&v| v as f64).sum::<f64>() / 6.0;
             let var = g.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 6.0;
