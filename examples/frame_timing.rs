@@ -1,6 +1,7 @@
 //! Times one denoiser call and one defended frame on tract (median of a few runs) and prints
 //! one JSON line per case; `benches/compare_ort.py` runs it beside onnxruntime for the ratios.
-//! Usage: frame_timing [threads] [reps]
+//! Usage: frame_timing [threads] [reps] [s|m|both]; the kernel level is `DIFFSHIELD_KERNELS`'s
+//! (printed in each line).
 
 use diffshield::config::DefenseConfig;
 use diffshield::pipeline::Pipeline;
@@ -24,7 +25,12 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let threads: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let reps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
-    for tier in ["s", "m"] {
+    let tiers = match args.get(3).map(String::as_str) {
+        None | Some("both") => vec!["s", "m"],
+        Some(tier) => vec![tier],
+    };
+    let level = diffshield::backend::KernelLevel::from_env().map_err(anyhow::Error::msg)?;
+    for tier in tiers {
         // One purification per frame: the loop onnxruntime runs in benches/ort_frame.py.
         let config =
             DefenseConfig { denoiser: tier.into(), threads, votes: 1, ..DefenseConfig::default() };
@@ -43,7 +49,7 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"denoiser": tier, "batch": batch, "threads": threads,
-                                   "call_ms": call, "frame_ms": frame})
+                                   "kernels": level.name(), "call_ms": call, "frame_ms": frame})
             );
         }
     }

@@ -1,98 +1,132 @@
 //! Direct 3x3 (zero padding 1) and 1x1 convolutions, stride 1, f32, NCHW, for x86-64 CPUs with
-//! AVX-512.
+//! AVX-512 or AVX2 + FMA (one kernel over [`Simd`], a register tiling per level).
 //!
 //! Why it exists: tract 0.23.9 lowers every convolution to im2col + matrix product. At the
 //! denoisers' 32..256 channels on 32x32 and 16x16 planes its im2col gather costs as much as
 //! the arithmetic (55-90 GFLOP/s on one core here), and these convolutions are ~80 % of a
 //! denoiser call; its 1x1 convs at batch > 1 become einsums that spend more time moving axes
-//! and packing than multiplying. This kernel skips im2col: it keeps an 8-output-channel x
-//! 3-pixel-vector tile (24 zmm accumulators) in registers and, for each input channel and tap,
-//! loads three 16-pixel vectors straight from a zero-padded copy of the input and broadcasts
-//! eight weights against them (24 FMAs per 11 loads), 115-165 GFLOP/s on the same core.
+//! and packing than multiplying. This kernel skips im2col: it keeps an output-channel x
+//! 3-pixel-vector tile of accumulators in registers (AVX-512: 8 x 3 of 32 zmm; AVX2: 4 x 3 of
+//! 16 ymm) and, for each input channel and tap, loads three pixel vectors straight from a
+//! zero-padded copy of the input and broadcasts the block's weights against them (AVX-512: 24
+//! FMAs per 11 loads, 115-165 GFLOP/s on the same core).
 //!
-//! Pixel vectors run along rows when the width is a multiple of 16 (1x1: when the plane is);
-//! otherwise they run over the flattened padded grid (rows of `w + 2`), computing two
+//! Pixel vectors run along rows when the width is a multiple of the vector (1x1: when the
+//! plane is); otherwise they run over the flattened padded grid (rows of `w + 2`), computing two
 //! throw-away columns per row that are dropped when the result is copied out. 3x3 convs on
-//! planes narrower than 16 (the classifier's 8x8 and 4x4 levels) turn the tile around instead:
-//! vectors along output channels, pixels of all images of the batch broadcast against them (see
-//! `DirectConv::small`). Summation order differs from tract's, so
-//! results agree to float rounding (relative ~1e-6), not bit for bit.
+//! planes narrower than a vector (the classifier's 8x8 and 4x4 levels; AVX2: 4x4) turn the tile
+//! around instead: vectors along output channels, pixels of all images of the batch broadcast
+//! against them (see `DirectConv::small`). Summation order differs from tract's, so results
+//! agree to float rounding (relative ~1e-6), not bit for bit.
 
-#[cfg(target_arch = "x86_64")]
+// On other CPUs no level has a direct conv: the code is type-checked there but never runs.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables, unused_unsafe))]
+
 use super::par::SyncPtr;
+#[cfg(target_arch = "x86_64")]
+use super::simd::{Avx2, Avx512};
+use super::simd::{KernelLevel, Simd};
 
-/// Output channels per register tile.
-const OCB: usize = 8;
-/// Pixel vectors per register tile (each 16 f32 lanes).
-const PV: usize = 3;
-/// f32 lanes of one AVX-512 vector.
-const LANES: usize = 16;
-/// Small planes: output channels per register tile (four vectors of channels).
-const SCB: usize = 4 * LANES;
-/// Small planes: pixels per register tile.
-const SPT: usize = 6;
 /// Small planes: input channels per pass over the pixels. A chunk's weights (16 x 9 x 64 f32,
-/// 36 KB) stay in L1 for all pixel tiles; without chunking, each tile re-streamed a 1.2 MB
-/// channel block of the 4x4 convs' weights from L3 (the cost at batch 1).
+/// 36 KB on AVX-512) stay in L1 for all pixel tiles; without chunking, each tile re-streamed a
+/// 1.2 MB channel block of the 4x4 convs' weights from L3 (the cost at batch 1).
 const SCI: usize = 16;
 
-/// A 3x3 or 1x1 convolution's weights, packed once for the kernel.
+/// A level's register tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tiling {
+    /// f32 lanes per vector.
+    lanes: usize,
+    /// Output channels per tile of the pixel-vector layouts.
+    ocb: usize,
+    /// Small planes: output channels per tile (whole vectors of channels).
+    scb: usize,
+    /// Small planes: pixels per tile.
+    spt: usize,
+}
+
+impl Tiling {
+    /// AVX-512: 8 x 3 accumulators + 3 pixel vectors + a broadcast of 32 registers, small
+    /// planes 4 x 6 + 4 weight vectors. AVX2: 4 x 2 + 2 + 1 and 2 x 4 + 2 + 1 of 16 (4 x 3 and
+    /// 2 x 6 leave no register free, and LLVM then spills accumulators: 3.7x slower).
+    fn of(level: KernelLevel) -> Option<Tiling> {
+        match level {
+            KernelLevel::Avx512 => Some(Tiling { lanes: 16, ocb: 8, scb: 64, spt: 6 }),
+            KernelLevel::Avx2 => Some(Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4 }),
+            KernelLevel::Portable | KernelLevel::Tract => None,
+        }
+    }
+}
+
+/// A 3x3 or 1x1 convolution's weights, packed once for the kernel of one level.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DirectConv {
     ci: usize,
     co: usize,
     /// Kernel size: 3 (padding 1) or 1 (no padding).
     k: usize,
-    /// `[co / OCB][ci][k * k][OCB]`, zero-padded to whole blocks.
+    level: KernelLevel,
+    tiling: Tiling,
+    /// `[co / ocb][ci][k * k][ocb]`, zero-padded to whole blocks.
     packed: Vec<f32>,
-    /// One value per output channel, zero-padded to whole blocks of either layout (a multiple
-    /// of [`SCB`], which [`OCB`] divides).
+    /// One value per output channel, zero-padded to whole blocks of both layouts.
     bias: Vec<f32>,
-    /// The small-plane layout `[co / SCB][ci][k * k][SCB]`, packed from `packed` on first use.
+    /// The small-plane layout `[co / scb][ci][k * k][scb]`, packed from `packed` on first use.
     by_channel: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl DirectConv {
-    /// True when this CPU can run the kernel (x86-64 with AVX-512F, detected at run time).
-    pub fn supported() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+    /// True when `level` has a direct conv and this CPU runs it.
+    pub fn available(level: KernelLevel) -> bool {
+        Tiling::of(level).is_some() && level.supported()
     }
 
     /// Packs `weights` (OIHW, `co x ci x k x k`, k = 3 or 1) and `bias` (`co` values, or one
-    /// value for all channels). None for another k or lengths that do not fit those shapes.
-    pub fn new(weights: &[f32], bias: &[f32], co: usize, ci: usize, k: usize) -> Option<Self> {
+    /// value for all channels) for `level`. None for another k, lengths that do not fit those
+    /// shapes, or a level without a direct conv (portable, tract).
+    pub fn new(
+        weights: &[f32],
+        bias: &[f32],
+        co: usize,
+        ci: usize,
+        k: usize,
+        level: KernelLevel,
+    ) -> Option<Self> {
+        let tiling = Tiling::of(level)?;
+        let (ocb, scb) = (tiling.ocb, tiling.scb);
         let taps = k * k;
         if co == 0 || ci == 0 || !(k == 1 || k == 3) || weights.len() != co * ci * taps {
             return None;
         }
-        let blocks = co.div_ceil(OCB);
         let bias_of = |o: usize| match bias.len() {
             1 => Some(bias[0]),
             n if n == co => Some(bias[o]),
             _ => None,
         };
-        let mut padded_bias = vec![0f32; co.div_ceil(SCB) * SCB];
+        let mut padded_bias = vec![0f32; (co.div_ceil(scb) * scb).max(co.div_ceil(ocb) * ocb)];
         for (o, b) in padded_bias.iter_mut().enumerate().take(co) {
             *b = bias_of(o)?;
         }
-        let mut packed = vec![0f32; blocks * ci * taps * OCB];
+        let mut packed = vec![0f32; co.div_ceil(ocb) * ci * taps * ocb];
         for o in 0..co {
-            let (block, lane) = (o / OCB, o % OCB);
+            let (block, lane) = (o / ocb, o % ocb);
             for i in 0..ci {
                 for tap in 0..taps {
-                    packed[((block * ci + i) * taps + tap) * OCB + lane] =
+                    packed[((block * ci + i) * taps + tap) * ocb + lane] =
                         weights[(o * ci + i) * taps + tap];
                 }
             }
         }
-        Some(DirectConv { ci, co, k, packed, bias: padded_bias, by_channel: Default::default() })
+        Some(DirectConv {
+            ci,
+            co,
+            k,
+            level,
+            tiling,
+            packed,
+            bias: padded_bias,
+            by_channel: Default::default(),
+        })
     }
 }
 
@@ -106,7 +140,7 @@ impl super::conv_kernel::ConvKernel for DirectConv {
     /// Convolves `x` (`n x ci x h x w`, contiguous NCHW) into `y` (`n x co x h x w`), adding
     /// `bias` (`co` values) instead of the packed one when given: tract folds per-call terms
     /// such as the denoiser's time embedding into a conv's bias.
-    /// Errors when the slice lengths disagree with the shapes or the CPU lacks AVX-512.
+    /// Errors when the slice lengths disagree with the shapes or the CPU cannot run the level.
     fn run(
         &self,
         x: &[f32],
@@ -132,10 +166,12 @@ impl super::conv_kernel::ConvKernel for DirectConv {
                 self.co
             ));
         }
-        if !Self::supported() {
-            return Err("direct conv: this CPU has no AVX-512".into());
+        if !self.level.supported() {
+            return Err(format!(
+                "direct conv: this CPU cannot run the {} kernels",
+                self.level.name()
+            ));
         }
-        #[cfg(target_arch = "x86_64")]
         SCRATCH.with(|scratch| {
             let scratch = &mut *scratch.borrow_mut();
             scratch.bias.clear();
@@ -143,13 +179,10 @@ impl super::conv_kernel::ConvKernel for DirectConv {
                 scratch.bias.extend_from_slice(&self.bias);
                 scratch.bias[..self.co].copy_from_slice(b);
             }
-            if self.k == 3 && w < LANES {
-                // SAFETY: AVX-512F was detected above; `small` sizes its buffers itself.
-                unsafe { self.small(x, n, h, w, y, scratch) };
+            if self.k == 3 && w < self.tiling.lanes {
+                self.small(x, n, h, w, y, scratch);
             } else {
-                // SAFETY: AVX-512F was detected above; `images` keeps every access inside the
-                // buffers it sizes (see its comments).
-                unsafe { self.images(x, n, h, w, y, scratch) };
+                self.images(x, n, h, w, y, scratch);
             }
         });
         Ok(())
@@ -169,42 +202,34 @@ struct Scratch {
     pixels: Vec<usize>,
     /// Small planes: the output pixel-major, `pixels x co` rounded up to whole tiles.
     by_pixel: Vec<f32>,
-    /// The zero-padded input, `ci` planes of `(h + k - 1) x (w + k - 1)`, plus slack for the
-    /// flat mode.
+    /// The zero-padded input, per image `ci` planes of `(h + k - 1) x (w + k - 1)` plus slack
+    /// for the flat mode.
     padded: Vec<f32>,
-    /// Flat mode's output on the padded-width grid, `co` planes of whole vectors.
+    /// Flat mode's output on the padded-width grid, per image `co` planes of whole vectors.
     wide: Vec<f32>,
     /// The call's bias padded to whole blocks; empty when the packed bias applies.
     bias: Vec<f32>,
 }
 
-#[cfg(target_arch = "x86_64")]
 impl DirectConv {
-    /// `n` images, split over the pool of [`super::par`] by (image, output-channel block).
-    /// Safety: the CPU must support AVX-512F; `x` is `n x ci x h x w`, `y` `n x co x h x w`.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn images(
-        &self,
-        x: &[f32],
-        n: usize,
-        h: usize,
-        w: usize,
-        y: &mut [f32],
-        s: &mut Scratch,
-    ) {
+    /// `n` images (`x` is `n x ci x h x w`, `y` `n x co x h x w`), split over the pool of
+    /// [`super::par`] by (image, output-channel block). The CPU runs `self.level` (checked by
+    /// the caller).
+    fn images(&self, x: &[f32], n: usize, h: usize, w: usize, y: &mut [f32], s: &mut Scratch) {
+        let Tiling { lanes, ocb, .. } = self.tiling;
         let pad = self.k / 2;
         let wp = w + 2 * pad;
         let plane = (h + 2 * pad) * wp;
-        // Layouts: `rows` (3x3, w a multiple of 16) and `exact` (1x1 on whole vectors) read and
-        // write pixels in place; the flat padded grid of the others computes throw-away lanes
-        // into `wide` and copies the pixels out. A 1x1 conv needs no padding, so `exact` reads
-        // `x` itself.
-        let rows = pad > 0 && w.is_multiple_of(LANES);
-        let exact = pad == 0 && (h * w).is_multiple_of(LANES);
+        // Layouts: `rows` (3x3, w a multiple of the vector) and `exact` (1x1 on whole vectors)
+        // read and write pixels in place; the flat padded grid of the others computes
+        // throw-away lanes into `wide` and copies the pixels out. A 1x1 conv needs no padding,
+        // so `exact` reads `x` itself.
+        let rows = pad > 0 && w.is_multiple_of(lanes);
+        let exact = pad == 0 && (h * w).is_multiple_of(lanes);
         let (x_image, y_image) = (self.ci * h * w, self.co * h * w);
-        // Flat mode reads up to 2 * wp + 2 + LANES - 1 past a vector start; slack keeps the
+        // Flat mode reads up to 2 * wp + 2 + lanes - 1 past a vector start; slack keeps the
         // last plane's throw-away lanes inside each image's buffer.
-        let padded_image = self.ci * plane + 2 * LANES;
+        let padded_image = self.ci * plane + 2 * lanes;
         let (input, input_image) = if exact {
             (x.as_ptr(), x_image)
         } else {
@@ -221,12 +246,12 @@ impl DirectConv {
         };
         let in_place = rows || exact;
         // Flat planes are whole vectors long, so no vector spills into the next channel.
-        let flat_vectors = (h * wp).div_ceil(LANES);
-        let out_plane = if in_place { h * w } else { flat_vectors * LANES };
-        let vectors = if rows { h * w / LANES } else { flat_vectors };
-        let blocks = self.co.div_ceil(OCB);
+        let flat_vectors = (h * wp).div_ceil(lanes);
+        let out_plane = if in_place { h * w } else { flat_vectors * lanes };
+        let vectors = if rows { h * w / lanes } else { flat_vectors };
+        let blocks = self.co.div_ceil(ocb);
         // Every lane of `wide` that is copied out is written first: no zeroing needed.
-        let wide_image = if in_place { 0 } else { blocks * OCB * out_plane };
+        let wide_image = if in_place { 0 } else { blocks * ocb * out_plane };
         if s.wide.len() < n * wide_image {
             s.wide.resize(n * wide_image, 0.0);
         }
@@ -247,24 +272,53 @@ impl DirectConv {
             vectors,
         };
         super::par::for_each(n * blocks, |item| {
-            // SAFETY: AVX-512F was detected by the caller; item (image, block) reads the
-            // image's input and writes only its block's output channels (in `wide` and `y`).
-            unsafe { self.block(&pass, item / blocks, item % blocks) }
+            let (b, block) = (item / blocks, item % blocks);
+            // SAFETY: the caller checked that the CPU runs the level; item (image, block)
+            // reads the image's input and writes only its block's output channels (in `wide`
+            // and `y`), all inside the buffers sized above.
+            unsafe {
+                match self.level {
+                    #[cfg(target_arch = "x86_64")]
+                    KernelLevel::Avx512 => self.block_avx512(&pass, b, block),
+                    #[cfg(target_arch = "x86_64")]
+                    KernelLevel::Avx2 => self.block_avx2(&pass, b, block),
+                    _ => unreachable!("a DirectConv is only built for levels with a tiling"),
+                }
+            }
         });
     }
 
-    /// Output channels `block * OCB ..` of image `b`, copied out of `wide` in flat mode.
-    /// Safety: the CPU must support AVX-512F; `pass` describes buffers of the sizes above.
+    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn block(&self, pass: &Pass, b: usize, block: usize) {
+    unsafe fn block_avx512(&self, pass: &Pass, b: usize, block: usize) {
+        self.block::<Avx512, 8, 3>(pass, b, block)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_avx2(&self, pass: &Pass, b: usize, block: usize) {
+        self.block::<Avx2, 4, 2>(pass, b, block)
+    }
+
+    /// Output channels `block * OCB ..` of image `b`, copied out of `wide` in flat mode.
+    /// Safety: runs inside a function compiled for `S` on a CPU that has it; `pass` describes
+    /// buffers of the sizes [`DirectConv::images`] gives them.
+    #[inline(always)]
+    unsafe fn block<S: Simd, const OCB: usize, const PV: usize>(
+        &self,
+        pass: &Pass,
+        b: usize,
+        block: usize,
+    ) {
         let Pass { rows, in_place, h, w, wp, vectors, out_plane, .. } = *pass;
+        let lanes = S::LANES;
         // Vector k's (input offset of its top-left tap, output offset).
         let position = |k: usize| {
             if rows {
-                let (r, c) = (k / (w / LANES), (k % (w / LANES)) * LANES);
+                let (r, c) = (k / (w / lanes), (k % (w / lanes)) * lanes);
                 (r * wp + c, r * w + c)
             } else {
-                (k * LANES, k * LANES)
+                (k * lanes, k * lanes)
             }
         };
         let out = pass.out.ptr().add(b * pass.out_image + block * OCB * out_plane);
@@ -282,19 +336,17 @@ impl DirectConv {
         };
         let mut k = 0;
         while k + PV <= vectors {
-            let (i0, o0) = position(k);
-            let (i1, o1) = position(k + 1);
-            let (i2, o2) = position(k + 2);
-            tile.taps::<PV>(self.k, [i0, i1, i2], [o0, o1, o2]);
+            let at: [(usize, usize); PV] = std::array::from_fn(|j| position(k + j));
+            tile.taps::<S, OCB, PV>(self.k, at.map(|p| p.0), at.map(|p| p.1));
             k += PV;
         }
+        // Fewer than PV (at most 3) vectors remain.
         if k + 2 == vectors {
-            let (i0, o0) = position(k);
-            let (i1, o1) = position(k + 1);
-            tile.taps::<2>(self.k, [i0, i1], [o0, o1]);
+            let at: [(usize, usize); 2] = std::array::from_fn(|j| position(k + j));
+            tile.taps::<S, OCB, 2>(self.k, at.map(|p| p.0), at.map(|p| p.1));
         } else if k + 1 == vectors {
             let (i0, o0) = position(k);
-            tile.taps::<1>(self.k, [i0], [o0]);
+            tile.taps::<S, OCB, 1>(self.k, [i0], [o0]);
         }
         if !in_place {
             let y = pass.y.ptr().add(b * self.co * h * w);
@@ -309,7 +361,6 @@ impl DirectConv {
 }
 
 /// What every (image, block) item of [`DirectConv::images`] shares.
-#[cfg(target_arch = "x86_64")]
 struct Pass {
     /// Each image's input (padded unless in place), `input_image` values apart.
     input: SyncPtr<f32>,
@@ -331,18 +382,18 @@ struct Pass {
     vectors: usize,
 }
 
-#[cfg(target_arch = "x86_64")]
 impl DirectConv {
-    /// The weights as `[co / SCB][ci][k * k][SCB]` (zero-padded channels), packed once.
+    /// The weights as `[co / scb][ci][k * k][scb]` (zero-padded channels), packed once.
     fn by_channel(&self) -> &[f32] {
         self.by_channel.get_or_init(|| {
+            let Tiling { ocb, scb, .. } = self.tiling;
             let taps = self.k * self.k;
-            let mut out = vec![0f32; self.co.div_ceil(SCB) * self.ci * taps * SCB];
+            let mut out = vec![0f32; self.co.div_ceil(scb) * self.ci * taps * scb];
             for o in 0..self.co {
                 for i in 0..self.ci {
                     for t in 0..taps {
-                        out[((o / SCB * self.ci + i) * taps + t) * SCB + o % SCB] =
-                            self.packed[((o / OCB * self.ci + i) * taps + t) * OCB + o % OCB];
+                        out[((o / scb * self.ci + i) * taps + t) * scb + o % scb] =
+                            self.packed[((o / ocb * self.ci + i) * taps + t) * ocb + o % ocb];
                     }
                 }
             }
@@ -353,19 +404,10 @@ impl DirectConv {
     /// A 3x3 conv on planes narrower than a vector (the classifier's 8x8 and 4x4 levels), all
     /// `n` images at once. The pixel-vector layouts would leave a third to a half of the lanes
     /// on padding there and reload all weights per image; here the vectors run along output
-    /// channels ([`SCB`] per tile), [`SPT`] pixels of any image are broadcast against them, and
-    /// the pixel-major result is transposed into `y` at the end.
-    /// Safety: the CPU must support AVX-512F; `x` is `n x ci x h x w`, `y` `n x co x h x w`.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn small(
-        &self,
-        x: &[f32],
-        n: usize,
-        h: usize,
-        w: usize,
-        y: &mut [f32],
-        s: &mut Scratch,
-    ) {
+    /// channels (`scb` per tile), `spt` pixels of any image are broadcast against them, and
+    /// the pixel-major result is transposed into `y` at the end. `x` is `n x ci x h x w`, `y`
+    /// `n x co x h x w`; the CPU runs `self.level` (checked by the caller).
+    fn small(&self, x: &[f32], n: usize, h: usize, w: usize, y: &mut [f32], s: &mut Scratch) {
         let wp = w + 2;
         let plane = (h + 2) * wp;
         let len = n * self.ci * plane;
@@ -381,20 +423,21 @@ impl DirectConv {
                 }
             }
         }
-        let blocks = self.co.div_ceil(SCB);
-        let width = blocks * SCB;
+        let Tiling { scb, spt, .. } = self.tiling;
+        let blocks = self.co.div_ceil(scb);
+        let width = blocks * scb;
         let count = n * h * w;
         if s.by_pixel.len() < count * width {
             s.by_pixel.resize(count * width, 0.0);
         }
-        // Both the packed bias and the call's copy of it are padded to whole SCB blocks.
+        // Both the packed bias and the call's copy of it are padded to whole blocks.
         let bias = if s.bias.is_empty() { self.bias.as_ptr() } else { s.bias.as_ptr() };
         let weights = SyncPtr::of(self.by_channel().as_ptr());
         let taps = [0, 1, 2, wp, wp + 1, wp + 2, 2 * wp, 2 * wp + 1, 2 * wp + 2];
         // Items are (channel block, run of pixel tiles); one thread keeps one run per block so
         // that a chunk's weights stay in L1 over all pixels. Every output value still sums its
         // input chunks in the same order.
-        let tiles = count.div_ceil(SPT);
+        let tiles = count.div_ceil(spt);
         let threads = super::par::threads();
         let runs = if threads == 1 { 1 } else { (4 * threads).div_ceil(blocks).min(tiles) };
         let run_tiles = tiles.div_ceil(runs);
@@ -403,33 +446,28 @@ impl DirectConv {
         let (bias, out) = (SyncPtr::of(bias), SyncPtr(s.by_pixel.as_mut_ptr()));
         super::par::for_each(blocks * runs, |item| {
             let (block, run) = (item / runs, item % runs);
-            let tile = ChannelTile {
-                x: padded.ptr().cast_const(),
-                plane,
-                w: weights.ptr().add(block * self.ci * 9 * SCB).cast_const(),
-                bias: bias.ptr().add(block * SCB).cast_const(),
-                out: out.ptr().add(block * SCB),
-                width,
-            };
-            let pixels = std::slice::from_raw_parts(pixels.ptr().cast_const(), count);
-            let run = run * run_tiles * SPT..((run + 1) * run_tiles * SPT).min(count);
-            for inputs in (0..self.ci).step_by(SCI) {
-                let inputs = inputs..(inputs + SCI).min(self.ci);
-                for first in run.clone().step_by(SPT) {
-                    let p = &pixels[first..(first + SPT).min(count)];
-                    let (i, lead) = (inputs.clone(), first == run.start);
-                    // SAFETY: AVX-512F was detected by the caller; the item writes only the
-                    // rows of its own pixels in its own block's columns of `by_pixel`.
-                    unsafe {
-                        match p.len() {
-                            1 => tile.run::<1>(&taps, p, first, i, lead),
-                            2 => tile.run::<2>(&taps, p, first, i, lead),
-                            3 => tile.run::<3>(&taps, p, first, i, lead),
-                            4 => tile.run::<4>(&taps, p, first, i, lead),
-                            5 => tile.run::<5>(&taps, p, first, i, lead),
-                            _ => tile.run::<SPT>(&taps, p, first, i, lead),
-                        }
-                    }
+            // SAFETY: every pointer is into a buffer sized above for `count` pixels and
+            // `blocks` channel blocks; the item writes only the rows of its own pixels in its
+            // own block's columns of `by_pixel`.
+            unsafe {
+                let tile = ChannelTile {
+                    x: padded.ptr().cast_const(),
+                    plane,
+                    w: weights.ptr().add(block * self.ci * 9 * scb).cast_const(),
+                    bias: bias.ptr().add(block * scb).cast_const(),
+                    out: out.ptr().add(block * scb),
+                    width,
+                    ci: self.ci,
+                };
+                let pixels = std::slice::from_raw_parts(pixels.ptr().cast_const(), count);
+                let run = run * run_tiles * spt..((run + 1) * run_tiles * spt).min(count);
+                // SAFETY (continued): the caller checked that the CPU runs the level.
+                match self.level {
+                    #[cfg(target_arch = "x86_64")]
+                    KernelLevel::Avx512 => tile.pixels_avx512(&taps, pixels, run),
+                    #[cfg(target_arch = "x86_64")]
+                    KernelLevel::Avx2 => tile.pixels_avx2(&taps, pixels, run),
+                    _ => unreachable!("a DirectConv is only built for levels with a tiling"),
                 }
             }
         });
@@ -445,7 +483,6 @@ impl DirectConv {
 }
 
 /// One channel block of the small-plane layout.
-#[cfg(target_arch = "x86_64")]
 struct ChannelTile {
     x: *const f32,
     plane: usize,
@@ -454,18 +491,65 @@ struct ChannelTile {
     out: *mut f32,
     /// Row length of `out` (all channel blocks).
     width: usize,
+    ci: usize,
 }
 
-#[cfg(target_arch = "x86_64")]
 impl ChannelTile {
-    /// Adds the input channels `inputs` (all taps) to the pixels at padded offsets `pixels`
-    /// (`N` of them, output rows `first ..`), [`SCB`] output channels in registers. The first
-    /// chunk starts from the bias, later ones from the partial sums in `out`. The first pixel
-    /// tile of a run (`lead`) also prefetches the next chunk's weights (same size, right after
-    /// this one in memory) into L2: at batch 1 the weights are the traffic that limits these
-    /// convs.
+    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run<const N: usize>(
+    unsafe fn pixels_avx512(
+        &self,
+        taps: &[usize; 9],
+        pixels: &[usize],
+        run: std::ops::Range<usize>,
+    ) {
+        self.pixels::<Avx512, 4, 6>(taps, pixels, run)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pixels_avx2(&self, taps: &[usize; 9], pixels: &[usize], run: std::ops::Range<usize>) {
+        self.pixels::<Avx2, 2, 4>(taps, pixels, run)
+    }
+
+    /// The output pixels `run` (indices into `pixels`), all input channels in chunks of
+    /// [`SCI`], `V` vectors of output channels x up to `SPT` pixels per tile.
+    /// Safety: runs inside a function compiled for `S` on a CPU that has it, with the buffers
+    /// of [`DirectConv::small`].
+    #[inline(always)]
+    unsafe fn pixels<S: Simd, const V: usize, const SPT: usize>(
+        &self,
+        taps: &[usize; 9],
+        pixels: &[usize],
+        run: std::ops::Range<usize>,
+    ) {
+        let count = pixels.len();
+        for inputs in (0..self.ci).step_by(SCI) {
+            let inputs = inputs..(inputs + SCI).min(self.ci);
+            for first in run.clone().step_by(SPT) {
+                let p = &pixels[first..(first + SPT).min(count)];
+                let (i, lead) = (inputs.clone(), first == run.start);
+                // SPT is at most 6.
+                match p.len() {
+                    n if n == SPT => self.run::<S, V, SPT>(taps, p, first, i, lead),
+                    1 => self.run::<S, V, 1>(taps, p, first, i, lead),
+                    2 => self.run::<S, V, 2>(taps, p, first, i, lead),
+                    3 => self.run::<S, V, 3>(taps, p, first, i, lead),
+                    4 => self.run::<S, V, 4>(taps, p, first, i, lead),
+                    _ => self.run::<S, V, 5>(taps, p, first, i, lead),
+                }
+            }
+        }
+    }
+
+    /// Adds the input channels `inputs` (all taps) to the pixels at padded offsets `pixels`
+    /// (`N` of them, output rows `first ..`), `V` vectors of output channels in registers. The
+    /// first chunk starts from the bias, later ones from the partial sums in `out`. The first
+    /// pixel tile of a run (`lead`) also prefetches the next chunk's weights (same size, right
+    /// after this one in memory) into L2: at batch 1 the weights are the traffic that limits
+    /// these convs.
+    #[inline(always)]
+    unsafe fn run<S: Simd, const V: usize, const N: usize>(
         &self,
         taps: &[usize; 9],
         pixels: &[usize],
@@ -473,10 +557,9 @@ impl ChannelTile {
         inputs: std::ops::Range<usize>,
         lead: bool,
     ) {
-        use std::arch::x86_64::*;
-        const V: usize = SCB / LANES;
+        let scb = V * S::LANES;
         let at: [usize; N] = std::array::from_fn(|p| pixels[p]);
-        let mut acc = [[_mm512_setzero_ps(); V]; N];
+        let mut acc = [[S::zero(); V]; N];
         for (p, row) in acc.iter_mut().enumerate() {
             let from = if inputs.start == 0 {
                 self.bias
@@ -484,38 +567,37 @@ impl ChannelTile {
                 self.out.add((first + p) * self.width).cast_const()
             };
             for (v, a) in row.iter_mut().enumerate() {
-                *a = _mm512_loadu_ps(from.add(v * LANES));
+                *a = S::load(from.add(v * S::LANES));
             }
         }
-        let next = self.w.wrapping_add(inputs.end * 9 * SCB);
+        let next = self.w.wrapping_add(inputs.end * 9 * scb);
         let start = inputs.start;
         for i in inputs {
             let xi = self.x.add(i * self.plane);
-            let wi = self.w.add(i * 9 * SCB);
+            let wi = self.w.add(i * 9 * scb);
             for (t, &tap) in taps.iter().enumerate() {
                 if lead {
-                    // One tap's weights are SCB floats = 4 cache lines; past the last chunk
-                    // this prefetches nothing useful, which is harmless.
-                    let line = next.wrapping_add(((i - start) * 9 + t) * SCB);
-                    for l in 0..SCB / LANES {
-                        _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(l * LANES).cast());
+                    // Past the last chunk this prefetches nothing useful, which is harmless.
+                    let line = next.wrapping_add(((i - start) * 9 + t) * scb);
+                    for v in 0..V {
+                        S::prefetch_l2(line.wrapping_add(v * S::LANES));
                     }
                 }
-                let mut wv = [_mm512_setzero_ps(); V];
+                let mut wv = [S::zero(); V];
                 for (v, wv) in wv.iter_mut().enumerate() {
-                    *wv = _mm512_loadu_ps(wi.add(t * SCB + v * LANES));
+                    *wv = S::load(wi.add(t * scb + v * S::LANES));
                 }
                 for (p, row) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_set1_ps(*xi.add(at[p] + tap));
+                    let xv = S::splat(*xi.add(at[p] + tap));
                     for v in 0..V {
-                        row[v] = _mm512_fmadd_ps(wv[v], xv, row[v]);
+                        row[v] = S::fma(wv[v], xv, row[v]);
                     }
                 }
             }
         }
         for (p, row) in acc.iter().enumerate() {
             for (v, &a) in row.iter().enumerate() {
-                _mm512_storeu_ps(self.out.add((first + p) * self.width + v * LANES), a);
+                S::store(self.out.add((first + p) * self.width + v * S::LANES), a);
             }
         }
     }
@@ -538,7 +620,6 @@ fn pad_planes(dst: &mut [f32], x: &[f32], h: usize, w: usize, pad: usize) {
 }
 
 /// One output-channel block's view of the buffers.
-#[cfg(target_arch = "x86_64")]
 struct Tile {
     x: *const f32,
     plane: usize,
@@ -551,53 +632,56 @@ struct Tile {
     channels: usize,
 }
 
-#[cfg(target_arch = "x86_64")]
 impl Tile {
     /// [`Tile::run`] with the tap offsets of a `k x k` kernel (3 or 1).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn taps<const N: usize>(&self, k: usize, input: [usize; N], output: [usize; N]) {
+    #[inline(always)]
+    unsafe fn taps<S: Simd, const OCB: usize, const N: usize>(
+        &self,
+        k: usize,
+        input: [usize; N],
+        output: [usize; N],
+    ) {
         let wp = self.wp;
         if k == 3 {
             let taps = [0, 1, 2, wp, wp + 1, wp + 2, 2 * wp, 2 * wp + 1, 2 * wp + 2];
-            self.run::<N, 9>(taps, input, output)
+            self.run::<S, OCB, N, 9>(taps, input, output)
         } else {
-            self.run::<N, 1>([0], input, output)
+            self.run::<S, OCB, N, 1>([0], input, output)
         }
     }
 
     /// Accumulates `N` pixel vectors of `OCB` output channels over `T` taps in registers and
     /// stores them.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run<const N: usize, const T: usize>(
+    #[inline(always)]
+    unsafe fn run<S: Simd, const OCB: usize, const N: usize, const T: usize>(
         &self,
         taps: [usize; T],
         input: [usize; N],
         output: [usize; N],
     ) {
-        use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); N]; OCB];
+        let mut acc = [[S::zero(); N]; OCB];
         for (j, row) in acc.iter_mut().enumerate() {
-            *row = [_mm512_set1_ps(*self.bias.add(j)); N];
+            *row = [S::splat(*self.bias.add(j)); N];
         }
         for i in 0..self.ci {
             let xi = self.x.add(i * self.plane);
             let wi = self.w.add(i * T * OCB);
             for (t, &tap) in taps.iter().enumerate() {
-                let mut xv = [_mm512_setzero_ps(); N];
+                let mut xv = [S::zero(); N];
                 for p in 0..N {
-                    xv[p] = _mm512_loadu_ps(xi.add(input[p] + tap));
+                    xv[p] = S::load(xi.add(input[p] + tap));
                 }
                 for (j, row) in acc.iter_mut().enumerate() {
-                    let wv = _mm512_set1_ps(*wi.add(t * OCB + j));
+                    let wv = S::splat(*wi.add(t * OCB + j));
                     for p in 0..N {
-                        row[p] = _mm512_fmadd_ps(wv, xv[p], row[p]);
+                        row[p] = S::fma(wv, xv[p], row[p]);
                     }
                 }
             }
         }
         for (j, row) in acc.iter().enumerate().take(self.channels) {
             for p in 0..N {
-                _mm512_storeu_ps(self.out.add(j * self.out_stride + output[p]), row[p]);
+                S::store(self.out.add(j * self.out_stride + output[p]), row[p]);
             }
         }
     }
@@ -609,16 +693,25 @@ mod tests {
     use crate::backend::conv_kernel::ConvKernel;
     use crate::backend::test_values::{reference_conv, values};
 
-    #[test]
-    fn matches_the_reference_on_row_and_flat_layouts() {
-        if !DirectConv::supported() {
-            eprintln!("skipped: this CPU has no AVX-512, the direct conv is never used here");
-            return;
+    /// The levels with a direct conv among those under test.
+    fn levels() -> Vec<KernelLevel> {
+        let levels = crate::backend::simd::levels_under_test();
+        for level in &levels {
+            if Tiling::of(*level).is_none() {
+                println!("direct conv: level {} has none (tract's convs run there)", level.name());
+            }
         }
-        // (n, co, ci, h, w): rows mode (w % 16 == 0), flat mode (1x1, and 3x3 at w = 20), the
-        // small-plane mode (3x3 at w < 16, pixel tiles across images), partial channel blocks
-        // (co = 3, 9, 13, 80), batches of 2 and 3, each for 3x3 and 1x1 kernels.
+        levels.into_iter().filter(|l| Tiling::of(*l).is_some()).collect()
+    }
+
+    #[test]
+    fn matches_the_reference_on_row_and_flat_layouts_on_every_level() {
+        // (n, co, ci, h, w): rows mode (w a multiple of the vector), flat mode (1x1, and 3x3 at
+        // w = 20 and 12), the small-plane mode (3x3 at w < the vector, pixel tiles across
+        // images), partial channel blocks (co = 3, 7, 9, 13, 80), batches of 2 and 3, each for
+        // 3x3 and 1x1 kernels.
         let shapes = [
+            (1, 7, 6, 5, 12),
             (1, 32, 32, 32, 32),
             (2, 13, 7, 16, 16),
             (1, 16, 24, 8, 8),
@@ -628,18 +721,18 @@ mod tests {
             (3, 80, 40, 4, 4),
             (2, 64, 33, 8, 8),
         ];
-        for k in [3, 1] {
+        for (level, k) in levels().into_iter().flat_map(|l| [(l, 3), (l, 1)]) {
             for &(n, co, ci, h, w) in &shapes {
                 let x = values(n * ci * h * w, 1);
                 let wt: Vec<f32> = values(co * ci * k * k, 2).iter().map(|v| v * 0.2).collect();
                 let bias = values(co, 3);
-                let conv = DirectConv::new(&wt, &bias, co, ci, k).expect("shapes fit");
+                let conv = DirectConv::new(&wt, &bias, co, ci, k, level).expect("shapes fit");
                 let [y, y2, y3] = crate::backend::par::on_thread_counts(|| {
                     let mut y = vec![f32::NAN; n * co * h * w];
                     conv.run(&x, n, h, w, None, &mut y).expect("runs");
                     y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 });
-                let case = format!("k{k} ({n},{co},{ci},{h},{w})");
+                let case = format!("{} k{k} ({n},{co},{ci},{h},{w})", level.name());
                 assert!(y == y2 && y == y3, "{case}: thread counts change the bits");
                 let y: Vec<f32> = y.into_iter().map(f32::from_bits).collect();
                 for b in 0..n {
@@ -649,7 +742,7 @@ mod tests {
                         reference_conv(&f64s(image), (ci, h, w), &f64s(&wt), &f64s(&bias), (co, k));
                     let got = &y[b * co * h * w..(b + 1) * co * h * w];
                     for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
-                        let case = format!("k{k} n{b} i{i} ({co},{ci},{h},{w})");
+                        let case = format!("{case} image {b} value {i}");
                         let g = g as f64;
                         assert!((g - r).abs() <= 1e-5 * (1.0 + r.abs()), "{case}: {g} vs {r}");
                     }
@@ -659,14 +752,22 @@ mod tests {
     }
 
     #[test]
-    fn refuses_mismatched_shapes() {
-        assert!(DirectConv::new(&[0.0; 17], &[0.0; 2], 2, 1, 3).is_none());
-        assert!(DirectConv::new(&[0.0; 18], &[0.0; 3], 2, 1, 3).is_none());
-        assert!(DirectConv::new(&[0.0; 50], &[0.0; 2], 2, 1, 5).is_none());
-        let conv = DirectConv::new(&[0.0; 18], &[0.5], 2, 1, 3).expect("scalar bias");
-        let mut y = vec![0.0; 2 * 4 * 4];
-        assert!(conv.run(&[0.0; 15], 1, 4, 4, None, &mut y).is_err());
-        if DirectConv::supported() {
+    fn refuses_mismatched_shapes_and_levels_without_a_kernel() {
+        use KernelLevel::*;
+        assert!(DirectConv::new(&[0.0; 18], &[0.5], 2, 1, 3, Portable).is_none());
+        assert!(DirectConv::new(&[0.0; 18], &[0.5], 2, 1, 3, Tract).is_none());
+        for level in [Avx512, Avx2] {
+            assert!(DirectConv::new(&[0.0; 17], &[0.0; 2], 2, 1, 3, level).is_none());
+            assert!(DirectConv::new(&[0.0; 18], &[0.0; 3], 2, 1, 3, level).is_none());
+            assert!(DirectConv::new(&[0.0; 50], &[0.0; 2], 2, 1, 5, level).is_none());
+            let conv = DirectConv::new(&[0.0; 18], &[0.5], 2, 1, 3, level).expect("scalar bias");
+            let mut y = vec![0.0; 2 * 4 * 4];
+            assert!(conv.run(&[0.0; 15], 1, 4, 4, None, &mut y).is_err());
+            if !level.supported() {
+                let err = conv.run(&[0.0; 16], 1, 4, 4, None, &mut y).unwrap_err();
+                assert!(err.contains("cannot run"), "{err}");
+                continue;
+            }
             assert!(conv.run(&[0.0; 16], 1, 4, 4, Some(&[1.0]), &mut y).is_err());
             conv.run(&[0.0; 16], 1, 4, 4, Some(&[1.0, 2.0]), &mut y).expect("run-time bias");
             assert!(y[..16].iter().all(|&v| v == 1.0) && y[16..].iter().all(|&v| v == 2.0));

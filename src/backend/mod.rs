@@ -9,6 +9,7 @@ pub(crate) mod direct_conv;
 mod own_kernels_tests;
 pub(crate) mod par;
 pub(crate) mod quant_conv;
+pub(crate) mod simd;
 pub mod tract;
 mod tract_attention;
 mod tract_direct;
@@ -17,6 +18,8 @@ mod tract_kernel_op;
 mod tract_match;
 pub(crate) mod tract_opt;
 mod tract_quant;
+
+pub use simd::{KernelLevel, KERNELS_ENV};
 
 use crate::error::Result;
 use ndarray::{Array2, Array4, ArrayView4};

@@ -3,6 +3,7 @@
 //! prepared with them give the outputs tract's own ops give, at batch 1 and at a batch > 1.
 
 use super::direct_conv::DirectConv;
+use super::simd::{levels_under_test, KernelLevel};
 use super::tract_opt::{optimise, prepare};
 use std::collections::HashMap;
 use tract_onnx::prelude::*;
@@ -10,7 +11,7 @@ use tract_onnx::prelude::*;
 /// Runs `path` at batch `n` with and without the direct kernel on the same inputs; returns
 /// ([DirectConv, GroupNorm, Attention] node counts, largest |difference| / (1 + |reference|),
 /// output length).
-fn compare(path: &str, n: usize, with_t: bool) -> ([usize; 3], f32, usize) {
+fn compare(path: &str, n: usize, with_t: bool, level: KernelLevel) -> ([usize; 3], f32, usize) {
     let typed =
         tract_onnx::onnx().model_for_path(path).expect("loads").into_typed().expect("typed");
     let x = tract_ndarray::Array4::from_shape_fn((n, 3, 32, 32), |(b, c, h, w)| {
@@ -21,8 +22,8 @@ fn compare(path: &str, n: usize, with_t: bool) -> ([usize; 3], f32, usize) {
         let t = tract_ndarray::Array1::from_shape_fn(n, |b| 140.0 - b as f32);
         inputs.push(t.into_tensor().into_tvalue());
     }
-    let run = |ours: bool| {
-        let prepared = prepare(typed.clone(), ours).expect("prepares");
+    let run = |level: KernelLevel| {
+        let prepared = prepare(typed.clone(), level).expect("prepares");
         let TDim::Sym(batch) = prepared.input_fact(0).expect("input").shape[0].clone() else {
             panic!("{path}: symbolic batch expected")
         };
@@ -35,8 +36,8 @@ fn compare(path: &str, n: usize, with_t: bool) -> ([usize; 3], f32, usize) {
             out[0].to_plain_array_view::<f32>().expect("f32").iter().copied().collect();
         (counts, out)
     };
-    let (counts, direct) = run(true);
-    let (none, reference) = run(false);
+    let (counts, direct) = run(level);
+    let (none, reference) = run(KernelLevel::Tract);
     assert_eq!(none, [0; 3], "the reference plan must not use our kernels");
     let worst = direct
         .iter()
@@ -50,22 +51,24 @@ fn compare(path: &str, n: usize, with_t: bool) -> ([usize; 3], f32, usize) {
 fn shipped_models_match_tracts_own_ops() {
     // denoiser_s (and m, wider) has 38 3x3 stride-1 convs, 22 1x1 convs, 41 GroupNorms and 6 attention
     // blocks, the classifier 8 3x3 stride-1 convs and neither norm nor attention (the ONNX
-    // files); their stride-2 convs stay with tract. Without AVX-512 only the GroupNorms are ours.
-    let avx512 = |n: usize| if DirectConv::supported() { n } else { 0 };
-    for (path, with_t, want) in [
-        ("models/denoiser_s.onnx", true, [avx512(60), 41, avx512(6)]),
-        ("models/denoiser_m.onnx", true, [avx512(60), 41, avx512(6)]),
-        ("models/classifier.onnx", false, [avx512(8), 0, 0]),
-    ] {
-        for n in [1, 3] {
-            let (counts, worst, len) = compare(path, n, with_t);
-            assert_eq!(counts, want, "{path} batch {n}: [direct convs, GroupNorms, attention]");
-            assert!(len > 0);
-            // Same sums in a different order: float32 rounding, ~1e-6 relative per op.
-            assert!(worst < 1e-4, "{path} batch {n}: outputs differ by {worst:e}");
-            eprintln!(
-                "{path} batch {n}: {counts:?} of our ops, worst relative difference {worst:e}"
-            );
+    // files); their stride-2 convs stay with tract. At the portable level the GroupNorms and the
+    // attention blocks are ours, the convs tract's.
+    for level in levels_under_test() {
+        let direct = |n: usize| if DirectConv::available(level) { n } else { 0 };
+        for (path, with_t, want) in [
+            ("models/denoiser_s.onnx", true, [direct(60), 41, 6]),
+            ("models/denoiser_m.onnx", true, [direct(60), 41, 6]),
+            ("models/classifier.onnx", false, [direct(8), 0, 0]),
+        ] {
+            for n in [1, 3] {
+                let (counts, worst, len) = compare(path, n, with_t, level);
+                let case = format!("{path} batch {n} level {}", level.name());
+                assert_eq!(counts, want, "{case}: [direct convs, GroupNorms, attention]");
+                assert!(len > 0);
+                // Same sums in a different order: float32 rounding, ~1e-6 relative per op.
+                assert!(worst < 1e-4, "{case}: outputs differ by {worst:e}");
+                println!("{case}: {counts:?} of our ops, worst relative difference {worst:e}");
+            }
         }
     }
 }
@@ -77,6 +80,10 @@ fn shipped_models_match_tracts_own_ops() {
 #[test]
 fn int8_models_match_tracts_own_int8_ops() {
     use super::quant_conv::QuantConv;
+    if !KernelLevel::Avx512.supported() {
+        println!("int8 convs: not tested, this CPU has no AVX-512 (tract's int8 ops run here)");
+        return;
+    }
     let int8 = |n: usize| if QuantConv::supported() { n } else { 0 };
     // denoiser_s.int8 quantizes its 60 stride-1 convs (the two stride-2 ones stay float), the
     // classifier all 8.
@@ -89,9 +96,9 @@ fn int8_models_match_tracts_own_int8_ops() {
         if with_t {
             inputs.push(tract_ndarray::Array1::from_elem(n, 140f32).into_tensor().into_tvalue());
         }
-        let run = |path: &str, ours: bool| {
+        let run = |path: &str, level: KernelLevel| {
             let typed = tract_onnx::onnx().model_for_path(path).expect("loads");
-            let prepared = prepare(typed.into_typed().expect("typed"), ours).expect("prepares");
+            let prepared = prepare(typed.into_typed().expect("typed"), level).expect("prepares");
             let TDim::Sym(batch) = prepared.input_fact(0).expect("input").shape[0].clone() else {
                 panic!("{path}: symbolic batch expected")
             };
@@ -104,9 +111,9 @@ fn int8_models_match_tracts_own_int8_ops() {
             (count, out)
         };
         let int8_path = format!("models/{name}.int8.onnx");
-        let (count, ours) = run(&int8_path, true);
-        let (none, theirs) = run(&int8_path, false);
-        let (_, float) = run(&format!("models/{name}.onnx"), true);
+        let (count, ours) = run(&int8_path, KernelLevel::Avx512);
+        let (none, theirs) = run(&int8_path, KernelLevel::Tract);
+        let (_, float) = run(&format!("models/{name}.onnx"), KernelLevel::best());
         assert_eq!((count, none), (want, 0), "{name}: QuantConv nodes with / without our ops");
         assert!(ours.iter().all(|v| v.is_finite()));
         let rel = |a: &[f32]| {

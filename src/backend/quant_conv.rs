@@ -17,6 +17,9 @@
 //! `DequantizeLinear` round trip on the output (the model's y scale) is skipped. That makes the
 //! op closer to the float network than the QOperator graph is, never further.
 
+// The kernel is x86-64 only; elsewhere its types are type-checked but never run.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 #[cfg(target_arch = "x86_64")]
 use super::par::SyncPtr;
 

@@ -194,9 +194,11 @@ impl BatchedModel {
         let typed =
             model.into_typed().map_err(|e| mismatch(format!("shape analysis failed ({e})")))?;
         check_weights_finite(&typed).map_err(load_err)?;
-        let own_kernels =
-            matches!(engine, Engine::Cpu(_)) && super::tract_opt::own_kernels_enabled();
-        let typed = super::tract_opt::prepare(typed, own_kernels)
+        let level = match engine {
+            Engine::Cpu(_) => super::KernelLevel::from_env().map_err(Error::InvalidConfig)?,
+            Engine::Runtime(_) => super::KernelLevel::Tract,
+        };
+        let typed = super::tract_opt::prepare(typed, level)
             .map_err(|e| mismatch(format!("shape analysis failed ({e})")))?;
         let mut batch = None;
         for (ix, (name, rest)) in inputs.iter().enumerate() {
@@ -460,8 +462,8 @@ pub struct OpTime {
 }
 
 /// Profiles `reps` calls of the ONNX model at `path` at batch `batch` on synthetic inputs
-/// (t = 140 for a denoiser), planned exactly as the runtime plans it (our kernels unless
-/// `DIFFSHIELD_TRACT_ONLY=1`), on `threads`, by op type or with `per_node` by node.
+/// (t = 140 for a denoiser), planned exactly as the runtime plans it (the kernel level of
+/// [`super::KERNELS_ENV`]), on `threads`, by op type or with `per_node` by node.
 pub fn profile_ops(
     path: &Path,
     batch: usize,
@@ -475,9 +477,9 @@ pub fn profile_ops(
         reason: format!("not a valid ONNX model ({e})"),
     })?;
     let denoiser = model.input_outlets().map_err(fail)?.len() == 2;
-    let direct = super::tract_opt::own_kernels_enabled();
+    let level = super::KernelLevel::from_env().map_err(Error::InvalidConfig)?;
     let typed =
-        model.into_typed().and_then(|m| super::tract_opt::prepare(m, direct)).map_err(fail)?;
+        model.into_typed().and_then(|m| super::tract_opt::prepare(m, level)).map_err(fail)?;
     let TDim::Sym(b) = typed.input_fact(0).map_err(fail)?.shape[0].clone() else {
         return Err(Error::Shape {
             expected: "a symbolic batch dimension".into(),

@@ -7,9 +7,10 @@
 //! constant, `Softmax` over the last axis, the probabilities moved, and `EinSum amk,akn->amn` of
 //! the values and the moved probabilities. [`AttentionOp`] reads the `[n, 3, c, l]` tensor
 //! directly, so the three slice copies go too. Anything that differs keeps tract's ops, and so
-//! does everything on CPUs without AVX-512.
+//! does everything at kernel level `tract`.
 
-use super::attention::{attend_images, supported, AttentionShape};
+use super::attention::{attend_images, AttentionShape};
+use super::simd::KernelLevel;
 use super::tract_match::{binary, unary, with_constant};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -26,6 +27,7 @@ pub struct AttentionOp {
     k: usize,
     v: usize,
     scale: f32,
+    level: KernelLevel,
 }
 
 impl Eq for AttentionOp {}
@@ -36,7 +38,14 @@ impl Op for AttentionOp {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("q/k/v parts {}/{}/{}, scale {}", self.q, self.k, self.v, self.scale)])
+        Ok(vec![format!(
+            "q/k/v parts {}/{}/{}, scale {}, {} kernels",
+            self.q,
+            self.k,
+            self.v,
+            self.scale,
+            self.level.name()
+        )])
     }
 
     op_as_typed_op!();
@@ -61,7 +70,7 @@ impl EvalOp for AttentionOp {
             let part =
                 |b: usize, p: usize| &x[(b * parts + p) * c * l..(b * parts + p + 1) * c * l];
             let qkv = |b: usize| [part(b, self.q), part(b, self.k), part(b, self.v)];
-            attend_images(shape, self.scale, n, qkv, out).map_err(|e| anyhow!(e))?;
+            attend_images(self.level, shape, self.scale, n, qkv, out).map_err(|e| anyhow!(e))?;
         }
         Ok(tvec!(y.into_tvalue()))
     }
@@ -78,13 +87,13 @@ impl TypedOp for AttentionOp {
 }
 
 /// Replaces every exported attention block of a freshly typed model by [`AttentionOp`].
-/// Returns how many it replaced (0 on CPUs without AVX-512).
-pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
-    if !supported() {
+/// Returns how many it replaced (0 at level `tract`).
+pub fn fuse_attention(model: &mut TypedModel, level: KernelLevel) -> TractResult<usize> {
+    if level == KernelLevel::Tract {
         return Ok(0);
     }
     super::tract_opt::replace_matches(model, "attention", |model, id| {
-        Ok(attention_at(model, id).map(|(input, op)| (tvec![input], op)))
+        Ok(attention_at(model, id, level).map(|(input, op)| (tvec![input], op)))
     })
 }
 
@@ -118,7 +127,11 @@ fn part_of(model: &TypedModel, outlet: OutletId) -> Option<(OutletId, usize)> {
 }
 
 /// Matches the attention block ending at node `id` (the values-times-probabilities EinSum).
-fn attention_at(model: &TypedModel, id: usize) -> Option<(OutletId, AttentionOp)> {
+fn attention_at(
+    model: &TypedModel,
+    id: usize,
+    level: KernelLevel,
+) -> Option<(OutletId, AttentionOp)> {
     let (values, moved_probs) = batched_matmul(model, OutletId::new(id, 0))?;
     let (scaled, softmax) = unary::<Softmax>(model, transposed(model, moved_probs)?)?;
     if softmax.axes.as_slice() != [2] || softmax.kind != SoftmaxKind::Softmax {
@@ -137,5 +150,5 @@ fn attention_at(model: &TypedModel, id: usize) -> Option<(OutletId, AttentionOp)
     let fits = |d: &TDim| d.to_usize().ok().map(|x| x > 0 && x.is_multiple_of(16));
     let whole = fits(&dims[2])? && fits(&dims[3])?;
     (k_source == source && v_source == source && whole && scale.is_finite())
-        .then_some((source, AttentionOp { q, k, v, scale }))
+        .then_some((source, AttentionOp { q, k, v, scale, level }))
 }

@@ -5,9 +5,10 @@
 //! 1, dilation 1, one group, constant kernel, known channels and plane size (the batch may be
 //! symbolic). Everything else (stride-2 convs, int8 models) keeps tract's own lowering. The
 //! pass runs before tract's declutter, which would otherwise turn the 1x1 convs into einsums.
-//! It does nothing on CPUs without AVX-512.
+//! It does nothing at kernel levels without a direct conv (portable, tract).
 
 use super::direct_conv::DirectConv;
+use super::simd::KernelLevel;
 use super::tract_kernel_op::KernelOp;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -15,15 +16,17 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 /// Replaces every eligible conv of a typed model by a [`KernelOp`] of [`DirectConv`]. Returns
-/// how many it replaced (0 on CPUs without AVX-512).
-pub fn use_direct_convs(model: &mut TypedModel) -> TractResult<usize> {
-    if !DirectConv::supported() {
+/// how many it replaced (0 at levels without a direct conv).
+pub fn use_direct_convs(model: &mut TypedModel, level: KernelLevel) -> TractResult<usize> {
+    if !DirectConv::available(level) {
         return Ok(0);
     }
     super::tract_opt::replace_matches(model, "direct_conv", |model, id| {
         let node = model.node(id);
         let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
-        let Some((packed, runtime_bias)) = eligible(model, node, conv)? else { return Ok(None) };
+        let Some((packed, runtime_bias)) = eligible(model, node, conv, level)? else {
+            return Ok(None);
+        };
         let mut inputs = tvec![node.inputs[0]];
         if runtime_bias {
             inputs.push(node.inputs[2]);
@@ -38,6 +41,7 @@ fn eligible(
     model: &TypedModel,
     node: &TypedNode,
     conv: &Conv,
+    level: KernelLevel,
 ) -> TractResult<Option<(DirectConv, bool)>> {
     let spec = &conv.pool_spec;
     let k = spec.kernel_shape.first().copied().unwrap_or(0);
@@ -79,10 +83,10 @@ fn eligible(
         Some(konst) => {
             let values = konst.to_plain_array_view::<f32>()?;
             let Some(values) = values.as_slice() else { return Ok(None) };
-            Ok(DirectConv::new(weights, values, co, ci, k).map(|c| (c, false)))
+            Ok(DirectConv::new(weights, values, co, ci, k, level).map(|c| (c, false)))
         }
         None if bias.shape.as_concrete() == Some(&[co]) => {
-            Ok(DirectConv::new(weights, &vec![0.0; co], co, ci, k).map(|c| (c, true)))
+            Ok(DirectConv::new(weights, &vec![0.0; co], co, ci, k, level).map(|c| (c, true)))
         }
         None => Ok(None),
     }

@@ -13,23 +13,27 @@
 //! batch-1 convs on `Slice`s of the input, concatenated back on axis 0, then runs
 //! tract's normal codegen. Each batch-1 conv then gets the lazy im2col path that
 //! batch 1 already enjoys. The rest of the graph keeps its batch.
+use super::simd::KernelLevel;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::array::{Slice, TypedConcat};
 use tract_onnx::tract_core::ops::cnn::Conv;
 
-/// First declutter of a freshly typed model. With `own_kernels`, swaps in this crate's ops
-/// before it: fused GroupNorms ([`super::tract_groupnorm`]) everywhere, direct convs
-/// ([`super::tract_direct`]) on CPUs with AVX-512. They must come first: declutter rewrites
-/// the patterns they match (1x1 convs into einsums, GroupNorm into RmsNorm pieces).
-pub fn prepare(mut model: TypedModel, own_kernels: bool) -> TractResult<TypedModel> {
-    if own_kernels {
+/// First declutter of a freshly typed model. Below level `tract`, swaps in this crate's ops
+/// before it: fused GroupNorms ([`super::tract_groupnorm`]) and attention
+/// ([`super::tract_attention`]) on every other level, direct convs ([`super::tract_direct`]) at
+/// avx2 and avx512, int8 convs ([`super::tract_quant`]) at avx512 with VNNI. They must come
+/// first: declutter rewrites the patterns they match (1x1 convs into einsums, GroupNorm into
+/// RmsNorm pieces).
+pub fn prepare(mut model: TypedModel, level: KernelLevel) -> TractResult<TypedModel> {
+    if level != KernelLevel::Tract {
         let norms = super::tract_groupnorm::fuse_group_norms(&mut model)?;
-        let convs = super::tract_direct::use_direct_convs(&mut model)?;
-        let attention = super::tract_attention::fuse_attention(&mut model)?;
-        let int8 = super::tract_quant::use_quant_convs(&mut model)?;
+        let convs = super::tract_direct::use_direct_convs(&mut model, level)?;
+        let attention = super::tract_attention::fuse_attention(&mut model, level)?;
+        let int8 = super::tract_quant::use_quant_convs(&mut model, level)?;
         log::debug!(
-            "own kernels: {norms} fused GroupNorms, {convs} direct convs, {attention} attention \
-             blocks, {int8} int8 convs"
+            "{} kernels: {norms} fused GroupNorms, {convs} direct convs, {attention} attention \
+             blocks, {int8} int8 convs",
+            level.name()
         );
     }
     model.into_decluttered()

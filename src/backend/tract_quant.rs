@@ -8,6 +8,7 @@
 //! does nothing on CPUs without AVX-512 VNNI.
 
 use super::quant_conv::{InputQuant, QuantConv};
+use super::simd::KernelLevel;
 use super::tract_kernel_op::KernelOp;
 use super::tract_match::{constant, floats, integers, producer, unary};
 use tract_onnx::prelude::*;
@@ -19,9 +20,9 @@ use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearU8};
 
 /// Replaces every eligible quantized conv chain of a typed model by a [`KernelOp`] of
 /// [`QuantConv`]. Returns
-/// how many it replaced (0 on CPUs without AVX-512 VNNI).
-pub fn use_quant_convs(model: &mut TypedModel) -> TractResult<usize> {
-    if !QuantConv::supported() {
+/// how many it replaced (0 below kernel level avx512 and on CPUs without AVX-512 VNNI).
+pub fn use_quant_convs(model: &mut TypedModel, level: KernelLevel) -> TractResult<usize> {
+    if level != KernelLevel::Avx512 || !QuantConv::supported() {
         return Ok(0);
     }
     super::tract_opt::replace_matches(model, "int8_conv", |model, id| {

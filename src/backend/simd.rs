@@ -1,0 +1,441 @@
+//! The vector operations this crate's kernels are written in, once per instruction set, and
+//! the choice of instruction set ([`KernelLevel`]).
+//!
+//! A kernel is written once, generic over [`Simd`], with `#[inline(always)]` all the way down,
+//! and instantiated inside a `#[target_feature]` function per level: the intrinsics inline
+//! into that function, so each level compiles to its own instructions (AVX-512: 16 lanes in 32
+//! registers; AVX2 + FMA: 8 lanes in 16 registers). [`Portable`] holds 8 lanes in a plain array
+//! and has no intrinsics: the compiler vectorises it for the target's baseline (SSE2 on x86-64,
+//! NEON on aarch64), so it runs on every CPU.
+
+/// Which of this crate's kernels run, from the fastest the CPU has down to none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KernelLevel {
+    /// tract's own ops everywhere (this crate's graph passes off).
+    Tract,
+    /// The fused GroupNorm and attention in plain Rust; convolutions stay tract's.
+    Portable,
+    /// AVX2 + FMA kernels (8-lane tiles); int8 convs stay tract's.
+    Avx2,
+    /// AVX-512F kernels (16-lane tiles), and the int8 conv where the CPU has AVX-512 VNNI.
+    Avx512,
+}
+
+/// Environment switch: forces a [`KernelLevel`] (`avx512`, `avx2`, `portable`, `tract`) so that
+/// tests and benches can run each path on one machine. A level the CPU cannot run is an error.
+pub const KERNELS_ENV: &str = "DIFFSHIELD_KERNELS";
+
+impl KernelLevel {
+    /// Every level, fastest first.
+    pub const ALL: [KernelLevel; 4] =
+        [KernelLevel::Avx512, KernelLevel::Avx2, KernelLevel::Portable, KernelLevel::Tract];
+
+    /// The name [`KERNELS_ENV`] takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelLevel::Tract => "tract",
+            KernelLevel::Portable => "portable",
+            KernelLevel::Avx2 => "avx2",
+            KernelLevel::Avx512 => "avx512",
+        }
+    }
+
+    /// True when this CPU can run the level's kernels (detected at run time).
+    pub fn supported(self) -> bool {
+        match self {
+            KernelLevel::Tract | KernelLevel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelLevel::Avx2 | KernelLevel::Avx512 => false,
+        }
+    }
+
+    /// The fastest level this CPU runs.
+    pub fn best() -> KernelLevel {
+        KernelLevel::ALL.into_iter().find(|l| l.supported()).unwrap_or(KernelLevel::Portable)
+    }
+
+    /// The level named by `name` ([`KernelLevel::name`]). Errors name the choices, and the
+    /// missing instruction set when this CPU cannot run it.
+    pub fn parse(name: &str) -> Result<KernelLevel, String> {
+        let level = KernelLevel::ALL.into_iter().find(|l| l.name() == name).ok_or_else(|| {
+            format!("unknown kernel level {name:?}: use avx512, avx2, portable or tract")
+        })?;
+        if !level.supported() {
+            let missing = match level {
+                KernelLevel::Avx512 => "AVX-512F",
+                _ => "AVX2 and FMA",
+            };
+            return Err(format!("kernel level {name} needs {missing}, which this CPU lacks"));
+        }
+        Ok(level)
+    }
+
+    /// The level of this process: [`KERNELS_ENV`] when set, `tract` when the older
+    /// `DIFFSHIELD_TRACT_ONLY` is `1`, else [`KernelLevel::best`].
+    pub fn from_env() -> Result<KernelLevel, String> {
+        match std::env::var(KERNELS_ENV) {
+            Ok(name) => {
+                KernelLevel::parse(name.trim()).map_err(|e| format!("{KERNELS_ENV}={name}: {e}"))
+            }
+            Err(_) if !super::tract_opt::own_kernels_enabled() => Ok(KernelLevel::Tract),
+            Err(_) => Ok(KernelLevel::best()),
+        }
+    }
+}
+
+/// The levels a kernel test runs: the one [`KERNELS_ENV`] forces (the test fails when this CPU
+/// cannot run it), else every level with kernels that this CPU runs, printing the others.
+#[cfg(test)]
+pub(crate) fn levels_under_test() -> Vec<KernelLevel> {
+    if let Ok(name) = std::env::var(KERNELS_ENV) {
+        let level =
+            KernelLevel::parse(name.trim()).unwrap_or_else(|e| panic!("{KERNELS_ENV}: {e}"));
+        assert!(level != KernelLevel::Tract, "{KERNELS_ENV}=tract forces no kernel to test");
+        return vec![level];
+    }
+    let (run, skip): (Vec<KernelLevel>, Vec<KernelLevel>) =
+        KernelLevel::ALL[..3].iter().partition(|l| l.supported());
+    for level in skip {
+        println!("kernel level {}: not tested, this CPU cannot run it", level.name());
+    }
+    run
+}
+
+/// The vector operations of one instruction set. Every function is unsafe: the caller runs it
+/// only inside a function compiled for that instruction set (see the module comment) on a CPU
+/// that has it, with pointers valid for [`Simd::LANES`] values.
+pub(crate) trait Simd: Copy + 'static {
+    /// One vector of `LANES` f32.
+    type V: Copy;
+    /// f32 lanes per vector.
+    const LANES: usize;
+    unsafe fn zero() -> Self::V;
+    unsafe fn splat(v: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a * b + c`, fused where the instruction set has it.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// `1 / a`, correctly rounded.
+    unsafe fn recip(a: Self::V) -> Self::V;
+    /// `e^x` for softmax arguments (x <= 0), within a few ulp down to e^-87 (below that a
+    /// value under 2^-125, which no softmax sum notices).
+    unsafe fn exp(x: Self::V) -> Self::V;
+    /// A hint to bring the cache line at `p` into L2 (a no-op where there is none).
+    unsafe fn prefetch_l2(p: *const f32);
+}
+
+/// Cephes' degree-7 polynomial for e^r on |r| <= ln 2 / 2, shared by every level: x = n ln 2 + r,
+/// with ln 2 split so that n * LN2_HI is exact for the n that occur.
+const EXP_POLY: [f32; 6] =
+    [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// `e^r` on the reduced argument, by [`EXP_POLY`].
+#[inline(always)]
+unsafe fn exp_poly<S: Simd>(r: S::V) -> S::V {
+    let mut y = S::splat(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
+        y = S::fma(y, r, S::splat(c));
+    }
+    S::fma(y, S::mul(r, r), S::add(r, S::splat(1.0)))
+}
+
+/// AVX-512F, 16 lanes.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx512 {
+    type V = std::arch::x86_64::__m512;
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        std::arch::x86_64::_mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self::V {
+        std::arch::x86_64::_mm512_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::arch::x86_64::_mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn recip(a: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_div_ps(Self::splat(1.0), a)
+    }
+    /// 2^n applied by `vscalefps`, which also takes care of underflow to 0.
+    #[inline(always)]
+    unsafe fn exp(x: Self::V) -> Self::V {
+        use std::arch::x86_64::*;
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        _mm512_scalef_ps(exp_poly::<Self>(r), n)
+    }
+    #[inline(always)]
+    unsafe fn prefetch_l2(p: *const f32) {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast())
+    }
+}
+
+/// AVX2 + FMA, 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx2 {
+    type V = std::arch::x86_64::__m256;
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        std::arch::x86_64::_mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self::V {
+        std::arch::x86_64::_mm256_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::arch::x86_64::_mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn recip(a: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_div_ps(Self::splat(1.0), a)
+    }
+    /// 2^n built in the exponent bits; x is clamped to -87 so that n stays a normal exponent.
+    #[inline(always)]
+    unsafe fn exp(x: Self::V) -> Self::V {
+        use std::arch::x86_64::*;
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(exp_poly::<Self>(r), _mm256_castsi256_ps(bits))
+    }
+    #[inline(always)]
+    unsafe fn prefetch_l2(p: *const f32) {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast())
+    }
+}
+
+/// No intrinsics: 8 lanes in an array, vectorised by the compiler for the build target.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Portable;
+
+/// Lane-wise `f` of two vectors.
+#[inline(always)]
+fn lanes(a: [f32; 8], b: [f32; 8], f: impl Fn(f32, f32) -> f32) -> [f32; 8] {
+    std::array::from_fn(|i| f(a[i], b[i]))
+}
+
+impl Simd for Portable {
+    type V = [f32; 8];
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        [0.0; 8]
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self::V {
+        [v; 8]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        p.cast::<[f32; 8]>().read_unaligned()
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        p.cast::<[f32; 8]>().write_unaligned(v)
+    }
+    /// Not fused: a separate multiply and add vectorise on every target, where `mul_add`
+    /// without hardware FMA would be a library call per lane.
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        lanes(a, b, |a, b| a + b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        lanes(a, b, |a, b| a - b)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        lanes(a, b, |a, b| a * b)
+    }
+    /// The comparison form (`maxps` / `fmax`); neither input is ever NaN here.
+    #[inline(always)]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        lanes(a, b, |a, b| if a > b { a } else { b })
+    }
+    #[inline(always)]
+    unsafe fn recip(a: Self::V) -> Self::V {
+        a.map(|a| 1.0 / a)
+    }
+    /// As [`Avx2::exp`], with the exponent bits in plain integer code. Rounding to the nearest
+    /// integer adds and subtracts 1.5 * 2^23 (exact for |v| < 2^22): `round_ties_even` is a
+    /// library call per lane on CPUs without SSE4.1.
+    #[inline(always)]
+    unsafe fn exp(x: Self::V) -> Self::V {
+        const ROUND: f32 = 12_582_912.0;
+        let x = x.map(|x| if x > -87.0 { x } else { -87.0 });
+        let n = x.map(|x| (x * std::f32::consts::LOG2_E + ROUND) - ROUND);
+        let r = lanes(x, n, |x, n| x - n * LN2_HI);
+        let r = lanes(r, n, |r, n| r - n * LN2_LO);
+        // n + 127 (1..=127) lands in the low mantissa bits of n + 127 + 1.5 * 2^23; shifting
+        // them up into the exponent field builds 2^n without a float-to-int conversion (a
+        // saturating scalar `as i32` per lane would not vectorise).
+        let scale = n.map(|n| f32::from_bits((n + (ROUND + 127.0)).to_bits() << 23));
+        Self::mul(exp_poly::<Self>(r), scale)
+    }
+    #[inline(always)]
+    unsafe fn prefetch_l2(_: *const f32) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Largest relative error of `S::exp` over the softmax range, in one call of `exp_of`.
+    fn worst_exp<S: Simd>(exp_of: impl Fn(&[f32], &mut [f32])) -> f64 {
+        let mut worst = 0f64;
+        let mut x = -100.0f32;
+        while x <= 0.0 {
+            let xs: Vec<f32> = (0..S::LANES).map(|i| x - i as f32 * 1e-3).collect();
+            let mut got = vec![0f32; S::LANES];
+            exp_of(&xs, &mut got);
+            for (&g, &x) in got.iter().zip(&xs) {
+                let want = (x as f64).exp();
+                if x >= -87.0 {
+                    worst = worst.max((g as f64 - want).abs() / want);
+                } else {
+                    // Clamped or flushed: tiny next to any softmax sum (which is >= 1).
+                    assert!((g as f64) < 2e-38, "e^{x} gave {g}");
+                }
+            }
+            x += 0.0137;
+        }
+        worst
+    }
+
+    #[test]
+    fn exp_is_accurate_over_the_softmax_range_on_every_level() {
+        // SAFETY: Portable has no CPU requirement; both slices hold 8 values.
+        let portable = worst_exp::<Portable>(|x, y| unsafe {
+            Portable::store(y.as_mut_ptr(), Portable::exp(Portable::load(x.as_ptr())))
+        });
+        assert!(portable < 4e-7, "portable: largest relative error {portable:e}");
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(x: &[f32], y: &mut [f32]) {
+                Avx2::store(y.as_mut_ptr(), Avx2::exp(Avx2::load(x.as_ptr())))
+            }
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512(x: &[f32], y: &mut [f32]) {
+                Avx512::store(y.as_mut_ptr(), Avx512::exp(Avx512::load(x.as_ptr())))
+            }
+            for level in [KernelLevel::Avx2, KernelLevel::Avx512] {
+                if !level.supported() {
+                    eprintln!("exp on {}: not run, this CPU lacks it", level.name());
+                    continue;
+                }
+                // SAFETY: the CPU has the level's instruction set (checked above).
+                let worst = match level {
+                    KernelLevel::Avx2 => worst_exp::<Avx2>(|x, y| unsafe { avx2(x, y) }),
+                    _ => worst_exp::<Avx512>(|x, y| unsafe { avx512(x, y) }),
+                };
+                assert!(worst < 4e-7, "{}: largest relative error {worst:e}", level.name());
+            }
+        }
+    }
+
+    #[test]
+    fn levels_parse_and_refuse_what_the_cpu_lacks() {
+        assert_eq!(KernelLevel::parse("portable"), Ok(KernelLevel::Portable));
+        assert_eq!(KernelLevel::parse("tract"), Ok(KernelLevel::Tract));
+        let err = KernelLevel::parse("neon").unwrap_err();
+        assert!(err.contains("avx512, avx2, portable or tract"), "{err}");
+        for level in [KernelLevel::Avx2, KernelLevel::Avx512] {
+            match KernelLevel::parse(level.name()) {
+                Ok(l) => assert!(l == level && level.supported()),
+                Err(e) => assert!(!level.supported() && e.contains("which this CPU lacks"), "{e}"),
+            }
+        }
+        assert!(KernelLevel::best().supported());
+    }
+}
