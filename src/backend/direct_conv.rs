@@ -73,6 +73,17 @@ pub struct DirectConv {
     bias: Vec<f32>,
     /// The small-plane layout `[co / scb][ci][k * k][scb]`, packed from `packed` on first use.
     by_channel: std::sync::OnceLock<Vec<f32>>,
+    /// 3x3 only: the Winograd F(2x2, 3x3) weights, which planes at least a vector wide use
+    /// when [`WINOGRAD_ENV`] is `1` (None otherwise).
+    winograd: Option<super::winograd::Weights>,
+}
+
+/// Environment switch: `1` runs the 3x3 convs on planes at least a vector wide with Winograd
+/// F(2x2, 3x3) ([`super::winograd`]; off by default: not faster yet).
+pub const WINOGRAD_ENV: &str = "DIFFSHIELD_WINOGRAD";
+
+fn winograd_enabled() -> bool {
+    std::env::var(WINOGRAD_ENV).is_ok_and(|v| v == "1")
 }
 
 impl DirectConv {
@@ -117,6 +128,8 @@ impl DirectConv {
                 }
             }
         }
+        let winograd = (k == 3 && winograd_enabled())
+            .then(|| super::winograd::Weights::new(weights, co, ci, ocb));
         Some(DirectConv {
             ci,
             co,
@@ -126,7 +139,16 @@ impl DirectConv {
             packed,
             bias: padded_bias,
             by_channel: Default::default(),
+            winograd,
         })
+    }
+
+    /// The same conv with Winograd on (`weights` as given to [`DirectConv::new`]) or off.
+    #[cfg(test)]
+    pub(crate) fn with_winograd(mut self, weights: &[f32], on: bool) -> Self {
+        self.winograd = (on && self.k == 3)
+            .then(|| super::winograd::Weights::new(weights, self.co, self.ci, self.tiling.ocb));
+        self
     }
 }
 
@@ -181,6 +203,10 @@ impl super::conv_kernel::ConvKernel for DirectConv {
             }
             if self.k == 3 && w < self.tiling.lanes {
                 self.small(x, n, h, w, y, scratch);
+            } else if let Some(weights) = &self.winograd {
+                let bias = if scratch.bias.is_empty() { &self.bias } else { &scratch.bias };
+                let (level, lanes) = (self.level, self.tiling.lanes);
+                super::winograd::conv(level, weights, bias, x, (n, h, w), y, lanes);
             } else {
                 self.images(x, n, h, w, y, scratch);
             }
@@ -712,6 +738,8 @@ mod tests {
         // 3x3 and 1x1 kernels.
         let shapes = [
             (1, 7, 6, 5, 12),
+            (2, 5, 3, 17, 19),
+            (1, 16, 8, 33, 32),
             (1, 32, 32, 32, 32),
             (2, 13, 7, 16, 16),
             (1, 16, 24, 8, 8),
@@ -726,25 +754,37 @@ mod tests {
                 let x = values(n * ci * h * w, 1);
                 let wt: Vec<f32> = values(co * ci * k * k, 2).iter().map(|v| v * 0.2).collect();
                 let bias = values(co, 3);
-                let conv = DirectConv::new(&wt, &bias, co, ci, k, level).expect("shapes fit");
-                let [y, y2, y3] = crate::backend::par::on_thread_counts(|| {
-                    let mut y = vec![f32::NAN; n * co * h * w];
-                    conv.run(&x, n, h, w, None, &mut y).expect("runs");
-                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                });
-                let case = format!("{} k{k} ({n},{co},{ci},{h},{w})", level.name());
-                assert!(y == y2 && y == y3, "{case}: thread counts change the bits");
-                let y: Vec<f32> = y.into_iter().map(f32::from_bits).collect();
-                for b in 0..n {
-                    let image = &x[b * ci * h * w..(b + 1) * ci * h * w];
-                    let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
-                    let want =
-                        reference_conv(&f64s(image), (ci, h, w), &f64s(&wt), &f64s(&bias), (co, k));
-                    let got = &y[b * co * h * w..(b + 1) * co * h * w];
-                    for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
-                        let case = format!("{case} image {b} value {i}");
-                        let g = g as f64;
-                        assert!((g - r).abs() <= 1e-5 * (1.0 + r.abs()), "{case}: {g} vs {r}");
+                for winograd in [false, true] {
+                    let conv = DirectConv::new(&wt, &bias, co, ci, k, level)
+                        .expect("shapes fit")
+                        .with_winograd(&wt, winograd);
+                    let [y, y2, y3] = crate::backend::par::on_thread_counts(|| {
+                        let mut y = vec![f32::NAN; n * co * h * w];
+                        conv.run(&x, n, h, w, None, &mut y).expect("runs");
+                        y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    });
+                    let case = format!(
+                        "{} k{k} ({n},{co},{ci},{h},{w}) winograd {winograd}",
+                        level.name()
+                    );
+                    assert!(y == y2 && y == y3, "{case}: thread counts change the bits");
+                    let y: Vec<f32> = y.into_iter().map(f32::from_bits).collect();
+                    for b in 0..n {
+                        let image = &x[b * ci * h * w..(b + 1) * ci * h * w];
+                        let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+                        let want = reference_conv(
+                            &f64s(image),
+                            (ci, h, w),
+                            &f64s(&wt),
+                            &f64s(&bias),
+                            (co, k),
+                        );
+                        let got = &y[b * co * h * w..(b + 1) * co * h * w];
+                        for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
+                            let case = format!("{case} image {b} value {i}");
+                            let g = g as f64;
+                            assert!((g - r).abs() <= 1e-5 * (1.0 + r.abs()), "{case}: {g} vs {r}");
+                        }
                     }
                 }
             }

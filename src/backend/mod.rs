@@ -18,6 +18,7 @@ mod tract_kernel_op;
 mod tract_match;
 pub(crate) mod tract_opt;
 mod tract_quant;
+mod winograd;
 
 pub use simd::{KernelLevel, KERNELS_ENV};
 
