@@ -43,6 +43,12 @@ struct Tiling {
     scb: usize,
     /// Small planes: pixels per tile.
     spt: usize,
+    /// Winograd runs 3x3 convs with at least this many input channels on planes at least two
+    /// vectors wide (a vector of tiles per tile row), where it beat the direct kernel in
+    /// `winograd::probe` (AVX-512: 1.33-1.37x at 64-96 channels on 32x32, 0.86-1.08x on 16x16
+    /// and 1.02x at 32 channels; AVX2, whose direct kernel runs at half that FMA rate:
+    /// 1.38-1.89x everywhere).
+    winograd_min_ci: usize,
 }
 
 impl Tiling {
@@ -51,8 +57,12 @@ impl Tiling {
     /// 2 x 6 leave no register free, and LLVM then spills accumulators: 3.7x slower).
     fn of(level: KernelLevel) -> Option<Tiling> {
         match level {
-            KernelLevel::Avx512 => Some(Tiling { lanes: 16, ocb: 8, scb: 64, spt: 6 }),
-            KernelLevel::Avx2 => Some(Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4 }),
+            KernelLevel::Avx512 => {
+                Some(Tiling { lanes: 16, ocb: 8, scb: 64, spt: 6, winograd_min_ci: 64 })
+            }
+            KernelLevel::Avx2 => {
+                Some(Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4, winograd_min_ci: 1 })
+            }
             KernelLevel::Portable | KernelLevel::Tract => None,
         }
     }
@@ -73,17 +83,18 @@ pub struct DirectConv {
     bias: Vec<f32>,
     /// The small-plane layout `[co / scb][ci][k * k][scb]`, packed from `packed` on first use.
     by_channel: std::sync::OnceLock<Vec<f32>>,
-    /// 3x3 only: the Winograd F(2x2, 3x3) weights, which planes at least a vector wide use
-    /// when [`WINOGRAD_ENV`] is `1` (None otherwise).
+    /// 3x3 with enough input channels (`Tiling::winograd_min_ci`) only: the Winograd
+    /// F(2x2, 3x3) weights, used on planes at least two vectors wide (None when
+    /// [`WINOGRAD_ENV`] is `0`).
     winograd: Option<super::winograd::Weights>,
 }
 
-/// Environment switch: `1` runs the 3x3 convs on planes at least a vector wide with Winograd
-/// F(2x2, 3x3) ([`super::winograd`]; off by default: not faster yet).
+/// Environment switch: `0` runs every 3x3 conv on the direct kernel instead of Winograd
+/// F(2x2, 3x3) ([`super::winograd`]) where that is faster (to measure what it changes).
 pub const WINOGRAD_ENV: &str = "DIFFSHIELD_WINOGRAD";
 
 fn winograd_enabled() -> bool {
-    std::env::var(WINOGRAD_ENV).is_ok_and(|v| v == "1")
+    std::env::var(WINOGRAD_ENV).map(|v| v != "0").unwrap_or(true)
 }
 
 impl DirectConv {
@@ -128,7 +139,7 @@ impl DirectConv {
                 }
             }
         }
-        let winograd = (k == 3 && winograd_enabled())
+        let winograd = (k == 3 && ci >= tiling.winograd_min_ci && winograd_enabled())
             .then(|| super::winograd::Weights::new(weights, co, ci, ocb));
         Some(DirectConv {
             ci,
@@ -203,7 +214,9 @@ impl super::conv_kernel::ConvKernel for DirectConv {
             }
             if self.k == 3 && w < self.tiling.lanes {
                 self.small(x, n, h, w, y, scratch);
-            } else if let Some(weights) = &self.winograd {
+            } else if let Some(weights) =
+                self.winograd.as_ref().filter(|_| w >= 2 * self.tiling.lanes)
+            {
                 let bias = if scratch.bias.is_empty() { &self.bias } else { &scratch.bias };
                 let (level, lanes) = (self.level, self.tiling.lanes);
                 super::winograd::conv(level, weights, bias, x, (n, h, w), y, lanes);
@@ -735,11 +748,13 @@ mod tests {
         // (n, co, ci, h, w): rows mode (w a multiple of the vector), flat mode (1x1, and 3x3 at
         // w = 20 and 12), the small-plane mode (3x3 at w < the vector, pixel tiles across
         // images), partial channel blocks (co = 3, 7, 9, 13, 80), batches of 2 and 3, each for
-        // 3x3 and 1x1 kernels.
+        // 3x3 and 1x1 kernels; 3x3 also with Winograd (planes at least two vectors wide: odd
+        // sizes, partial tiles and chunks).
         let shapes = [
             (1, 7, 6, 5, 12),
             (2, 5, 3, 17, 19),
             (1, 16, 8, 33, 32),
+            (2, 6, 5, 9, 35),
             (1, 32, 32, 32, 32),
             (2, 13, 7, 16, 16),
             (1, 16, 24, 8, 8),

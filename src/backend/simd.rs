@@ -133,6 +133,10 @@ pub(crate) trait Simd: Copy + 'static {
     unsafe fn exp(x: Self::V) -> Self::V;
     /// A hint to bring the cache line at `p` into L2 (a no-op where there is none).
     unsafe fn prefetch_l2(p: *const f32);
+    /// `(a0 b0 a1 b1 ..., the second half of that)`: the lanes of `a` and `b` alternating.
+    unsafe fn interleave(a: Self::V, b: Self::V) -> (Self::V, Self::V);
+    /// The inverse of [`Simd::interleave`]: the even and the odd lanes of `a` then `b`.
+    unsafe fn deinterleave(a: Self::V, b: Self::V) -> (Self::V, Self::V);
 }
 
 /// Cephes' degree-7 polynomial for e^r on |r| <= ln 2 / 2, shared by every level: x = n ln 2 + r,
@@ -217,6 +221,21 @@ impl Simd for Avx512 {
     unsafe fn prefetch_l2(p: *const f32) {
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast())
     }
+    #[inline(always)]
+    unsafe fn interleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
+        use std::arch::x86_64::*;
+        // Index i < 16 takes a[i], 16 + i takes b[i].
+        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        (_mm512_permutex2var_ps(a, lo, b), _mm512_permutex2var_ps(a, hi, b))
+    }
+    #[inline(always)]
+    unsafe fn deinterleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
+        use std::arch::x86_64::*;
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        (_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b))
+    }
 }
 
 /// AVX2 + FMA, 8 lanes.
@@ -287,6 +306,26 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn prefetch_l2(p: *const f32) {
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast())
+    }
+    /// unpack works within 128-bit halves: (a0 b0 a1 b1 | a4 b4 a5 b5) and (a2 b2 a3 b3 |
+    /// a6 b6 a7 b7), then the halves are regrouped.
+    #[inline(always)]
+    unsafe fn interleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
+        use std::arch::x86_64::*;
+        let (l, h) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        (_mm256_permute2f128_ps::<0x20>(l, h), _mm256_permute2f128_ps::<0x31>(l, h))
+    }
+    /// shuffle picks within 128-bit halves (a0 a2 b0 b2 | a4 a6 b4 b6), then the 64-bit
+    /// quarters are put in order.
+    #[inline(always)]
+    unsafe fn deinterleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
+        use std::arch::x86_64::*;
+        let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+        let order = |v: __m256| {
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+        };
+        (order(even), order(odd))
     }
 }
 
@@ -364,6 +403,16 @@ impl Simd for Portable {
     }
     #[inline(always)]
     unsafe fn prefetch_l2(_: *const f32) {}
+    #[inline(always)]
+    unsafe fn interleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
+        let pick = |i: usize| if i.is_multiple_of(2) { a[i / 2] } else { b[i / 2] };
+        (std::array::from_fn(pick), std::array::from_fn(|i| pick(i + 8)))
+    }
+    #[inline(always)]
+    unsafe fn deinterleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
+        let at = |i: usize| if i < 8 { a[i] } else { b[i - 8] };
+        (std::array::from_fn(|i| at(2 * i)), std::array::from_fn(|i| at(2 * i + 1)))
+    }
 }
 
 #[cfg(test)]
@@ -420,6 +469,54 @@ mod tests {
                     _ => worst_exp::<Avx512>(|x, y| unsafe { avx512(x, y) }),
                 };
                 assert!(worst < 4e-7, "{}: largest relative error {worst:e}", level.name());
+            }
+        }
+    }
+
+    /// `S::interleave` of 0, 1, 2, ... and 100, 101, ... in one call of `f`.
+    fn check_interleave<S: Simd>(f: impl Fn(&[f32], &[f32], &mut [f32])) {
+        let a: Vec<f32> = (0..S::LANES).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..S::LANES).map(|i| 100.0 + i as f32).collect();
+        let mut out = vec![0f32; 4 * S::LANES];
+        f(&a, &b, &mut out);
+        let want: Vec<f32> = (0..2 * S::LANES)
+            .map(|i| if i.is_multiple_of(2) { a[i / 2] } else { b[i / 2] })
+            .collect();
+        assert_eq!(out[..2 * S::LANES], want[..], "interleave");
+        let back: Vec<f32> = a.iter().chain(&b).copied().collect();
+        assert_eq!(out[2 * S::LANES..], back[..], "deinterleave undoes it");
+    }
+
+    #[test]
+    fn interleave_and_deinterleave_on_every_level() {
+        /// Stores `S::interleave(a, b)` and `S::deinterleave` of that into `out`. Safety: the
+        /// CPU runs `S`.
+        #[inline(always)]
+        unsafe fn run<S: Simd>(a: &[f32], b: &[f32], out: &mut [f32]) {
+            let (lo, hi) = S::interleave(S::load(a.as_ptr()), S::load(b.as_ptr()));
+            S::store(out.as_mut_ptr(), lo);
+            S::store(out.as_mut_ptr().add(S::LANES), hi);
+            let (even, odd) = S::deinterleave(lo, hi);
+            S::store(out.as_mut_ptr().add(2 * S::LANES), even);
+            S::store(out.as_mut_ptr().add(3 * S::LANES), odd);
+        }
+        // SAFETY: Portable runs everywhere; the others only where detected.
+        check_interleave::<Portable>(|a, b, o| unsafe { run::<Portable>(a, b, o) });
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(a: &[f32], b: &[f32], o: &mut [f32]) {
+                run::<Avx2>(a, b, o)
+            }
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512(a: &[f32], b: &[f32], o: &mut [f32]) {
+                run::<Avx512>(a, b, o)
+            }
+            if KernelLevel::Avx2.supported() {
+                check_interleave::<Avx2>(|a, b, o| unsafe { avx2(a, b, o) });
+            }
+            if KernelLevel::Avx512.supported() {
+                check_interleave::<Avx512>(|a, b, o| unsafe { avx512(a, b, o) });
             }
         }
     }

@@ -5,10 +5,12 @@
 //! 64-channel 32x32 conv on this Zen 5 core: 2 x 512-bit FMAs a cycle), and onnxruntime is close
 //! behind, so going faster needs less arithmetic (issue 14 item 4).
 //!
-//! Status: opt-in ([`super::direct_conv::WINOGRAD_ENV`]`=1`), because it does not win yet: the
-//! same conv runs at 235 direct-equivalent GFLOP/s (0.92x), its products at ~45 % of the FMA
-//! peak and part of its transforms in scalar code. Correct (tested against the direct kernel
-//! and an f64 reference on every level with a direct conv), so that tuning it can be measured. The transforms (Lavin & Gray, 2015):
+//! Where it runs (`Tiling::winograd_min_ci` in [`super::direct_conv`], from the `probe` test
+//! below: `cargo test --release --lib probe_speed -- --ignored --nocapture`): planes at least
+//! two vectors wide, and on AVX-512 only from 64 input channels (there the direct kernel is at
+//! the FMA peak and Winograd's transforms and buffers eat the gain on small convs).
+//! `DIFFSHIELD_WINOGRAD=0` turns it off. Tested against the direct kernel and an f64 reference
+//! on every level with a direct conv. The transforms (Lavin & Gray, 2015):
 //! `U = G g G^T` per weight 3x3 (once, at load), `V = B^T d B` per 4x4 input patch (stride 2),
 //! 16 products `M_k = U_k V_k` over the channels (one matrix product per k: the hot loop, the
 //! broadcast-FMA register tile of the 1x1 conv with vectors along the tiles of all images of
@@ -84,11 +86,11 @@ const CHUNK_TILES: usize = 48;
 /// Buffers of one work item, reused between calls.
 #[derive(Default)]
 struct Buffers {
-    /// `[16][ci][tiles]`: the transformed input patches.
+    /// `[16][ci][tiles + a vector]`: the transformed input patches.
     v: Vec<f32>,
-    /// `[16][co rounded up to ocb][tiles]`: the products.
+    /// `[16][co rounded up to ocb][tiles + a vector]`: the products.
     m: Vec<f32>,
-    /// The transforms' rows.
+    /// The input transform's split rows.
     rows: Vec<f32>,
 }
 
@@ -107,7 +109,7 @@ struct Grid {
     tw: usize,
 }
 
-/// One work item: tile rows `rows` of image `b`.
+/// One work item: tile rows `rows` of one image.
 struct Chunk<'a> {
     weights: &'a Weights,
     bias: &'a [f32],
@@ -188,8 +190,10 @@ impl Chunk<'_> {
     unsafe fn run<S: Simd, const OCB: usize, const PV: usize>(&self, s: &mut Buffers) {
         let Weights { ci, co, ocb, .. } = *self.weights;
         let (g, tiles) = (self.g, self.tiles);
+        // Rows of v and m are a vector longer than the tiles: the transforms' slack.
+        let stride = tiles + S::LANES;
         let blocks = co.div_ceil(ocb);
-        let (v_len, m_len) = (K * ci * tiles, K * blocks * ocb * tiles);
+        let (v_len, m_len) = (K * ci * stride, K * blocks * ocb * stride);
         if s.v.len() < v_len {
             s.v.resize(v_len, 0.0);
         }
@@ -197,17 +201,12 @@ impl Chunk<'_> {
             s.m.resize(m_len, 0.0);
         }
         let plane = g.h * g.w;
-        // The tiles past the item's only feed products that are never read out; zeroing them
-        // keeps every value finite.
-        let used = self.rows.len() * g.tw;
+        // The tiles past the item's (up to a vector, and the slack) hold whatever the buffers
+        // held: they only feed products that are never read out.
         for c in 0..ci {
-            let v = s.v.as_mut_ptr().add(c * tiles);
+            let v = s.v.as_mut_ptr().add(c * stride);
             let x = &self.x[c * plane..(c + 1) * plane];
-            transform_input(x, &g, self.rows.clone(), v, ci * tiles, &mut s.rows);
-            for k in 0..K {
-                std::slice::from_raw_parts_mut(v.add(k * ci * tiles + used), tiles - used)
-                    .fill(0.0);
-            }
+            transform_input::<S>(x, &g, self.rows.clone(), v, ci * stride, &mut s.rows);
         }
         let product = Product {
             v: s.v.as_ptr(),
@@ -216,20 +215,17 @@ impl Chunk<'_> {
             k: 0,
             ci,
             blocks,
-            tiles,
+            tiles: stride,
             vectors: 0..tiles / S::LANES,
         };
         for k in 0..K {
             Product { k, vectors: product.vectors.clone(), ..product }.run::<S, OCB, PV>();
         }
         for o in 0..co {
-            let job = Output {
-                m: s.m.as_ptr().add(o * tiles),
-                k_stride: blocks * ocb * tiles,
-                bias: self.bias[o],
-            };
+            let m = s.m.as_ptr().add(o * stride);
+            let job = Output { m, k_stride: blocks * ocb * stride, bias: self.bias[o] };
             let y = std::slice::from_raw_parts_mut(self.y.ptr().add(o * plane), plane);
-            transform_output(&job, &g, self.rows.clone(), y, &mut s.rows);
+            transform_output::<S>(&job, &g, self.rows.clone(), y);
         }
     }
 }
@@ -245,13 +241,17 @@ struct Output {
 /// of one channel's `plane` (`h x w`): entry k of the item's tile t goes to
 /// `v[k * k_stride + t]`.
 ///
-/// Vectorised along a tile row: with a padded row split into its even columns `E` and odd
-/// columns `O`, tile j's four columns are `E[j], O[j], E[j+1], O[j+1]`, so `d B` for all tiles of
-/// the row is four contiguous element-wise passes (which the compiler vectorises); `B^T` then
-/// combines four such rows.
-/// Safety: `v` is valid for `16 * k_stride` values past it at the item's tiles.
+/// Vectorised along a tile row: the rows the patches cover are first copied with a zero column
+/// on each side; then for a vector of tiles j, the even and odd lanes of the loads at padded
+/// columns 2 j and 2 j + 2 are the patches' four columns (`E[j], O[j], E[j+1], O[j+1]`), so
+/// `d B` and `B^T` are 32 vector adds in registers. (Splitting each row into even and odd
+/// arrays first and reading them back one lane apart stalled on store forwarding: a quarter of
+/// the transform.) Stores run up to a vector past a tile row: into the next row's tiles
+/// (written after) or the row's slack.
+/// Safety: runs inside a function compiled for `S` on a CPU that has it; `v` is valid for
+/// `16 * k_stride` values past it at the item's tiles plus a vector.
 #[inline(always)]
-unsafe fn transform_input(
+unsafe fn transform_input<S: Simd>(
     plane: &[f32],
     g: &Grid,
     tile_rows: std::ops::Range<usize>,
@@ -261,64 +261,48 @@ unsafe fn transform_input(
 ) {
     let (tw, h, w) = (g.tw, g.h, g.w);
     let first = tile_rows.start;
-    {
-        // Split straight from the plane: a padded copy read back at another alignment cost
-        // store-forwarding stalls (a quarter of the transform).
-        let half = tw + 1;
-        rows.resize(8 * half + 16 * tw, 0.0);
-        let (halves, cols) = rows.split_at_mut(8 * half);
-        for ti in tile_rows {
-            for r in 0..4 {
-                // Patch row r of tile row ti is image row 2 ti + r - 1; even[j] is image
-                // column 2 j - 1 and odd[j] column 2 j (zero outside the image).
-                let (even, odd) = halves[2 * r * half..(2 * r + 2) * half].split_at_mut(half);
-                let y = (2 * ti + r).checked_sub(1).filter(|&y| y < h);
-                let Some(y) = y else {
-                    even.fill(0.0);
-                    odd.fill(0.0);
-                    continue;
-                };
-                let row = &plane[y * w..(y + 1) * w];
-                even[0] = 0.0;
-                for (j, e) in even[1..=w / 2].iter_mut().enumerate() {
-                    *e = row[2 * j + 1];
-                }
-                even[w / 2 + 1..].fill(0.0);
-                let full = w.div_ceil(2);
-                for (j, o) in odd[..full].iter_mut().enumerate() {
-                    *o = row[2 * j];
-                }
-                odd[full..].fill(0.0);
+    let lanes = S::LANES;
+    // Padded row: column C is image column C - 1. Only columns 0..=2 tw + 1 must be right;
+    // the loads of the last vector reach 2 lanes further, which only make tiles past the row.
+    let pw = 2 * tw + 2 * lanes + 2;
+    let count = 2 * tile_rows.len() + 2;
+    rows.resize(count * pw, 0.0);
+    for i in 0..count {
+        let dst = &mut rows[i * pw..(i + 1) * pw];
+        match (2 * first + i).checked_sub(1).filter(|&y| y < h) {
+            Some(y) => {
+                dst[0] = 0.0;
+                dst[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                // Image columns w and (odd w) w + 1 are outside the image.
+                dst[w + 1] = 0.0;
+                dst[w + 2] = 0.0;
             }
-            // cols[r][c][j]: row r of tile j times B.
-            for r in 0..4 {
-                let even = &halves[2 * r * half..(2 * r + 1) * half];
-                let odd = &halves[(2 * r + 1) * half..(2 * r + 2) * half];
-                let out = &mut cols[4 * r * tw..4 * (r + 1) * tw];
-                let (c01, c23) = out.split_at_mut(2 * tw);
-                let (c0, c1) = c01.split_at_mut(tw);
-                let (c2, c3) = c23.split_at_mut(tw);
-                for j in 0..tw {
-                    let (e0, o0, e1, o1) = (even[j], odd[j], even[j + 1], odd[j + 1]);
-                    c0[j] = e0 - e1;
-                    c1[j] = o0 + e1;
-                    c2[j] = e1 - o0;
-                    c3[j] = o0 - o1;
-                }
+            None => dst[..2 * tw + 2].fill(0.0),
+        }
+    }
+    let padded = rows.as_ptr();
+    for ti in tile_rows {
+        let top = padded.add(2 * (ti - first) * pw);
+        let base = v.add((ti - first) * tw);
+        for j in (0..tw).step_by(lanes) {
+            let mut col = [[S::zero(); 4]; 4];
+            for (r, col) in col.iter_mut().enumerate() {
+                let p = top.add(r * pw + 2 * j);
+                let (e0, o0) = S::deinterleave(S::load(p), S::load(p.add(lanes)));
+                let (e1, o1) = S::deinterleave(S::load(p.add(2)), S::load(p.add(2 + lanes)));
+                *col = [S::sub(e0, e1), S::add(o0, e1), S::sub(e1, o0), S::sub(o0, o1)];
             }
-            let base = (ti - first) * tw;
+            // c picks a column across the four rows.
+            #[allow(clippy::needless_range_loop)]
             for c in 0..4 {
-                let row = |r: usize| &cols[(4 * r + c) * tw..(4 * r + c + 1) * tw];
-                let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
-                let out = |a: usize| {
-                    std::slice::from_raw_parts_mut(v.add((a * 4 + c) * k_stride + base), tw)
-                };
-                let (v0, v1, v2, v3) = (out(0), out(1), out(2), out(3));
-                for j in 0..tw {
-                    v0[j] = r0[j] - r2[j];
-                    v1[j] = r1[j] + r2[j];
-                    v2[j] = r2[j] - r1[j];
-                    v3[j] = r1[j] - r3[j];
+                let out = [
+                    S::sub(col[0][c], col[2][c]),
+                    S::add(col[1][c], col[2][c]),
+                    S::sub(col[2][c], col[1][c]),
+                    S::sub(col[1][c], col[3][c]),
+                ];
+                for (a, &val) in out.iter().enumerate() {
+                    S::store(base.add((a * 4 + c) * k_stride + j), val);
                 }
             }
         }
@@ -326,54 +310,53 @@ unsafe fn transform_input(
 }
 
 /// `Y = A^T M A + bias` for tile rows `tile_rows` of one output channel (`job`); writes their
-/// output rows of the `h x w` `plane`. Vectorised along a tile row like [`transform_input`];
-/// the two output columns of each tile are interleaved on the way out.
-/// Safety: `job.m` is valid for `16 * job.k_stride` values past it at the item's tiles.
+/// output rows of the `h x w` `plane`. A vector of tiles at a time in registers; the two output
+/// columns of each tile are interleaved on the way out. Reads run up to a vector past a tile
+/// row (into the row's slack; those lanes are dropped).
+/// Safety: as [`transform_input`]; `job.m` is valid for `16 * job.k_stride` values past it at
+/// the item's tiles plus a vector.
 #[inline(always)]
-unsafe fn transform_output(
+unsafe fn transform_output<S: Simd>(
     job: &Output,
     g: &Grid,
     tile_rows: std::ops::Range<usize>,
     plane: &mut [f32],
-    rows: &mut Vec<f32>,
 ) {
     let (tw, h, w) = (g.tw, g.h, g.w);
     let Output { m, k_stride, bias } = *job;
     let first = tile_rows.start;
-    rows.resize(12 * tw, 0.0);
+    let bias = S::splat(bias);
+    let lanes = S::LANES;
     for ti in tile_rows {
-        let base = (ti - first) * tw;
-        let e = |k: usize| std::slice::from_raw_parts(m.add(k * k_stride + base), tw);
-        // t[r][c][j] = (A^T M)[r][c] of tile j, for r = 0, 1.
-        let (t0, rest) = rows.split_at_mut(4 * tw);
-        let (t1, out) = rest.split_at_mut(4 * tw);
-        for c in 0..4 {
-            let (m0, m1, m2, m3) = (e(c), e(4 + c), e(8 + c), e(12 + c));
-            let (a, bb) = (&mut t0[c * tw..(c + 1) * tw], &mut t1[c * tw..(c + 1) * tw]);
-            for j in 0..tw {
-                a[j] = m0[j] + m1[j] + m2[j];
-                bb[j] = m1[j] - m2[j] - m3[j];
+        let base = m.add((ti - first) * tw);
+        for j in (0..tw).step_by(lanes) {
+            let e = |k: usize| S::load(base.add(k * k_stride + j));
+            let mut t = [[S::zero(); 4]; 2];
+            // c picks a column across the rows of M and both rows of t.
+            #[allow(clippy::needless_range_loop)]
+            for c in 0..4 {
+                let (m1, m2) = (e(4 + c), e(8 + c));
+                t[0][c] = S::add(S::add(e(c), m1), m2);
+                t[1][c] = S::sub(S::sub(m1, m2), e(12 + c));
             }
-        }
-        for (r, t) in [&*t0, &*t1].into_iter().enumerate() {
-            let y = 2 * ti + r;
-            if y >= h {
-                break;
-            }
-            let (c0, c1, c2, c3) = (&t[..tw], &t[tw..2 * tw], &t[2 * tw..3 * tw], &t[3 * tw..]);
-            let (left, right) = out.split_at_mut(2 * tw);
-            for j in 0..tw {
-                left[j] = c0[j] + c1[j] + c2[j] + bias;
-                right[j] = c1[j] - c2[j] - c3[j] + bias;
-            }
-            let dst = &mut plane[y * w..(y + 1) * w];
-            let (pairs, last) = dst.split_at_mut(w / 2 * 2);
-            for (j, pair) in pairs.chunks_exact_mut(2).enumerate() {
-                pair[0] = left[j];
-                pair[1] = right[j];
-            }
-            if let Some(d) = last.first_mut() {
-                *d = left[w / 2];
+            for (r, t) in t.iter().enumerate() {
+                let y = 2 * ti + r;
+                if y >= h {
+                    break;
+                }
+                let left = S::add(S::add(S::add(t[0], t[1]), t[2]), bias);
+                let right = S::add(S::sub(S::sub(t[1], t[2]), t[3]), bias);
+                let (lo, hi) = S::interleave(left, right);
+                let (x0, dst) = (2 * j, plane.as_mut_ptr().add(y * w));
+                if x0 + 2 * lanes <= w {
+                    S::store(dst.add(x0), lo);
+                    S::store(dst.add(x0 + lanes), hi);
+                } else {
+                    let mut tmp = [0f32; 32];
+                    S::store(tmp.as_mut_ptr(), lo);
+                    S::store(tmp.as_mut_ptr().add(lanes), hi);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.add(x0), w - x0);
+                }
             }
         }
     }
@@ -434,6 +417,50 @@ impl Product {
         for (j, row) in acc.iter().enumerate() {
             for (p, &a) in row.iter().enumerate() {
                 S::store(m.add(j * self.tiles + p * S::LANES), a);
+            }
+        }
+    }
+}
+
+/// Direct against Winograd on single convs, one thread, both levels (a timing, so ignored;
+/// run it with `--ignored --nocapture` to re-derive `winograd_min_ci`).
+#[cfg(test)]
+mod probe {
+    use crate::backend::conv_kernel::ConvKernel;
+    use crate::backend::direct_conv::DirectConv;
+    use crate::backend::simd::KernelLevel;
+    #[test]
+    #[ignore]
+    fn probe_speed() {
+        for &(n, ci, co, h) in &[
+            (1usize, 32usize, 32usize, 32usize),
+            (8, 32, 32, 32),
+            (1, 64, 64, 32),
+            (8, 64, 64, 32),
+            (1, 64, 64, 16),
+            (8, 64, 64, 16),
+            (1, 128, 128, 16),
+            (8, 128, 128, 16),
+            (1, 96, 64, 32),
+            (8, 192, 128, 16),
+        ] {
+            let x = crate::backend::test_values::values(n * ci * h * h, 1);
+            let w = crate::backend::test_values::values(co * ci * 9, 2);
+            for level in [KernelLevel::Avx512, KernelLevel::Avx2] {
+                let direct = DirectConv::new(&w, &[0.0], co, ci, 3, level).unwrap();
+                let wg = direct.clone().with_winograd(&w, true);
+                let mut y = vec![0f32; n * co * h * h];
+                let mut t = [0.0; 2];
+                for (i, conv) in [&direct, &wg].into_iter().enumerate() {
+                    conv.run(&x, n, h, h, None, &mut y).unwrap();
+                    let reps = 400 / n;
+                    let s = std::time::Instant::now();
+                    for _ in 0..reps {
+                        conv.run(&x, n, h, h, None, &mut y).unwrap();
+                    }
+                    t[i] = s.elapsed().as_secs_f64() / reps as f64 * 1e6;
+                }
+                eprintln!("{level:?} n{n} {ci}->{co} {h}x{h}: direct {:.0} us, winograd {:.0} us, speedup {:.2}", t[0], t[1], t[0] / t[1]);
             }
         }
     }
