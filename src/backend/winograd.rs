@@ -24,6 +24,9 @@
 //! and transforming back into its own output rows, all in its thread's buffers. Each item
 //! writes its own values in a fixed order, so results are bit-identical for any thread count.
 
+// The levels that run it are x86-64 only; elsewhere the code is type-checked but never runs.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables, unused_unsafe))]
+
 use super::par::SyncPtr;
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
