@@ -757,3 +757,31 @@ fn an_unavailable_gradient_device_is_refused() {
     #[cfg(not(feature = "wgpu"))]
     assert_user_error(&attack("wgpu"), "--features wgpu");
 }
+
+/// Kernel levels from the environment: a level the CPU lacks or a typo is a named user error;
+/// int8 where our VNNI kernel cannot run says it is slower than f32 there (forced avx2 here,
+/// where the CPU has AVX2; otherwise the test says it did not run that case).
+#[test]
+fn forced_kernel_levels_are_checked_and_int8_without_vnni_warns() {
+    let run = |level: &str, extra: &[&str]| {
+        let mut args = vec!["classify", "samples/02_cat.png", "--votes", "1", "--stride", "70"];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_diffshield"))
+            .args(&args)
+            .env("DIFFSHIELD_KERNELS", level)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("binary runs")
+    };
+    assert_user_error(&run("neon", &[]), "unknown kernel level \"neon\"");
+    let portable = run("portable", &[]);
+    assert!(portable.status.success(), "{}", String::from_utf8_lossy(&portable.stderr));
+    if !diffshield::backend::KernelLevel::Avx2.supported() {
+        println!("int8 at level avx2: not run, this CPU has no AVX2 + FMA");
+        return;
+    }
+    let out = run("avx2", &["--precision", "int8"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("without AVX-512 VNNI runs on tract's own int8 ops"), "{err}");
+}
