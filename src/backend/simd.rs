@@ -13,7 +13,8 @@
 pub enum KernelLevel {
     /// tract's own ops everywhere (this crate's graph passes off).
     Tract,
-    /// The fused GroupNorm and attention in plain Rust; convolutions stay tract's.
+    /// The fused GroupNorm and attention in plain Rust; convolutions stay tract's. The best
+    /// level on CPUs other than x86-64 (ARM).
     Portable,
     /// AVX2 + FMA kernels (8-lane tiles); int8 convs stay tract's.
     Avx2,
@@ -56,9 +57,16 @@ impl KernelLevel {
         }
     }
 
-    /// The fastest level this CPU runs.
+    /// The fastest level this CPU runs: avx512, else avx2, else `tract` on x86-64 (there the
+    /// portable level, compiled for SSE2, measured 0.88-0.96x of tract's own SSE2 path in
+    /// benches/compare_levels.py --isa sse2) and `portable` on every other CPU (ARM: NEON).
     pub fn best() -> KernelLevel {
-        KernelLevel::ALL.into_iter().find(|l| l.supported()).unwrap_or(KernelLevel::Portable)
+        let fallback =
+            if cfg!(target_arch = "x86_64") { KernelLevel::Tract } else { KernelLevel::Portable };
+        [KernelLevel::Avx512, KernelLevel::Avx2]
+            .into_iter()
+            .find(|l| l.supported())
+            .unwrap_or(fallback)
     }
 
     /// The level named by `name` ([`KernelLevel::name`]). Errors name the choices, and the
