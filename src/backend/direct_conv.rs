@@ -658,17 +658,24 @@ fn pad_planes(dst: &mut [f32], x: &[f32], h: usize, w: usize, pad: usize) {
     }
 }
 
-/// One output-channel block's view of the buffers.
-struct Tile {
-    x: *const f32,
-    plane: usize,
-    wp: usize,
-    ci: usize,
-    w: *const f32,
-    bias: *const f32,
-    out: *mut f32,
-    out_stride: usize,
-    channels: usize,
+/// One output-channel block's view of the buffers. Also the matrix product of
+/// [`super::winograd`] (a 1x1 conv over its transformed tiles).
+pub(super) struct Tile {
+    /// The input: channel `i`'s values start `i * plane` past it.
+    pub(super) x: *const f32,
+    pub(super) plane: usize,
+    /// Padded row length (3x3 taps only).
+    pub(super) wp: usize,
+    pub(super) ci: usize,
+    /// The block's packed weights, `[ci][taps][OCB]`.
+    pub(super) w: *const f32,
+    /// `OCB` starting values of the sums.
+    pub(super) bias: *const f32,
+    /// The output: channel `j`'s values start `j * out_stride` past it.
+    pub(super) out: *mut f32,
+    pub(super) out_stride: usize,
+    /// Channels stored (the rest of the block is padding).
+    pub(super) channels: usize,
 }
 
 impl Tile {
@@ -691,8 +698,10 @@ impl Tile {
 
     /// Accumulates `N` pixel vectors of `OCB` output channels over `T` taps in registers and
     /// stores them.
+    /// Safety: runs inside a function compiled for `S` on a CPU that has it; the pointers hold
+    /// what the fields say for these offsets.
     #[inline(always)]
-    unsafe fn run<S: Simd, const OCB: usize, const N: usize, const T: usize>(
+    pub(super) unsafe fn run<S: Simd, const OCB: usize, const N: usize, const T: usize>(
         &self,
         taps: [usize; T],
         input: [usize; N],

@@ -27,6 +27,7 @@
 // The levels that run it are x86-64 only; elsewhere the code is type-checked but never runs.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables, unused_unsafe))]
 
+use super::direct_conv::Tile;
 use super::par::SyncPtr;
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
@@ -398,30 +399,26 @@ impl Product {
         }
     }
 
+    /// Tile vectors `first .. first + N` of output-channel block `block`: the direct conv's
+    /// 1x1 register tile, with the sums starting from zero (the bias is added on the way out).
     #[inline(always)]
     unsafe fn tile<S: Simd, const OCB: usize, const N: usize>(&self, block: usize, first: usize) {
-        let v = self.v.add(self.k * self.ci * self.tiles + first * S::LANES);
-        let u = self.u.add((self.k * self.blocks + block) * self.ci * OCB);
-        let mut acc = [[S::zero(); N]; OCB];
-        for c in 0..self.ci {
-            let vc = v.add(c * self.tiles);
-            let mut xv = [S::zero(); N];
-            for (p, xv) in xv.iter_mut().enumerate() {
-                *xv = S::load(vc.add(p * S::LANES));
-            }
-            for (j, row) in acc.iter_mut().enumerate() {
-                let wv = S::splat(*u.add(c * OCB + j));
-                for p in 0..N {
-                    row[p] = S::fma(wv, xv[p], row[p]);
-                }
-            }
-        }
-        let m = self.m.add((self.k * self.blocks + block) * OCB * self.tiles + first * S::LANES);
-        for (j, row) in acc.iter().enumerate() {
-            for (p, &a) in row.iter().enumerate() {
-                S::store(m.add(j * self.tiles + p * S::LANES), a);
-            }
-        }
+        /// The zero starting sums (OCB is at most 8).
+        const ZEROS: [f32; 8] = [0.0; 8];
+        const { assert!(OCB <= ZEROS.len()) };
+        let tile = Tile {
+            x: self.v.add(self.k * self.ci * self.tiles),
+            plane: self.tiles,
+            wp: 0,
+            ci: self.ci,
+            w: self.u.add((self.k * self.blocks + block) * self.ci * OCB),
+            bias: ZEROS.as_ptr(),
+            out: self.m.add((self.k * self.blocks + block) * OCB * self.tiles),
+            out_stride: self.tiles,
+            channels: OCB,
+        };
+        let at: [usize; N] = std::array::from_fn(|p| (first + p) * S::LANES);
+        tile.run::<S, OCB, N, 1>([0], at, at)
     }
 }
 
@@ -450,7 +447,8 @@ mod probe {
             let x = crate::backend::test_values::values(n * ci * h * h, 1);
             let w = crate::backend::test_values::values(co * ci * 9, 2);
             for level in [KernelLevel::Avx512, KernelLevel::Avx2] {
-                let direct = DirectConv::new(&w, &[0.0], co, ci, 3, level).unwrap();
+                let direct =
+                    DirectConv::new(&w, &[0.0], co, ci, 3, level).unwrap().with_winograd(&w, false);
                 let wg = direct.clone().with_winograd(&w, true);
                 let mut y = vec![0f32; n * co * h * h];
                 let mut t = [0.0; 2];
