@@ -28,12 +28,14 @@ pub const MAX_THREADS_PER_CORE: usize = 4;
 #[derive(Debug, Clone, Default)]
 pub struct CpuThreads {
     pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+    /// tract's own ops: the same pool, or one thread when [`TRACT_THREADS_ENV`] is `0`.
+    tract: Executor,
 }
 
 impl CpuThreads {
     /// Everything on the calling thread.
     pub fn single() -> Self {
-        Self { pool: None }
+        Self { pool: None, tract: Executor::SingleThread }
     }
 
     /// `threads` threads: refused when 0 or more than [`MAX_THREADS_PER_CORE`] per core of this
@@ -61,32 +63,27 @@ impl CpuThreads {
                      limit (ulimit -u): ask for fewer"
                 ))
             })?;
-        Ok(Self { pool: Some(std::sync::Arc::new(pool)) })
-    }
-
-    /// Threads of this pool (1: the calling thread).
-    pub fn count(&self) -> usize {
-        self.pool.as_ref().map_or(1, |p| p.current_num_threads())
+        let pool = std::sync::Arc::new(pool);
+        let tract = if tract_threads_enabled() {
+            Executor::MultiThread(pool.clone())
+        } else {
+            Executor::SingleThread
+        };
+        Ok(Self { pool: Some(pool), tract })
     }
 
     /// Runs `f` with these threads as the pool of this crate's kernels and of tract's own ops
-    /// (its matrix products and element-wise kernels) when [`TRACT_THREADS_ENV`] allows it.
+    /// (its matrix products and element-wise kernels) unless [`TRACT_THREADS_ENV`] said no.
     /// With a pool, the whole run moves onto one of its threads: the calling thread would
     /// otherwise do the serial work between the kernels while the pool's idle threads spin,
     /// three busy threads on two cores (batch-1 calls ran 2.3x slower that way).
     fn scope<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match &self.pool {
             None => f(),
-            Some(pool) => {
-                let tract = if tract_threads_enabled() {
-                    Executor::MultiThread(pool.clone())
-                } else {
-                    Executor::SingleThread
-                };
-                pool.install(|| {
-                    super::par::scope(Some(pool.clone()), || multithread_tract_scope(tract, f))
-                })
-            }
+            Some(pool) => pool.install(|| {
+                let tract = self.tract.clone();
+                super::par::scope(Some(pool.clone()), || multithread_tract_scope(tract, f))
+            }),
         }
     }
 }
