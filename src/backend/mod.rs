@@ -83,20 +83,15 @@ pub fn engine(config: &DefenseConfig) -> Result<Engine> {
     Ok(engine)
 }
 
-/// True when int8 models run on this crate's int8 conv here (kernel level avx512 on a CPU with
-/// AVX-512 VNNI); elsewhere tract's own int8 ops run them.
-fn int8_kernels() -> bool {
-    KernelLevel::from_env().is_ok_and(|l| l == KernelLevel::Avx512)
-        && quant_conv::QuantConv::supported()
-}
-
 /// Loads the denoiser tier and the classifier of `manifest` on the engine `config` names.
 pub fn load(
     manifest: &Manifest,
     config: &DefenseConfig,
 ) -> Result<(Box<dyn Denoiser>, Box<dyn Classifier>)> {
     let engine = engine(config)?;
-    if matches!(engine, Engine::Cpu(_)) && config.precision == Precision::Int8 && !int8_kernels() {
+    // Where this crate's int8 conv cannot run, tract's own int8 ops run the int8 models.
+    let int8_kernels = KernelLevel::from_env().is_ok_and(quant_conv::QuantConv::available);
+    if matches!(engine, Engine::Cpu(_)) && config.precision == Precision::Int8 && !int8_kernels {
         // Measured on an AVX2-only configuration (DIFFSHIELD_KERNELS=avx2 with tract held to
         // AVX2, benches/compare_int8.py): tract's int8 frames 5.6-6x slower than our f32 ones.
         log::warn!(

@@ -72,6 +72,11 @@ impl QuantConv {
         }
     }
 
+    /// True when `level` runs this kernel here: level avx512 on a CPU with AVX-512 VNNI.
+    pub fn available(level: super::simd::KernelLevel) -> bool {
+        level == super::simd::KernelLevel::Avx512 && Self::supported()
+    }
+
     /// Packs `weights` (OIHW s8, `co x ci x k x k`, k = 3 or 1, zero point 0), their scales
     /// (`co` values or one for all) and the int32 `bias` (scale = input scale x weight scale;
     /// `co` values, or none). `input_scale` is the input's scale (f32 per u8 step). None when

@@ -22,7 +22,7 @@ use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearU8};
 /// [`QuantConv`]. Returns
 /// how many it replaced (0 below kernel level avx512 and on CPUs without AVX-512 VNNI).
 pub fn use_quant_convs(model: &mut TypedModel, level: KernelLevel) -> TractResult<usize> {
-    if level != KernelLevel::Avx512 || !QuantConv::supported() {
+    if !QuantConv::available(level) {
         return Ok(0);
     }
     super::tract_opt::replace_matches(model, "int8_conv", |model, id| {
