@@ -72,9 +72,9 @@ impl AttentionShape {
     }
 }
 
-/// Attention of one image on `level`: `q`, `k`, `v` and `out` are `channels x pixels`,
-/// row-major. Errors as [`attend_images`] does.
-#[cfg_attr(not(test), allow(dead_code))]
+/// Attention of one image on `level` (the tests' form): `q`, `k`, `v` and `out` are
+/// `channels x pixels`, row-major. Errors as [`attend_images`] does.
+#[cfg(test)]
 pub fn attend(
     level: KernelLevel,
     shape: AttentionShape,
