@@ -94,7 +94,7 @@ struct Buffers {
     v: Vec<f32>,
     /// `[16][co rounded up to ocb][tiles + a vector]`: the products.
     m: Vec<f32>,
-    /// The input transform's split rows.
+    /// The input transform's zero-padded rows.
     rows: Vec<f32>,
 }
 
@@ -123,7 +123,7 @@ struct Chunk<'a> {
     y: SyncPtr<f32>,
     g: Grid,
     rows: std::ops::Range<usize>,
-    /// Tiles of the item rounded up to whole vectors (the row length of `v` and `m`).
+    /// Tiles of the item rounded up to whole vectors (`v` and `m` rows are a vector longer).
     tiles: usize,
 }
 
@@ -216,14 +216,13 @@ impl Chunk<'_> {
             v: s.v.as_ptr(),
             u: self.weights.u.as_ptr(),
             m: s.m.as_mut_ptr(),
-            k: 0,
             ci,
             blocks,
-            tiles: stride,
-            vectors: 0..tiles / S::LANES,
+            stride,
+            vectors: tiles / S::LANES,
         };
         for k in 0..K {
-            Product { k, vectors: product.vectors.clone(), ..product }.run::<S, OCB, PV>();
+            product.run::<S, OCB, PV>(k);
         }
         for o in 0..co {
             let m = s.m.as_ptr().add(o * stride);
@@ -366,55 +365,63 @@ unsafe fn transform_output<S: Simd>(
     }
 }
 
-/// One product item: `m[k][o][t] = sum_c u[k][o][c] v[k][c][t]` for every output channel and
-/// the tile vectors `vectors`.
+/// The 16 products of one item: `m[k][o][t] = sum_c u[k][o][c] v[k][c][t]` for every output
+/// channel `o` and the item's tile vectors.
 struct Product {
     v: *const f32,
     u: *const f32,
     m: *mut f32,
-    k: usize,
     ci: usize,
     blocks: usize,
-    tiles: usize,
-    vectors: std::ops::Range<usize>,
+    /// Row length of `v` and `m` (the item's tiles and the slack).
+    stride: usize,
+    /// Tile vectors of the item.
+    vectors: usize,
 }
 
 impl Product {
-    /// Every output-channel block over the item's tile vectors, `OCB x PV` accumulators.
+    /// Product `k`: every output-channel block over the item's tile vectors, `OCB x PV`
+    /// accumulators.
     /// Safety: runs inside a function compiled for `S` on a CPU that has it.
     #[inline(always)]
-    unsafe fn run<S: Simd, const OCB: usize, const PV: usize>(&self) {
+    unsafe fn run<S: Simd, const OCB: usize, const PV: usize>(&self, k: usize) {
         for block in 0..self.blocks {
-            let mut p = self.vectors.start;
-            while p + PV <= self.vectors.end {
-                self.tile::<S, OCB, PV>(block, p);
+            let mut p = 0;
+            while p + PV <= self.vectors {
+                self.tile::<S, OCB, PV>(k, block, p);
                 p += PV;
             }
             // Fewer than PV (at most 3) vectors remain.
-            match self.vectors.end - p {
-                2 => self.tile::<S, OCB, 2>(block, p),
-                1 => self.tile::<S, OCB, 1>(block, p),
+            match self.vectors - p {
+                2 => self.tile::<S, OCB, 2>(k, block, p),
+                1 => self.tile::<S, OCB, 1>(k, block, p),
                 _ => {}
             }
         }
     }
 
-    /// Tile vectors `first .. first + N` of output-channel block `block`: the direct conv's
-    /// 1x1 register tile, with the sums starting from zero (the bias is added on the way out).
+    /// Tile vectors `first .. first + N` of output-channel block `block` of product `k`: the
+    /// direct conv's 1x1 register tile, with the sums starting from zero (the bias is added on
+    /// the way out).
     #[inline(always)]
-    unsafe fn tile<S: Simd, const OCB: usize, const N: usize>(&self, block: usize, first: usize) {
+    unsafe fn tile<S: Simd, const OCB: usize, const N: usize>(
+        &self,
+        k: usize,
+        block: usize,
+        first: usize,
+    ) {
         /// The zero starting sums (OCB is at most 8).
         const ZEROS: [f32; 8] = [0.0; 8];
         const { assert!(OCB <= ZEROS.len()) };
         let tile = Tile {
-            x: self.v.add(self.k * self.ci * self.tiles),
-            plane: self.tiles,
+            x: self.v.add(k * self.ci * self.stride),
+            plane: self.stride,
             wp: 0,
             ci: self.ci,
-            w: self.u.add((self.k * self.blocks + block) * self.ci * OCB),
+            w: self.u.add((k * self.blocks + block) * self.ci * OCB),
             bias: ZEROS.as_ptr(),
-            out: self.m.add((self.k * self.blocks + block) * OCB * self.tiles),
-            out_stride: self.tiles,
+            out: self.m.add((k * self.blocks + block) * OCB * self.stride),
+            out_stride: self.stride,
             channels: OCB,
         };
         let at: [usize; N] = std::array::from_fn(|p| (first + p) * S::LANES);
