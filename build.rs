@@ -87,13 +87,117 @@ mod twin {
                 name.to_uppercase(),
                 fnv1a64(&bytes)
             );
+            // `Bytes`: the generated code embeds no weights; the runtime rebuilds the burnpack
+            // from the deployed ONNX file (src/grad/twin_weights.rs) with the table below.
             burn_onnx::ModelGen::new()
                 .input(onnx.to_str().expect("models path is UTF-8"))
                 .out_dir("twin/")
-                .load_strategy(burn_onnx::LoadStrategy::Embedded)
+                .load_strategy(burn_onnx::LoadStrategy::Bytes)
                 .run_from_script();
+            super::twin_weights::split(name, &bytes, &out.join("twin"));
         }
         std::fs::write(out.join("twin/fingerprints.rs"), fingerprints)
             .expect("twin: writing fingerprints");
+    }
+}
+
+/// Splits the burnpack burn-onnx wrote into tensors the ONNX file holds verbatim (or as the
+/// transpose of a 2-D initializer: a MatMul weight becomes a Linear's) and the rest, which
+/// burn-onnx computed (folded constants). The first are recorded as a table of where to find
+/// them in the ONNX file; only the rest is embedded in the binary. That keeps one copy of the
+/// weights, in models/, instead of a second ~60 MB one inside every binary with twins.
+#[cfg(feature = "twin")]
+mod twin_weights {
+    use burn_store::burn_pack::{Bytes, DType, Reader, Tensor, Writer};
+    use onnx_ir::Message as _;
+    use std::collections::HashMap;
+    use std::fmt::Write as _;
+    use std::path::Path;
+
+    /// ONNX's `TensorProto.DataType.FLOAT`.
+    const ONNX_FLOAT: i32 = 1;
+
+    /// The little-endian bytes of every f32 tensor the ONNX graph stores, keyed by content,
+    /// each naming the first initializer (or Constant node output) that holds it.
+    fn onnx_tensors(onnx: &[u8]) -> HashMap<Vec<u8>, String> {
+        let model = onnx_ir::ModelProto::parse_from_bytes(onnx).expect("twin: parsing ONNX");
+        let graph = model.graph.as_ref().expect("twin: ONNX model without a graph");
+        let constants = graph.node.iter().filter(|n| n.op_type == "Constant").filter_map(|n| {
+            let value = n.attribute.iter().find(|a| a.name == "value")?;
+            Some((n.output.first()?.clone(), value.t.as_ref()?))
+        });
+        let mut found = HashMap::new();
+        let initializers = graph.initializer.iter().map(|t| (t.name.clone(), t));
+        for (name, t) in initializers.chain(constants) {
+            if t.data_type != ONNX_FLOAT {
+                continue;
+            }
+            let bytes = if t.raw_data.is_empty() {
+                t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            } else {
+                t.raw_data.to_vec()
+            };
+            found.entry(bytes).or_insert(name);
+        }
+        found
+    }
+
+    fn transposed(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+        let mut t = vec![0u8; bytes.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                let (from, to) = ((r * cols + c) * 4, (c * rows + r) * 4);
+                t[to..to + 4].copy_from_slice(&bytes[from..from + 4]);
+            }
+        }
+        t
+    }
+
+    pub fn split(name: &str, onnx: &[u8], dir: &Path) {
+        let bpk = dir.join(format!("{name}.bpk"));
+        let tensors = Reader::from_file(&bpk)
+            .and_then(Reader::into_tensors)
+            .unwrap_or_else(|e| panic!("twin: reading {}: {e}", bpk.display()));
+        let in_onnx = onnx_tensors(onnx);
+        let mut table = String::new();
+        let mut rest = Vec::new();
+        for t in tensors {
+            let (key, dtype, shape, id, bytes) = t.into_parts().expect("twin: burnpack tensor");
+            let dims = shape.to_vec();
+            let source = match (dtype, dims.as_slice()) {
+                (DType::F32, _) if in_onnx.contains_key(&bytes[..]) => {
+                    Some((&in_onnx[&bytes[..]], false))
+                }
+                (DType::F32, &[rows, cols]) => {
+                    in_onnx.get(&transposed(&bytes, rows, cols)).map(|n| (n, true))
+                }
+                _ => None,
+            };
+            match source {
+                Some((onnx_name, transpose)) => {
+                    let _ = writeln!(
+                        table,
+                        "    FromOnnx {{ key: {key:?}, onnx: {onnx_name:?}, shape: &{dims:?}, \
+                         transpose: {transpose} }},"
+                    );
+                }
+                None => rest.push(Tensor::new(key, dtype, shape, id, bytes)),
+            }
+        }
+        let rest_bytes: Bytes = Writer::new(rest).into_bytes().expect("twin: writing rest");
+        let rest_path = dir.join(format!("{name}.rest.bpk"));
+        std::fs::write(&rest_path, &rest_bytes[..]).expect("twin: writing rest");
+        // The full burnpack is not needed any more (nothing includes it): keep target/ small.
+        let _ = std::fs::remove_file(&bpk);
+        let code = format!(
+            "/// Where each of the twin's tensors lies in the ONNX file it was generated from.\n\
+             pub const FROM_ONNX: &[FromOnnx] = &[\n{table}];\n\
+             /// The tensors burn-onnx computed itself, as a burnpack ({} bytes).\n\
+             pub static REST: &[u8] = include_bytes!({:?});\n",
+            rest_bytes.len(),
+            rest_path.display().to_string()
+        );
+        std::fs::write(dir.join(format!("{name}_weights.rs")), code)
+            .expect("twin: writing weight table");
     }
 }

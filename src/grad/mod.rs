@@ -12,6 +12,8 @@ pub mod purifier;
 
 #[cfg(feature = "twin")]
 pub mod burn_twin;
+#[cfg(feature = "twin")]
+mod twin_weights;
 
 use crate::backend::{Classifier, Denoiser};
 use crate::error::{Error, Result};
