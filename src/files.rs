@@ -1,5 +1,6 @@
 //! File output that never leaves a partial file: everything the library writes (reports, caches,
-//! plots, PNGs) goes through [`write_atomically`] or [`write_atomically_with`].
+//! plots, PNGs) goes through [`write_atomically`] or [`write_atomically_with`]; and the digests
+//! that outputs quote of their inputs ([`sha256_file`]).
 
 use crate::error::{Error, Result};
 use std::fs::{self, File};
@@ -146,6 +147,15 @@ fn write_and_sync(tmp: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> Result<
     let file =
         writer.into_inner().map_err(|e| Error::Io { path: tmp.into(), source: e.into_error() })?;
     file.sync_all().map_err(io_err(tmp))
+}
+
+/// SHA-256 of a whole file, as `sha256:` and 64 hex digits (what model cards and RobustBench
+/// entries quote).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let bytes = fs::read(path).map_err(io_err(path))?;
+    let digest = sha2::Sha256::digest(&bytes);
+    Ok(format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()))
 }
 
 #[cfg(test)]

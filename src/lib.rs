@@ -90,6 +90,7 @@ pub mod input;
 pub mod manifest;
 pub mod noise;
 pub mod pipeline;
+pub mod purified_set;
 pub mod purify;
 pub mod schedule;
 pub(crate) mod stats;

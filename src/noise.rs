@@ -46,6 +46,9 @@ pub enum NoiseDomain {
         /// The evaluation run, from 0.
         run: u32,
     },
+    /// A purified training set ([`crate::purified_set`]): frame = the image's index in the set,
+    /// vote = the noise draw.
+    TrainingSet,
 }
 
 impl NoiseDomain {
@@ -61,6 +64,7 @@ impl NoiseDomain {
             NoiseDomain::AttackEot { cell, attack } => tagged(3, cell, attack),
             NoiseDomain::AttackQuery { cell, query } => tagged(4, cell, query),
             NoiseDomain::Evaluation { cell, run } => tagged(5, cell, run),
+            NoiseDomain::TrainingSet => tagged(6, 0, 0),
         }
     }
 }

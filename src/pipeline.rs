@@ -210,6 +210,19 @@ impl Pipeline {
         Ok(self.run_purification(frames, ids, self.votes, steps, None)?.images)
     }
 
+    /// Like [`Pipeline::purify_votes`] with the noise streams of `domain`: frame i is frame
+    /// `first_frame + i` of that domain.
+    pub fn purify_votes_in(
+        &mut self,
+        frames: ArrayView4<f32>,
+        domain: NoiseDomain,
+        first_frame: u64,
+    ) -> Result<Array4<f32>> {
+        let steps = self.plan.steps().len();
+        let ids = FrameIds { domain, first: first_frame };
+        Ok(self.run_purification(frames, ids, self.votes, steps, None)?.images)
+    }
+
     /// Classifies `frames` (\[0,1\] pixels, NCHW at the models' input size) through the defence;
     /// frame i is deployed frame `first_frame + i` ([`NoiseDomain::Frames`]).
     pub fn decide(&mut self, frames: ArrayView4<f32>, first_frame: u64) -> Result<Vec<Decision>> {

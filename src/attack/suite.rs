@@ -189,9 +189,9 @@ pub fn run_suite(
         }
     }
     let mut fingerprints = std::collections::BTreeMap::new();
-    fingerprints.insert("data".to_string(), file_fingerprint(&suite.data)?);
+    fingerprints.insert("data".to_string(), crate::files::sha256_file(&suite.data)?);
     for (role, path) in &model_files {
-        fingerprints.insert(role.clone(), file_fingerprint(path)?);
+        fingerprints.insert(role.clone(), crate::files::sha256_file(path)?);
     }
     let mut pipeline = Pipeline::from_config(&config)?;
     let set = read_cifar_bin(&suite.data, Some(suite.limit))?;
@@ -438,16 +438,6 @@ fn model_files(manifest: &Manifest, config: &DefenseConfig) -> Result<Vec<(Strin
         ),
         ("denoiser".into(), manifest.file_at(&what, &d.file, d.int8_file.as_deref(), precision)?),
     ])
-}
-
-/// SHA-256 of a whole file, as `sha256:` and 64 hex digits (what model cards and RobustBench
-/// entries quote).
-fn file_fingerprint(path: &std::path::Path) -> Result<String> {
-    use sha2::Digest;
-    let bytes =
-        std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    let digest = sha2::Sha256::digest(&bytes);
-    Ok(format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()))
 }
 
 #[cfg(test)]

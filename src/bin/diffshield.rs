@@ -80,6 +80,29 @@ enum Command {
         #[command(flatten)]
         defense: DefenseArgs,
     },
+    /// Purify a training set (CIFAR-10 .bin or JPEG .pack) --draws times per image with the
+    /// deployed plan, each draw its own noise, into shards a killed run resumes; the input of
+    /// the classifier fine-tuning recipe (training/finetune_purified.py).
+    PurifySet {
+        /// CIFAR-10 .bin or JPEG .pack (its training split, records with split byte 0).
+        #[arg(long)]
+        data: PathBuf,
+        /// Output folder: manifest.json and shard_NNNNN.bin (CIFAR-10 records, image-major,
+        /// --draws records per image). An existing one is resumed if made with the same settings.
+        #[arg(long)]
+        out: PathBuf,
+        /// Purifications per image, each with its own noise.
+        #[arg(long, default_value_t = 2)]
+        draws: u32,
+        /// Images per shard: what a killed run loses at most.
+        #[arg(long, default_value_t = 500)]
+        shard: usize,
+        /// Use only the first N images.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        defense: DefenseArgs,
+    },
     /// Attack the deployed pipeline (PGD with the mode's gradient + EOT, or Square) and report
     /// robust accuracy over fresh-noise runs: JSON report, Table-2 Markdown, JUnit.
     Attack(Box<attack_cmd::AttackArgs>),
@@ -313,6 +336,55 @@ fn eval(
     out.finish()
 }
 
+fn purify_set(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    draws: u32,
+    shard: usize,
+    limit: Option<usize>,
+    args: &DefenseArgs,
+) -> anyhow::Result<()> {
+    if args.votes.is_some() || args.budget_ms.is_some() {
+        return Err(diffshield::Error::InvalidConfig(
+            "purify-set runs the full plan --draws times per image: no --votes or --budget-ms"
+                .into(),
+        )
+        .into());
+    }
+    let spec = diffshield::purified_set::PurifiedSetSpec {
+        source: data.into(),
+        limit,
+        out: out.into(),
+        draws,
+        shard_images: shard,
+        defense: args.resolve()?,
+    };
+    use anyhow::Context as _;
+    let start = std::time::Instant::now();
+    let mut done = 0usize;
+    let manifest = diffshield::purified_set::purify_set(&spec, &mut |s| {
+        done += s.images;
+        let what = if s.kept { "kept".to_string() } else { format!("{:.1} s", s.seconds) };
+        eprintln!(
+            "shard {}/{}: {} images x {draws} draws, {what} ({done} images, {:.0} s so far)",
+            s.index + 1,
+            s.of,
+            s.images,
+            start.elapsed().as_secs_f64()
+        );
+    })
+    .with_context(|| format!("purifying {} into {}", data.display(), out.display()))?;
+    println!(
+        "{}: {} images x {} draws, denoiser {}, seed {}",
+        out.display(),
+        manifest.images,
+        manifest.draws,
+        manifest.denoiser,
+        manifest.seed
+    );
+    Ok(())
+}
+
 fn frame_source(args: &StreamArgs, size: (usize, usize)) -> anyhow::Result<Box<dyn FrameSource>> {
     if args.watch && args.folder.is_none() {
         return Err(diffshield::Error::InvalidConfig("--watch watches a --folder".into()).into());
@@ -393,6 +465,9 @@ fn main() -> ExitCode {
             eval(data, *limit, *no_purify, *format, defense)
         }
         Command::Run { source, format, defense } => run(source, *format, defense),
+        Command::PurifySet { data, out, draws, shard, limit, defense } => {
+            purify_set(data, out, *draws, *shard, *limit, defense)
+        }
         Command::Tune(args) => tune_cmd::tune(args),
         Command::Attack(args) => attack_cmd::attack(args),
         Command::Gradcheck(args) => gradcheck_cmd::gradcheck(args),
