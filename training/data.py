@@ -3,6 +3,7 @@
 Formats (../shared/data/README.md):
 - JPEG pack: records `[u8 split][u8 label][u16 LE length][length bytes of JPEG]`, concatenated.
 - CIFAR-10 binary: records of 3073 bytes, 1 label byte then 1024 R, 1024 G, 1024 B bytes.
+- Purified set (`diffshield purify-set`): a folder of CIFAR-10 binary shards and manifest.json.
 
 Both loaders return `(images, labels)`: uint8 numpy arrays of shape [N,3,32,32] (RGB, NCHW) and
 int64 [N]. Pixels become floats in [0,1] only on the training device (`to_unit`).
@@ -10,6 +11,7 @@ int64 [N]. Pixels become floats in [0,1] only on the training device (`to_unit`)
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 from pathlib import Path
@@ -96,9 +98,41 @@ def load_cifar_bin(path: str | os.PathLike, limit: int | None = None) -> tuple[n
     return np.ascontiguousarray(rec[:, 1:].reshape(-1, 3, 32, 32)), labels
 
 
+PURIFIED_SET_FORMAT = "diffshield-purified-set/1"
+
+
+def load_purified_set(path: str | os.PathLike, limit: int | None = None):
+    """A purified training set made by `diffshield purify-set` (a folder: manifest.json and
+    shard_NNNNN.bin, CIFAR-10 records, image-major with `draws` records per image). Returns every
+    draw of the first `limit` images (all by default) as uint8 [N*draws,3,32,32] and labels;
+    refuses a folder whose shards are missing or incomplete (a run still going or killed:
+    resume it first)."""
+    d = Path(path)
+    m = json.loads((d / "manifest.json").read_text())
+    if m.get("format") != PURIFIED_SET_FORMAT:
+        raise ValueError(f"{d}: manifest format {m.get('format')!r}, expected {PURIFIED_SET_FORMAT!r}")
+    n, draws, per = int(m["images"]), int(m["draws"]), int(m["shard_images"])
+    want = n if limit is None else min(n, limit)
+    xs, ys = [], []
+    for k in range((want + per - 1) // per):
+        shard = d / f"shard_{k:05d}.bin"
+        expected = min(per, n - k * per) * draws * 3073
+        if not shard.exists() or shard.stat().st_size != expected:
+            raise ValueError(f"{shard}: missing or incomplete ({n} images x {draws} draws in "
+                             f"shards of {per}); finish the purify-set run first")
+        x, y = load_cifar_bin(shard)
+        xs.append(x)
+        ys.append(y)
+    x, y = np.concatenate(xs)[:want * draws], np.concatenate(ys)[:want * draws]
+    return x, y
+
+
 def load_images(path: str | os.PathLike, limit: int | None = None, cache_dir=None):
-    """Either format, chosen by extension (.pack or .bin)."""
+    """Any of the formats: a CIFAR-10 .bin, a JPEG .pack, or a purified-set folder (every draw
+    of the first `limit` images)."""
     p = str(path)
+    if Path(p).is_dir():
+        return load_purified_set(p, limit)
     if p.endswith(".bin"):
         return load_cifar_bin(p, limit)
     return load_pack(p, limit=limit, cache_dir=cache_dir)

@@ -7,6 +7,9 @@ here also EMA weights (evaluated and exported) and optional cutout.
     python -m training.train_classifier --data ../shared/data/cifar10_train_jpeg.pack \
         --test ../shared/data/cifar10_test_2000.bin --out training/runs/clf --export
 
+Fine-tuning on purified images (issue 18; training/README.md): --init-onnx models/classifier.onnx
+--data DIR, where DIR is a `diffshield purify-set` folder (every draw of every image).
+
 Writes OUT/last.pt every --ckpt-every steps and at the end (continue with --resume),
 OUT/log.jsonl, and with --export OUT/classifier.onnx (EMA weights, BN folded), checked for
 portability and against onnxruntime.
@@ -35,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--widths", default="64,128,256,512", help="channel widths (shipped: 64,128,256,512)")
+    ap.add_argument("--init-onnx", default=None,
+                    help="start from this classifier ONNX file (BN folded, e.g. models/classifier.onnx) "
+                         "instead of random weights: fine-tuning; --widths is then the file's")
     ap.add_argument("--epochs", type=float, default=58)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=0.2, help="one-cycle peak LR")
@@ -113,8 +119,15 @@ def train(args) -> dict:
     elif args.max_steps:
         total = min(total, args.max_steps)
 
-    widths = tuple(int(w) for w in args.widths.split(","))
-    model = Classifier(widths=widths).to(device)
+    if args.init_onnx:
+        from .export_onnx import load_onnx_classifier
+
+        # The deployed form has no BatchNorm (folded into the convs): fine-tuning trains it as is.
+        model = load_onnx_classifier(args.init_onnx).to(device)
+        widths = tuple(int(model.net[i][0].weight.shape[0]) for i in (0, 1, 4, 6))
+    else:
+        widths = tuple(int(w) for w in args.widths.split(","))
+        model = Classifier(widths=widths).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = common.EMA(model, args.ema)
@@ -195,6 +208,7 @@ def _save(path, model, ema, opt, stream, step, args, device, widths):
     common.save_checkpoint(
         path, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
         stream=stream.state(), step=step, args=vars(args), widths=list(widths),
+        folded=bool(args.init_onnx),
         rng_cpu=torch.get_rng_state(),
         rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
@@ -214,6 +228,10 @@ def export_run(model, out: Path, step: int) -> dict:
 def load_classifier_checkpoint(path, use_ema: bool = True) -> Classifier:
     ck = common.load_checkpoint(Path(path))
     model = Classifier(widths=tuple(ck["widths"]))
+    if ck.get("folded"):
+        from .models import ClassifierExport
+
+        model = ClassifierExport(model)
     model.load_state_dict(ck["ema"]["model"] if use_ema else ck["model"])
     return model.eval()
 

@@ -74,3 +74,69 @@ def test_budget():
     time.sleep(0.01)
     assert b.done(0)
     assert not Budget(None, None).done(10**9)
+
+
+def _purified_set(d, images, labels, draws=2, per=24):
+    """A folder in `diffshield purify-set`'s layout: each image `draws` times (a little noise)."""
+    import json
+
+    import numpy as np
+
+    from training.data import PURIFIED_SET_FORMAT, write_cifar_bin
+
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    n = len(images)
+    rep = np.repeat(images, draws, axis=0).astype(np.int16)
+    rep = np.clip(rep + rng.integers(-3, 4, rep.shape), 0, 255).astype(np.uint8)
+    lab = np.repeat(labels, draws)
+    for k in range((n + per - 1) // per):
+        sl = slice(k * per * draws, min(n, (k + 1) * per) * draws)
+        write_cifar_bin(d / f"shard_{k:05d}.bin", rep[sl], lab[sl])
+    (d / "manifest.json").write_text(json.dumps({
+        "format": PURIFIED_SET_FORMAT, "images": n, "draws": draws, "shard_images": per}))
+    return d
+
+
+def test_purified_set_loads_every_draw_and_refuses_an_unfinished_one(tmp_path, small_bin):
+    import pytest
+
+    from training.data import load_cifar_bin, load_images
+
+    x, y = load_cifar_bin(small_bin, limit=50)
+    d = _purified_set(tmp_path / "set", x, y)
+    px, py = load_images(d)
+    assert px.shape == (100, 3, 32, 32) and list(py[:6]) == [y[0], y[0], y[1], y[1], y[2], y[2]]
+    assert load_images(d, limit=30)[0].shape[0] == 60
+    (d / "shard_00002.bin").write_bytes(b"\0" * 3073)
+    with pytest.raises(ValueError, match="incomplete"):
+        load_images(d)
+    assert load_images(d, limit=48)[0].shape[0] == 96
+
+
+def test_fine_tuning_starts_from_the_onnx_weights_resumes_and_exports(tmp_path, small_bin):
+    """--init-onnx: the first loss is the exported model's (not a random one's), the folded
+    model trains, resumes exactly and exports."""
+    from training.data import load_cifar_bin
+    from training.export_onnx import load_onnx_classifier
+
+    base = train_classifier.train(_clf_args(tmp_path / "base", small_bin, 40, ["--export"]))
+    x, y = load_cifar_bin(small_bin, limit=32)
+    d = _purified_set(tmp_path / "set", x, y)
+    extra = ["--init-onnx", base["onnx"], "--lr", "0.01", "--total-steps", "8"]
+    full = train_classifier.train(_clf_args(tmp_path / "ft", d, 8, extra))
+    from training.data import load_images, to_unit
+
+    px, py = load_images(d)
+    start = train_classifier.probe_loss(load_onnx_classifier(base["onnx"]),
+                                        to_unit(torch.as_tensor(px)), torch.as_tensor(py))
+    assert abs(full["probe_first"] - start) < 1e-4, (full["probe_first"], start)
+    part = train_classifier.train(_clf_args(tmp_path / "ft2", d, 4, extra))
+    rest = train_classifier.train(_clf_args(tmp_path / "ft2", d, 8, [*extra, "--resume"]))
+    assert full["losses"][4:] == rest["losses"] and part["steps"] == 4
+    ck = train_classifier.load_classifier_checkpoint(tmp_path / "ft" / "last.pt", use_ema=False)
+    onnx = train_classifier.export_run(ck, tmp_path / "ft", 8)
+    assert onnx["ort_max_abs_diff"] < 1e-4
+    again = load_onnx_classifier(onnx["onnx"])
+    xb = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(again(xb), ck(xb), atol=1e-4)
