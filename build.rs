@@ -160,6 +160,7 @@ mod twin_weights {
             .unwrap_or_else(|e| panic!("twin: reading {}: {e}", bpk.display()));
         let in_onnx = onnx_tensors(onnx);
         let mut table = String::new();
+        let mut names = std::collections::HashSet::new();
         let mut rest = Vec::new();
         for t in tensors {
             let (key, dtype, shape, id, bytes) = t.into_parts().expect("twin: burnpack tensor");
@@ -175,6 +176,7 @@ mod twin_weights {
             };
             match source {
                 Some((onnx_name, transpose)) => {
+                    names.insert(onnx_name.clone());
                     let _ = writeln!(
                         table,
                         "    FromOnnx {{ key: {key:?}, onnx: {onnx_name:?}, shape: &{dims:?}, \
@@ -184,16 +186,23 @@ mod twin_weights {
                 None => rest.push(Tensor::new(key, dtype, shape, id, bytes)),
             }
         }
+        let rest_tensors = rest.len();
         let rest_bytes: Bytes = Writer::new(rest).into_bytes().expect("twin: writing rest");
         let rest_path = dir.join(format!("{name}.rest.bpk"));
         std::fs::write(&rest_path, &rest_bytes[..]).expect("twin: writing rest");
         // The full burnpack is not needed any more (nothing includes it): keep target/ small.
         let _ = std::fs::remove_file(&bpk);
+        let structure = super::fingerprint::onnx_structure(onnx, &|n| names.contains(n))
+            .expect("twin: ONNX file is not a protobuf message");
         let code = format!(
             "/// Where each of the twin's tensors lies in the ONNX file it was generated from.\n\
              pub const FROM_ONNX: &[FromOnnx] = &[\n{table}];\n\
              /// The tensors burn-onnx computed itself, as a burnpack ({} bytes).\n\
-             pub static REST: &[u8] = include_bytes!({:?});\n",
+             pub static REST: &[u8] = include_bytes!({:?});\n\
+             /// How many tensors REST holds.\n\
+             pub const REST_TENSORS: usize = {rest_tensors};\n\
+             /// `onnx_structure` of the file, its FROM_ONNX tensors' values left out.\n\
+             pub const STRUCTURE: u64 = {structure:#018x};\n",
             rest_bytes.len(),
             rest_path.display().to_string()
         );

@@ -1,6 +1,7 @@
 //! The differentiable twin of the shipped networks (feature `twin`): it computes what the
-//! deployed tract models compute, its gradients pass the finite-difference checks, it refuses a
-//! model it was not generated from, and a fixed-seed white-box attack is reproducible.
+//! deployed tract models compute, its gradients pass the finite-difference checks, it follows a
+//! model with other weights in the same graph and refuses any other, and a fixed-seed white-box
+//! attack is reproducible.
 #![cfg(feature = "twin")]
 
 mod common;
@@ -110,6 +111,50 @@ fn a_model_the_twin_was_not_generated_from_is_refused() {
     assert!(err.to_string().contains("no differentiable twin"), "{err}");
     assert!(TwinDenoiser::load(&m, "s").is_ok(), "unchanged denoiser still loads");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A retrained or fine-tuned classifier from the same export (same graph, other weights) needs
+/// no rebuild: its twin reads the new weights and computes the new model.
+#[test]
+fn a_model_with_other_weights_in_the_same_graph_gets_a_twin_that_computes_it() {
+    use tract_onnx::prelude::Framework as _;
+    let d = common::scratch("twin-other-weights");
+    let models = common::models_copy(&d, "models", |m| m);
+    let path = models_dir().join("classifier.onnx");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let proto = tract_onnx::onnx().proto_model_for_path(&path).unwrap();
+    let graph = proto.graph.as_ref().unwrap();
+    for name in ["net.6.0.bias", "net.0.0.weight"] {
+        let raw = &graph.initializer.iter().find(|t| t.name == name).unwrap().raw_data;
+        let at = bytes.windows(raw.len()).position(|w| w == &raw[..]).expect("raw data in file");
+        let changed: Vec<u8> = raw
+            .chunks(4)
+            .flat_map(|c| (0.1 - 1.5 * f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+            .collect();
+        bytes[at..at + raw.len()].copy_from_slice(&changed);
+    }
+    std::fs::remove_file(models.join("classifier.onnx")).unwrap();
+    std::fs::write(models.join("classifier.onnx"), &bytes).unwrap();
+    let m = Manifest::load(&models).unwrap();
+    let x = images(2);
+    let mut twin = TwinClassifier::load(&m).expect("same graph, other weights: a twin");
+    let mut deployed = TractClassifier::load(&m).unwrap();
+    let mut original = TractClassifier::load(&manifest()).unwrap();
+    let (a, b) = (twin.logits(x.view()).unwrap(), deployed.logits(x.view()).unwrap());
+    let o = original.logits(x.view()).unwrap();
+    let d = max_abs(a.as_slice().unwrap(), b.as_slice().unwrap());
+    let moved = max_abs(b.as_slice().unwrap(), o.as_slice().unwrap());
+    assert!(moved > 0.05, "the edit did not change the model ({moved})");
+    assert!(d < 1e-3 * (1.0 + moved), "twin and deployed logits differ by {d}");
+    // One op changed (op_type field "Relu" -> "Tanh", same length): another graph, refused.
+    let op = [0x22, 4, b'R', b'e', b'l', b'u'];
+    let at = bytes.windows(6).position(|w| w == op).expect("a Relu node");
+    bytes[at + 2..at + 6].copy_from_slice(b"Tanh");
+    std::fs::remove_file(models.join("classifier.onnx")).unwrap();
+    std::fs::write(models.join("classifier.onnx"), &bytes).unwrap();
+    let m = Manifest::load(&models).unwrap();
+    let err = TwinClassifier::load(&m).err().expect("another graph is refused");
+    assert!(err.to_string().contains("graph differs"), "{err}");
 }
 
 #[test]

@@ -52,6 +52,50 @@ pub fn fingerprint(path: &Path) -> Result<u64> {
     Ok(crate::fingerprint::fnv1a64(&read(path)?))
 }
 
+/// What build.rs recorded of the file a twin was generated from.
+struct TwinSource {
+    /// FNV-1a 64 of the whole file.
+    exact: u64,
+    /// Where each tensor lies in it.
+    table: &'static [FromOnnx],
+    /// The tensors it does not hold (a burnpack), and how many there are.
+    rest: &'static [u8],
+    rest_tensors: usize,
+    /// [`crate::fingerprint::onnx_structure`] with the table's tensors left out.
+    structure: u64,
+}
+
+macro_rules! twin_source {
+    ($exact:expr, $w:ident) => {
+        TwinSource {
+            exact: $exact,
+            table: generated::$w::FROM_ONNX,
+            rest: generated::$w::REST,
+            rest_tensors: generated::$w::REST_TENSORS,
+            structure: generated::$w::STRUCTURE,
+        }
+    };
+}
+
+impl TwinSource {
+    /// True where the twin computes the model in `onnx`: the very file it was generated from,
+    /// or the same graph with other values in the tensors the table reads (a retrained or
+    /// fine-tuned model from the same export), as long as nothing was embedded from the
+    /// original.
+    fn applies_to(&self, onnx: &[u8]) -> bool {
+        if crate::fingerprint::fnv1a64(onnx) == self.exact {
+            return true;
+        }
+        let named = |n: &str| self.table.iter().any(|t| t.onnx == n);
+        self.rest_tensors == 0
+            && crate::fingerprint::onnx_structure(onnx, &named) == Some(self.structure)
+    }
+
+    fn load<M: ModuleSnapshot>(&self, model: M, path: &Path, onnx: &[u8]) -> Result<M> {
+        with_weights(model, path, onnx, self.table, self.rest)
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })
 }
@@ -108,8 +152,9 @@ fn wgpu_device() -> Result<Device> {
 fn no_twin(path: &Path, what: &str) -> Error {
     Error::BackendUnavailable(format!(
         "no differentiable twin for the {what} {}: this build's twins were generated from \
-         models/classifier.onnx, denoiser_s.onnx and denoiser_m.onnx at build time, and this file \
-         differs from all of them; rebuild diffshield with the models you deploy",
+         models/classifier.onnx, denoiser_s.onnx and denoiser_m.onnx at build time, and this \
+         file's graph differs from all of them (other weights in the same graph would do); \
+         rebuild diffshield with the models you deploy",
         path.display()
     ))
 }
@@ -161,13 +206,12 @@ impl TwinClassifier {
     pub fn load_on(manifest: &Manifest, device: GradDevice) -> Result<Self> {
         let path = manifest.path_of(&manifest.classifier.file);
         let onnx = read(&path)?;
-        if crate::fingerprint::fnv1a64(&onnx) != fingerprints::CLASSIFIER {
+        let source = twin_source!(fingerprints::CLASSIFIER, classifier_weights);
+        if !source.applies_to(&onnx) {
             return Err(no_twin(&path, "classifier"));
         }
         let device = burn_device(device)?;
-        use generated::{classifier, classifier_weights as w};
-        let model =
-            with_weights(classifier::Model::new(&device), &path, &onnx, w::FROM_ONNX, w::REST)?;
+        let model = source.load(generated::classifier::Model::new(&device), &path, &onnx)?;
         Ok(Self {
             model,
             grad_device: device.clone().autodiff(),
@@ -245,25 +289,14 @@ impl TwinDenoiser {
         let path = manifest.path_of(&entry.file);
         let onnx = read(&path)?;
         let device = burn_device(device)?;
-        use generated::{
-            denoiser_m, denoiser_m_weights as wm, denoiser_s, denoiser_s_weights as ws,
-        };
-        let net = match crate::fingerprint::fnv1a64(&onnx) {
-            fingerprints::DENOISER_S => DenoiserNet::S(with_weights(
-                denoiser_s::Model::new(&device),
-                &path,
-                &onnx,
-                ws::FROM_ONNX,
-                ws::REST,
-            )?),
-            fingerprints::DENOISER_M => DenoiserNet::M(with_weights(
-                denoiser_m::Model::new(&device),
-                &path,
-                &onnx,
-                wm::FROM_ONNX,
-                wm::REST,
-            )?),
-            _ => return Err(no_twin(&path, &format!("denoiser {tier:?}"))),
+        let s = twin_source!(fingerprints::DENOISER_S, denoiser_s_weights);
+        let m = twin_source!(fingerprints::DENOISER_M, denoiser_m_weights);
+        let net = if s.applies_to(&onnx) {
+            DenoiserNet::S(s.load(generated::denoiser_s::Model::new(&device), &path, &onnx)?)
+        } else if m.applies_to(&onnx) {
+            DenoiserNet::M(m.load(generated::denoiser_m::Model::new(&device), &path, &onnx)?)
+        } else {
+            return Err(no_twin(&path, &format!("denoiser {tier:?}")));
         };
         Ok(Self {
             net,
