@@ -14,8 +14,13 @@ use std::path::{Path, PathBuf};
 pub struct Manifest {
     /// Diffusion schedule shared by every denoiser.
     pub schedule: ScheduleEntry,
-    /// The classifier.
+    /// The classifier: the undefended mode's, and the defended pipeline's too unless
+    /// `defended_classifier` names another.
     pub classifier: ClassifierEntry,
+    /// The classifier the defended pipeline and every attack on it use instead of
+    /// `classifier` (one fine-tuned on purified images, training/README.md).
+    #[serde(default)]
+    pub defended_classifier: Option<DefendedClassifierEntry>,
     /// Denoisers by tier name ("m", "s", ...).
     pub denoisers: BTreeMap<String, DenoiserEntry>,
     #[serde(skip)]
@@ -53,6 +58,28 @@ pub struct ClassifierEntry {
     pub input_shape: [usize; 3],
     /// Class names in logit order.
     pub classes: Vec<String>,
+}
+
+/// The optional `[defended_classifier]` table: another file of the same network interface
+/// (input, output, shape and classes come from `[classifier]` and are checked against the file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefendedClassifierEntry {
+    /// ONNX file, relative to the manifest's folder.
+    pub file: String,
+    /// Optional int8 (QOperator) version of `file`, used with `precision = "int8"`.
+    #[serde(default)]
+    pub int8_file: Option<String>,
+}
+
+/// Which classifier a job uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassifierRole {
+    /// `[classifier]`: the bare classifier of the undefended mode.
+    Bare,
+    /// `[defended_classifier]` where the manifest has one, else `[classifier]`: what the
+    /// defended pipeline runs after the purifier.
+    Defended,
 }
 
 /// A `[denoisers.NAME]` table.
@@ -123,6 +150,10 @@ impl Manifest {
         let c = &self.classifier;
         let mut files = vec![("classifier file", c.file.as_str())];
         files.extend(c.int8_file.as_deref().map(|f| ("classifier int8_file", f)));
+        if let Some(d) = &self.defended_classifier {
+            files.push(("defended_classifier file", d.file.as_str()));
+            files.extend(d.int8_file.as_deref().map(|f| ("defended_classifier int8_file", f)));
+        }
         for d in self.denoisers.values() {
             files.push(("denoiser file", d.file.as_str()));
             files.extend(d.int8_file.as_deref().map(|f| ("denoiser int8_file", f)));
@@ -149,6 +180,22 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// The classifier entry of `role`: `[classifier]`, or for [`ClassifierRole::Defended`]
+    /// its files replaced by `[defended_classifier]`'s where there is one.
+    pub fn classifier_entry(&self, role: ClassifierRole) -> ClassifierEntry {
+        let mut e = self.classifier.clone();
+        if let (ClassifierRole::Defended, Some(d)) = (role, &self.defended_classifier) {
+            e.file = d.file.clone();
+            e.int8_file = d.int8_file.clone();
+        }
+        e
+    }
+
+    /// True where the defended pipeline uses another classifier file than the undefended mode.
+    pub fn has_defended_classifier(&self) -> bool {
+        self.defended_classifier.is_some()
     }
 
     /// The folder the manifest was read from.

@@ -39,6 +39,9 @@ pub struct Pipeline {
     coarser: Vec<Option<Arc<DdimPlan>>>,
     denoiser: Box<dyn Denoiser>,
     classifier: Box<dyn Classifier>,
+    /// The undefended mode's classifier where it is not `classifier` (a manifest's
+    /// `[defended_classifier]`).
+    bare_classifier: Option<Box<dyn Classifier>>,
     classes: Vec<String>,
     votes: u32,
     rule: DecisionRule,
@@ -76,6 +79,7 @@ impl Pipeline {
             coarser,
             denoiser,
             classifier,
+            bare_classifier: None,
             classes,
             votes,
             rule: DecisionRule { vote_rule: rule, ..DecisionRule::default() },
@@ -333,7 +337,14 @@ impl Pipeline {
         Ok(out)
     }
 
-    /// Classifies `frames` with the bare classifier (no purification).
+    /// Makes `classifier` the undefended mode's ([`Pipeline::decide_undefended`]); the one
+    /// given to [`Pipeline::new`] stays the defended pipeline's.
+    pub fn set_bare_classifier(&mut self, classifier: Box<dyn Classifier>) {
+        self.bare_classifier = Some(classifier);
+    }
+
+    /// Classifies `frames` with the bare classifier (no purification): the manifest's
+    /// `[classifier]`, also where the defended pipeline runs a `[defended_classifier]`.
     pub fn decide_undefended(
         &mut self,
         frames: ArrayView4<f32>,
@@ -345,7 +356,8 @@ impl Pipeline {
         }
         validate_images(frames, "classifier input")?;
         let t0 = Instant::now();
-        let logits = self.classifier.logits(frames)?;
+        let logits =
+            self.bare_classifier.as_mut().unwrap_or(&mut self.classifier).logits(frames)?;
         let classify_ms = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
         self.combine(&logits, 1, first_frame, 0.0, classify_ms)
     }
@@ -407,18 +419,21 @@ impl Pipeline {
             &config.plan_spec()?,
             config.eta,
         )?;
-        let (denoiser, classifier) = crate::backend::load(&manifest, config)?;
+        let models = crate::backend::load(&manifest, config)?;
         let mut pipeline = Self::new(
             manifest.schedule()?,
             entry.trained_range(),
             plan,
-            denoiser,
-            classifier,
+            models.denoiser,
+            models.classifier,
             manifest.classifier.classes.clone(),
             config.votes,
             config.vote_rule,
             config.resolve_seed()?,
         )?;
+        if let Some(bare) = models.bare_classifier {
+            pipeline.set_bare_classifier(bare);
+        }
         pipeline.set_decision_rule(DecisionRule {
             vote_rule: config.vote_rule,
             top_k: config.top_k,

@@ -369,8 +369,11 @@ pub struct CellOutcome {
 
 /// The differentiable twins, where this build has them.
 pub struct Twins<'a> {
-    /// Twin of the deployed classifier.
+    /// Twin of the defended pipeline's classifier.
     pub classifier: Option<&'a mut dyn DifferentiableClassifier>,
+    /// Twin of the undefended mode's classifier where it is another file (a manifest's
+    /// `[defended_classifier]`); `None`: `classifier`.
+    pub bare_classifier: Option<&'a mut dyn DifferentiableClassifier>,
     /// Twin of the deployed denoiser.
     pub denoiser: Option<&'a mut dyn DifferentiableDenoiser>,
 }
@@ -449,8 +452,18 @@ impl Target<'_, '_> {
             known,
         };
         let steps = self.pipeline.plan().steps().len() as u64;
-        let classifier =
-            self.twins.classifier.as_deref_mut().ok_or_else(|| needs_twin(mode, "classifier"))?;
+        let bare = match (mode, self.twins.bare_classifier.as_deref_mut()) {
+            (AttackMode::Undefended, Some(b)) => Some(b),
+            _ => None,
+        };
+        let classifier = match bare {
+            Some(b) => b,
+            None => self
+                .twins
+                .classifier
+                .as_deref_mut()
+                .ok_or_else(|| needs_twin(mode, "classifier"))?,
+        };
         let cost = &mut self.cost;
         match mode {
             AttackMode::Undefended | AttackMode::GreyBox => {

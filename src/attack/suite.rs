@@ -197,9 +197,16 @@ pub fn run_suite(
     let set = read_cifar_bin(&suite.data, Some(suite.limit))?;
     let n = set.labels.len();
     let labels: Vec<usize> = set.labels.iter().map(|&l| usize::from(l)).collect();
-    let (mut classifier, mut denoiser) = (None, None);
+    let (mut classifier, mut bare_classifier, mut denoiser) = (None, None, None);
     if suite.harness.uses_gradient() || suite.unbounded_probe {
-        classifier = crate::grad::load_classifier_twin(&manifest, suite.grad_device)?;
+        use crate::manifest::ClassifierRole;
+        let device = suite.grad_device;
+        classifier =
+            crate::grad::load_classifier_twin(&manifest, ClassifierRole::Defended, device)?;
+        if manifest.has_defended_classifier() && suite.modes.contains(&AttackMode::Undefended) {
+            bare_classifier =
+                crate::grad::load_classifier_twin(&manifest, ClassifierRole::Bare, device)?;
+        }
         if suite.modes.iter().any(|m| m.needs_denoiser_twin()) && suite.harness.uses_gradient() {
             denoiser =
                 crate::grad::load_denoiser_twin(&manifest, &config.denoiser, suite.grad_device)?;
@@ -207,6 +214,7 @@ pub fn run_suite(
     }
     let mut twins = Twins {
         classifier: classifier.as_deref_mut().map(|c| c as _),
+        bare_classifier: bare_classifier.as_deref_mut().map(|c| c as _),
         denoiser: denoiser.as_deref_mut().map(|d| d as _),
     };
 
@@ -425,19 +433,30 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-/// The model files a run uses, by role (`classifier`, `denoiser`), at its precision.
+/// The model files a run uses, by role (`classifier`, `defended_classifier` where the manifest
+/// has one, `denoiser`), at its precision.
 fn model_files(manifest: &Manifest, config: &DefenseConfig) -> Result<Vec<(String, PathBuf)>> {
     let c = &manifest.classifier;
     let d = manifest.denoiser(&config.denoiser)?;
     let what = format!("denoiser {}", config.denoiser);
     let precision = config.precision;
-    Ok(vec![
+    let mut files = vec![
         (
             "classifier".into(),
             manifest.file_at("classifier", &c.file, c.int8_file.as_deref(), precision)?,
         ),
         ("denoiser".into(), manifest.file_at(&what, &d.file, d.int8_file.as_deref(), precision)?),
-    ])
+    ];
+    if let Some(dc) = &manifest.defended_classifier {
+        let path = manifest.file_at(
+            "defended classifier",
+            &dc.file,
+            dc.int8_file.as_deref(),
+            precision,
+        )?;
+        files.insert(1, ("defended_classifier".into(), path));
+    }
+    Ok(files)
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ impl<C: Classifier + ?Sized> Classifier for Box<C> {
 }
 
 use crate::config::{BackendKind, DefenseConfig, Precision};
-use crate::manifest::Manifest;
+use crate::manifest::{ClassifierRole, Manifest};
 use tract::Engine;
 
 /// The engine `config` asks for: `cpu`; `cuda` (an error naming tract-cuda's reason where no
@@ -83,11 +83,18 @@ pub fn engine(config: &DefenseConfig) -> Result<Engine> {
     Ok(engine)
 }
 
-/// Loads the denoiser tier and the classifier of `manifest` on the engine `config` names.
-pub fn load(
-    manifest: &Manifest,
-    config: &DefenseConfig,
-) -> Result<(Box<dyn Denoiser>, Box<dyn Classifier>)> {
+/// The networks of a pipeline.
+pub struct Models {
+    /// The configured denoiser tier.
+    pub denoiser: Box<dyn Denoiser>,
+    /// The classifier after the purifier ([`ClassifierRole::Defended`]).
+    pub classifier: Box<dyn Classifier>,
+    /// The undefended mode's classifier where it is another file; `None`: `classifier`.
+    pub bare_classifier: Option<Box<dyn Classifier>>,
+}
+
+/// Loads the denoiser tier and the classifiers of `manifest` on the engine `config` names.
+pub fn load(manifest: &Manifest, config: &DefenseConfig) -> Result<Models> {
     let engine = engine(config)?;
     // Where this crate's int8 conv cannot run, tract's own int8 ops run the int8 models.
     let int8_kernels = KernelLevel::from_env().is_ok_and(quant_conv::QuantConv::available);
@@ -100,8 +107,20 @@ pub fn load(
         );
     }
     let d = tract::TractDenoiser::load_on(manifest, &config.denoiser, config.precision, &engine)?;
-    let c = tract::TractClassifier::load_on(manifest, config.precision, &engine)?;
-    Ok((Box::new(d), Box::new(c)))
+    let c = tract::TractClassifier::load_role(
+        manifest,
+        ClassifierRole::Defended,
+        config.precision,
+        &engine,
+    )?;
+    let bare = match manifest.has_defended_classifier() {
+        true => {
+            Some(Box::new(tract::TractClassifier::load_on(manifest, config.precision, &engine)?)
+                as Box<dyn Classifier>)
+        }
+        false => None,
+    };
+    Ok(Models { denoiser: Box::new(d), classifier: Box::new(c), bare_classifier: bare })
 }
 
 /// Deterministic test inputs for the kernels' unit tests.

@@ -10,7 +10,7 @@
 use super::{Classifier, Denoiser};
 use crate::config::Precision;
 use crate::error::{Error, Result};
-use crate::manifest::{ClassifierEntry, DenoiserEntry, Manifest};
+use crate::manifest::{ClassifierEntry, ClassifierRole, DenoiserEntry, Manifest};
 use ndarray::{Array2, Array4, ArrayD, ArrayView4, Axis, Ix2, Ix4};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -359,8 +359,20 @@ impl TractClassifier {
 
     /// Loads the manifest's classifier at `precision` on `engine`.
     pub fn load_on(manifest: &Manifest, precision: Precision, engine: &Engine) -> Result<Self> {
-        let e = manifest.classifier.clone();
-        let path = manifest.file_at("classifier", &e.file, e.int8_file.as_deref(), precision)?;
+        Self::load_role(manifest, ClassifierRole::Bare, precision, engine)
+    }
+
+    /// Loads the classifier of `role` at `precision` on `engine`.
+    pub fn load_role(
+        manifest: &Manifest,
+        role: ClassifierRole,
+        precision: Precision,
+        engine: &Engine,
+    ) -> Result<Self> {
+        let e = manifest.classifier_entry(role);
+        let defended = role == ClassifierRole::Defended && manifest.has_defended_classifier();
+        let what = if defended { "defended classifier" } else { "classifier" };
+        let path = manifest.file_at(what, &e.file, e.int8_file.as_deref(), precision)?;
         let model = BatchedModel::load(
             &path,
             &[(e.input.as_str(), e.input_shape.to_vec())],

@@ -11,7 +11,7 @@ use super::twin_weights::{self, FromOnnx};
 use super::{DifferentiableClassifier, DifferentiableDenoiser, GradDevice};
 use crate::backend::{Classifier, Denoiser};
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
+use crate::manifest::{ClassifierRole, Manifest};
 use burn::prelude::{Device, Tensor, TensorData};
 use burn_store::{BurnpackStore, ModuleSnapshot};
 use ndarray::{Array, Array2, Array4, ArrayView2, ArrayView4, Dimension};
@@ -204,7 +204,16 @@ impl TwinClassifier {
 
     /// [`TwinClassifier::load`] on `device`.
     pub fn load_on(manifest: &Manifest, device: GradDevice) -> Result<Self> {
-        let path = manifest.path_of(&manifest.classifier.file);
+        Self::load_role(manifest, ClassifierRole::Bare, device)
+    }
+
+    /// The twin of the classifier of `role` on `device`.
+    pub fn load_role(
+        manifest: &Manifest,
+        role: ClassifierRole,
+        device: GradDevice,
+    ) -> Result<Self> {
+        let path = manifest.path_of(&manifest.classifier_entry(role).file);
         let onnx = read(&path)?;
         let source = twin_source!(fingerprints::CLASSIFIER, classifier_weights);
         if !source.applies_to(&onnx) {

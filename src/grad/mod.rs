@@ -54,19 +54,20 @@ impl std::str::FromStr for GradDevice {
     }
 }
 
-/// The differentiable twin of the manifest's classifier on `device`, where this build has
-/// twins (feature `twin`); `None` without them.
+/// The differentiable twin of the manifest's classifier of `role` on `device`, where this
+/// build has twins (feature `twin`); `None` without them.
 pub fn load_classifier_twin(
     manifest: &crate::manifest::Manifest,
+    role: crate::manifest::ClassifierRole,
     device: GradDevice,
 ) -> Result<Option<Box<dyn DifferentiableClassifier>>> {
     #[cfg(feature = "twin")]
     {
-        Ok(Some(Box::new(burn_twin::TwinClassifier::load_on(manifest, device)?)))
+        Ok(Some(Box::new(burn_twin::TwinClassifier::load_role(manifest, role, device)?)))
     }
     #[cfg(not(feature = "twin"))]
     {
-        let _ = (manifest, device);
+        let _ = (manifest, role, device);
         Ok(None)
     }
 }

@@ -145,12 +145,17 @@ pub fn robust_accuracy(
         AttackKind::Pgd | AttackKind::Apgd | AttackKind::AaRand => {
             crate::grad::load_classifier_twin(
                 &crate::manifest::Manifest::load(models)?,
+                crate::manifest::ClassifierRole::Defended,
                 crate::grad::GradDevice::Cpu,
             )?
         }
     };
     let mut classifier = twin;
-    let mut twins = Twins { classifier: classifier.as_deref_mut().map(|c| c as _), denoiser: None };
+    let mut twins = Twins {
+        classifier: classifier.as_deref_mut().map(|c| c as _),
+        bare_classifier: None,
+        denoiser: None,
+    };
     let cfg = HarnessConfig {
         attacks: vec![AttackSpec::of_kind(
             kind,

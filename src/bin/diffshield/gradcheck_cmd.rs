@@ -83,7 +83,9 @@ fn check(args: &GradcheckArgs) -> anyhow::Result<()> {
     let labels: Vec<usize> = set.labels.iter().map(|&l| usize::from(l)).collect();
     let device: diffshield::grad::GradDevice = args.grad_device.parse()?;
     let mut denoiser = TwinDenoiser::load_on(&manifest, &config.denoiser, device)?;
-    let mut classifier = TwinClassifier::load_on(&manifest, device)?;
+    // The classifier every defended-mode attack differentiates.
+    let role = diffshield::manifest::ClassifierRole::Defended;
+    let mut classifier = TwinClassifier::load_role(&manifest, role, device)?;
     let started = std::time::Instant::now();
     let checks = standard_checks(
         pipeline.plan(),
