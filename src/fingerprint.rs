@@ -158,10 +158,12 @@ mod wire {
     /// NodeProto: output 2, name 3, op_type 4, attribute 5, doc_string 6.
     fn node(buf: &[u8], h: &mut Fnv, w: &dyn Fn(&str) -> bool) -> Option<()> {
         let fs = fields(buf)?;
-        let constant = fs.iter().any(|f| f.number == 4 && f.text() == Some("Constant"));
+        let op = fs.iter().find(|f| f.number == 4).and_then(Field::text).unwrap_or("");
+        let constant = op == "Constant";
         let output = fs.iter().find(|f| f.number == 2).and_then(Field::text);
         for f in &fs {
             match f.number {
+                5 if at_default(op, f.bytes()?)? => {}
                 5 => {
                     h.tag(f);
                     attribute(f.bytes()?, output.filter(|_| constant), h, w)?;
@@ -171,6 +173,39 @@ mod wire {
             }
         }
         Some(())
+    }
+
+    /// True where a convolution's or pooling's attribute (AttributeProto: name 1, i 3, s 4, ints
+    /// 8) spells out its ONNX default, which means the same as leaving it out: exporters differ
+    /// in which of them they write (torch 2.x writes MaxPool's ceil_mode and dilations).
+    fn at_default(op: &str, buf: &[u8]) -> Option<bool> {
+        if !matches!(op, "Conv" | "ConvTranspose" | "MaxPool" | "AveragePool") {
+            return Some(false);
+        }
+        let fs = fields(buf)?;
+        let name = fs.iter().find(|f| f.number == 1).and_then(Field::text).unwrap_or("");
+        let int = fs.iter().find(|f| f.number == 3).and_then(Field::int);
+        let text = fs.iter().find(|f| f.number == 4).and_then(Field::text);
+        let mut ints = Vec::new();
+        for f in fs.iter().filter(|f| f.number == 8) {
+            match f.value {
+                Value::Int(v) => ints.push(v),
+                Value::Bytes(b) => {
+                    let mut pos = 0;
+                    while pos < b.len() {
+                        ints.push(varint(b, &mut pos)?);
+                    }
+                }
+            }
+        }
+        let all_ones = !ints.is_empty() && ints.iter().all(|&v| v == 1);
+        Some(match name {
+            "dilations" | "strides" => all_ones,
+            "ceil_mode" | "storage_order" | "count_include_pad" => int == Some(0),
+            "group" => int == Some(1),
+            "auto_pad" => text == Some("NOTSET"),
+            _ => false,
+        })
     }
 
     /// AttributeProto: t 5, g 6, tensors 10, graphs 11, doc_string 13.
@@ -256,10 +291,18 @@ mod tests {
         [int(1, 2), int(2, data_type), bytes(8, name.as_bytes()), bytes(9, raw)].concat()
     }
 
-    /// A model: a Conv node (`pads` attribute) named `node`, a float initializer `w`, an int64
-    /// initializer `shape`, and a Constant node whose output `k` holds `konst`.
-    fn model(node: &str, pads: u64, w: &[u8], shape: &[u8], konst: &[u8]) -> Vec<u8> {
-        let conv = [
+    /// A model: a Conv node (`pads` attribute, `dilations` if given, packed) named `node`, a
+    /// float initializer `w`, an int64 initializer `shape`, and a Constant node whose output `k`
+    /// holds `konst`.
+    fn model_with(
+        node: &str,
+        pads: u64,
+        dilations: Option<&[u8]>,
+        w: &[u8],
+        shape: &[u8],
+        konst: &[u8],
+    ) -> Vec<u8> {
+        let mut conv = [
             bytes(1, b"x"),
             bytes(1, b"w"),
             bytes(2, b"y"),
@@ -268,6 +311,9 @@ mod tests {
             bytes(5, &[bytes(1, b"pads"), int(3, pads)].concat()),
         ]
         .concat();
+        if let Some(d) = dilations {
+            conv.extend(bytes(5, &[bytes(1, b"dilations"), bytes(8, d)].concat()));
+        }
         let constant = [
             bytes(2, b"k"),
             bytes(4, b"Constant"),
@@ -285,6 +331,10 @@ mod tests {
         [int(1, 8), bytes(2, b"pytorch"), bytes(7, &graph), bytes(8, &int(2, 17))].concat()
     }
 
+    fn model(node: &str, pads: u64, w: &[u8], shape: &[u8], konst: &[u8]) -> Vec<u8> {
+        model_with(node, pads, None, w, shape, konst)
+    }
+
     #[test]
     fn the_structure_ignores_named_weights_and_names_and_sees_everything_else() {
         let weights = |n: &str| n == "w" || n == "k";
@@ -295,6 +345,12 @@ mod tests {
         assert_eq!(h(&model("conv0", 1, &[9, 9, 9, 9], &[5; 8], &[0, 0, 0, 62]), &weights), same);
         assert_eq!(h(&model("conv0", 1, &[1, 2, 3, 4], &[5; 8], &[1, 0, 0, 62]), &weights), same);
         assert_eq!(h(&model("renamed", 1, &[1, 2, 3, 4], &[5; 8], &[0, 0, 0, 62]), &weights), same);
+        // An attribute spelled out at its default is no change; at another value it is.
+        let k = [0, 0, 0, 62];
+        let dil =
+            |d: &[u8]| h(&model_with("conv0", 1, Some(d), &[1, 2, 3, 4], &[5; 8], &k), &weights);
+        assert_eq!(dil(&[1, 1]), same);
+        assert_ne!(dil(&[2, 2]), same);
         for other in [
             model("conv0", 2, &[1, 2, 3, 4], &[5; 8], &[0, 0, 0, 62]),
             model("conv0", 1, &[1, 2, 3, 4], &[6; 8], &[0, 0, 0, 62]),
