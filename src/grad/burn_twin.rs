@@ -47,11 +47,6 @@ mod generated {
 
 use generated::fingerprints;
 
-/// FNV-1a 64 of a file: the fingerprint build.rs recorded for the twin's source model.
-pub fn fingerprint(path: &Path) -> Result<u64> {
-    Ok(crate::fingerprint::fnv1a64(&read(path)?))
-}
-
 /// What build.rs recorded of the file a twin was generated from.
 struct TwinSource {
     /// FNV-1a 64 of the whole file.
