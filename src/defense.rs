@@ -215,6 +215,7 @@ impl Defense {
     pub fn from_config(config: &DefenseConfig) -> Result<Self> {
         let mut config = config.clone();
         config.validate()?;
+        crate::backend::resolve_precision(&mut config);
         let models = config.models_dir()?;
         let manifest = Manifest::load(&models)?;
         let classes = manifest.classifier.classes.len();

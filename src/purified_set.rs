@@ -120,6 +120,7 @@ pub fn purify_set(
     let set = read_source(&spec.source, spec.limit)?;
     let mut config = spec.defense.clone();
     config.votes = spec.draws;
+    crate::backend::resolve_precision(&mut config);
     config.validate()?;
     std::fs::create_dir_all(&spec.out)
         .map_err(|source| Error::Io { path: spec.out.clone(), source })?;

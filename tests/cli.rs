@@ -762,9 +762,12 @@ fn an_unavailable_gradient_device_is_refused() {
 /// int8 where our VNNI kernel cannot run says it is slower than f32 there (forced avx2 here,
 /// where the CPU has AVX2; otherwise the test says it did not run that case).
 #[test]
-fn forced_kernel_levels_are_checked_and_int8_without_vnni_warns() {
+fn forced_kernel_levels_are_checked_and_int8_without_vnni_runs_f32() {
+    let d = scratch("int8-fallback");
+    let data = synthetic_cifar(&d, "d.bin", 2, 4);
     let run = |level: &str, extra: &[&str]| {
-        let mut args = vec!["classify", "samples/02_cat.png", "--votes", "1", "--stride", "70"];
+        let mut args = vec!["eval", "--data", data.to_str().unwrap(), "--votes", "1"];
+        args.extend_from_slice(&["--stride", "70", "--seed", "1"]);
         args.extend_from_slice(extra);
         Command::new(env!("CARGO_BIN_EXE_diffshield"))
             .args(&args)
@@ -776,12 +779,19 @@ fn forced_kernel_levels_are_checked_and_int8_without_vnni_warns() {
     assert_user_error(&run("neon", &[]), "unknown kernel level \"neon\"");
     let portable = run("portable", &[]);
     assert!(portable.status.success(), "{}", String::from_utf8_lossy(&portable.stderr));
-    if !diffshield::backend::KernelLevel::Avx2.supported() {
-        println!("int8 at level avx2: not run, this CPU has no AVX2 + FMA");
-        return;
-    }
-    let out = run("avx2", &["--precision", "int8"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("without AVX-512 VNNI runs on tract's own int8 ops"), "{err}");
+    let precision = |out: &Output| {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("eval JSON");
+        (v["config"]["precision"].as_str().unwrap_or_default().to_string(), err)
+    };
+    // Without our VNNI kernel (the portable level has none) int8 runs the f32 models, says so,
+    // and the output's configuration says what ran.
+    let (p, err) = precision(&run("portable", &["--precision", "int8"]));
+    assert_eq!(p, "f32", "{err}");
+    assert!(err.contains("running the f32 models"), "{err}");
+    // Forcing tract's own ops keeps tract's int8.
+    let (p, err) = precision(&run("tract", &["--precision", "int8"]));
+    assert_eq!(p, "int8", "{err}");
+    assert!(!err.contains("running the f32 models"), "{err}");
 }

@@ -144,6 +144,8 @@ pub fn run_suite(
     progress: &mut dyn FnMut(SuiteProgress),
 ) -> Result<SuiteOutcome> {
     let mut config = config.clone();
+    // The report's configuration and fingerprints are those of the models that run.
+    crate::backend::resolve_precision(&mut config);
     config.seed.get_or_insert(FIXED_SEED);
     config.validate()?;
     suite.harness.validate()?;

@@ -93,19 +93,35 @@ pub struct Models {
     pub bare_classifier: Option<Box<dyn Classifier>>,
 }
 
-/// Loads the denoiser tier and the classifiers of `manifest` on the engine `config` names.
-pub fn load(manifest: &Manifest, config: &DefenseConfig) -> Result<Models> {
-    let engine = engine(config)?;
-    // Where this crate's int8 conv cannot run, tract's own int8 ops run the int8 models.
-    let int8_kernels = KernelLevel::from_env().is_ok_and(quant_conv::QuantConv::available);
-    if matches!(engine, Engine::Cpu(_)) && config.precision == Precision::Int8 && !int8_kernels {
-        // Measured on an AVX2-only configuration (DIFFSHIELD_KERNELS=avx2 with tract held to
-        // AVX2, benches/compare_int8.py): tract's int8 frames 5.6-6x slower than our f32 ones.
-        log::warn!(
-            "precision int8 without AVX-512 VNNI runs on tract's own int8 ops, about 6x slower \
-             than f32 on this kind of CPU: use --precision f32 here"
-        );
+/// Sets `config.precision` to what runs on this CPU: `int8` only where this crate's int8
+/// convolution runs (AVX-512 VNNI) or tract's own ops were asked for (`DIFFSHIELD_KERNELS=tract`);
+/// elsewhere `f32`, with a warning, since tract's int8 ops measured 5.6-6x slower than our f32
+/// kernels there (AVX2 forced, benches/compare_int8.py). Every job resolves its configuration
+/// through this before it names its files, so reports fingerprint the models that ran.
+pub fn resolve_precision(config: &mut DefenseConfig) {
+    if config.precision != Precision::Int8 {
+        return;
     }
+    let forced_tract = std::env::var(simd::KERNELS_ENV).is_ok_and(|v| v.trim() == "tract")
+        || !tract_opt::own_kernels_enabled();
+    let ours = KernelLevel::from_env().is_ok_and(quant_conv::QuantConv::available);
+    if !ours && !forced_tract {
+        log::warn!(
+            "precision int8: this CPU has no AVX-512 VNNI for diffshield's int8 kernels, and \
+             tract's own int8 ops are about 6x slower than f32 on such CPUs: running the f32 \
+             models (DIFFSHIELD_KERNELS=tract forces tract's int8 ops)"
+        );
+        config.precision = Precision::F32;
+    }
+}
+
+/// Loads the denoiser tier and the classifiers of `manifest` on the engine `config` names
+/// (at the precision [`resolve_precision`] gives).
+pub fn load(manifest: &Manifest, config: &DefenseConfig) -> Result<Models> {
+    let mut config = config.clone();
+    resolve_precision(&mut config);
+    let config = &config;
+    let engine = engine(config)?;
     let d = tract::TractDenoiser::load_on(manifest, &config.denoiser, config.precision, &engine)?;
     let c = tract::TractClassifier::load_role(
         manifest,

@@ -24,7 +24,8 @@ pub fn measure_point(
     set: &CifarSet,
 ) -> Result<PointResult> {
     let started = Instant::now();
-    let config = point.config(&settings.base);
+    let mut config = point.config(&settings.base);
+    crate::backend::resolve_precision(&mut config);
     let mut pipeline = Pipeline::from_config(&config)?;
     let n = settings.clean_images;
     if set.len() < n {
