@@ -10,6 +10,7 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
+#[cfg(feature = "twin")]
 /// FNV-1a 64 of an ONNX file's graph with the values of the f32 tensors `is_weight` names left
 /// out: equal for two files that differ only in those weights (a retrained or fine-tuned model
 /// exported by the same code), different for any other change (an op, an attribute, a shape, an
@@ -35,8 +36,10 @@ pub fn onnx_structure(onnx: &[u8], is_weight: &dyn Fn(&str) -> bool) -> Option<u
     Some(h.0)
 }
 
+#[cfg(feature = "twin")]
 struct Fnv(u64);
 
+#[cfg(feature = "twin")]
 impl Fnv {
     fn eat(&mut self, bytes: &[u8]) {
         for &b in bytes {
@@ -63,6 +66,7 @@ impl Fnv {
 
 /// Just enough of the protobuf wire format and the ONNX schema (onnx.proto field numbers) for
 /// [`onnx_structure`].
+#[cfg(feature = "twin")]
 mod wire {
     use super::Fnv;
 
@@ -260,7 +264,7 @@ mod wire {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "twin"))]
 mod tests {
     use super::*;
 
