@@ -13,7 +13,13 @@
 #
 # Long (about 2-3 h on 2 cores): run it in the background. Every measurement is its own file in
 # OUT (default training/runs/decide) and is skipped when present, so a stopped run resumes;
-# OUT/summary.json and OUT/summary.md are written (atomically) at the end.
+# OUT/summary.json and OUT/summary.md are written (atomically) at the end. The rule's own
+# measurements run first, then the reported extras (EXTRAS=0 stops before them; the summary
+# then says "not measured"). Two copies with THREADS=1 on one OUT share the work, each
+# measurement taken by one of them (a flock per measurement): on 2 cores that is faster than one
+# copy with 2 threads, whose kernels scale 1.5-1.6x; each copy summarises the files present.
+# ONLY=shipped measures the shipped classifier alone (CANDIDATE need not exist yet), e.g. on one
+# core while the other still purifies the training set.
 # SMOKE=1: a few images, 2 DDIM steps, 1 run: checks the plumbing in minutes and decides nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +29,8 @@ threads=${3:-2}
 ds=${DIFFSHIELD:-target/release/diffshield}
 data=${DATA:-../shared/data/cifar10_test_2000.bin}
 [ -x "$ds" ] || { echo "build first: cargo build --release ($ds missing)" >&2; exit 2; }
-[ -f "$cand" ] || { echo "$cand: no such file" >&2; exit 2; }
+only=${ONLY:-}  # ONLY=shipped: the shipped classifier's measurements, before a candidate exists
+[ "$only" = shipped ] || [ -f "$cand" ] || { echo "$cand: no such file" >&2; exit 2; }
 [ -f "$data" ] || { echo "$data: no such file" >&2; exit 2; }
 mkdir -p "$out"
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -35,23 +42,39 @@ log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$out/decide.log" >&2; }
 
 # Three model folders: shipped; candidate as [defended_classifier] (the deployment under test);
 # candidate as [classifier] (its undefended accuracy).
+# Made once per candidate and renamed into place whole, so that a copy starting later does not
+# pull a folder from under a measurement that runs in it.
 folder() {
   local d=$1 extra=$2
-  rm -rf "$d"; mkdir -p "$d"
-  for f in models/*.onnx; do ln -s "$PWD/$f" "$d/"; done
-  cp "$cand" "$d/classifier_candidate.onnx"
-  { cat models/models.toml; printf '%s\n' "$extra"; } > "$d/models.toml"
+  cmp -s "$cand" "$d/classifier_candidate.onnx" && return
+  rm -rf "$d.new"; mkdir -p "$d.new"
+  for f in models/*.onnx; do ln -s "$PWD/$f" "$d.new/"; done
+  cp "$cand" "$d.new/classifier_candidate.onnx"
+  { cat models/models.toml; printf '%s\n' "$extra"; } > "$d.new/models.toml"
+  $3
+  rm -rf "$d"; mv "$d.new" "$d"
 }
-folder "$out/models_defended" $'\n[defended_classifier]\nfile = "classifier_candidate.onnx"'
-folder "$out/models_bare" ""
-sed -i 's/^file = "classifier.onnx"/file = "classifier_candidate.onnx"/; /^int8_file = "classifier.int8.onnx"/d' \
-  "$out/models_bare/models.toml"
+[ "$only" = shipped ] || {
+bare_manifest() {
+  sed -i 's/^file = "classifier.onnx"/file = "classifier_candidate.onnx"/; /^int8_file = "classifier.int8.onnx"/d' \
+    "$out/models_bare.new/models.toml"
+}
+folder "$out/models_defended" $'\n[defended_classifier]\nfile = "classifier_candidate.onnx"' true
+folder "$out/models_bare" "" bare_manifest
+}
 
 # run NAME CMD...: CMD's JSON (its stdout; an attack's --out) into OUT/NAME.json unless it is
 # there; its wall time beside it.
+# A measurement another copy holds is left to it (its lock goes when that process ends).
 run() {
   local name=$1; shift
+  [ "$only" = shipped ] && [[ $name == *_candidate ]] && return
   [ -s "$out/$name.json" ] && { log "$name: kept"; return; }
+  exec {lock}> "$out/.$name.lock"
+  if ! flock -n "$lock"; then
+    log "$name: another copy runs it"; exec {lock}>&-; return
+  fi
+  [ -s "$out/$name.json" ] && { exec {lock}>&-; return; }
   log "$name: $*"
   local t0; t0=$(date +%s)
   rm -f "$out/.$name.tmp"
@@ -62,77 +85,99 @@ run() {
   fi
   mv "$out/.$name.tmp" "$out/$name.json"
   echo $(( $(date +%s) - t0 )) > "$out/$name.seconds"
+  exec {lock}>&-
 }
 common=(--data "$data" --threads "$threads" --seed 0 "${plan[@]}")
-run bare_shipped "$ds" eval "${common[@]}" --limit "$clean_n" --no-purify
-run bare_candidate "$ds" eval "${common[@]}" --limit "$clean_n" --no-purify --models "$out/models_bare"
-for tier in s m; do
-  for v in 1 5; do
-    run "clean_${tier}_v${v}_shipped" "$ds" eval "${common[@]}" --limit "$clean_n" --denoiser "$tier" \
-      --votes "$v"
-    run "clean_${tier}_v${v}_candidate" "$ds" eval "${common[@]}" --limit "$clean_n" --denoiser "$tier" \
-      --votes "$v" --models "$out/models_defended"
-  done
-done
 attack=(attack "${common[@]}" --threat linf:8/255 --votes 1 --runs "$runs" --attack pgd
         --attack-batch 8)
+models_of() { [ "$1" = candidate ] && echo --models "$out/models_defended"; true; }
+clean() {  # clean TIER VOTES WHICH
+  # shellcheck disable=SC2046
+  run "clean_${1}_v${2}_${3}" "$ds" eval "${common[@]}" --limit "$clean_n" --denoiser "$1" \
+    --votes "$2" $(models_of "$3")
+}
+# The rule: defended clean with 1 vote and BPDA+EOT, both denoisers, both classifiers.
+for tier in s m; do
+  for which in shipped candidate; do clean "$tier" 1 "$which"; done
+done
 for tier in s m; do
   for which in shipped candidate; do
-    models=(); [ "$which" = candidate ] && models=(--models "$out/models_defended")
+    # shellcheck disable=SC2046
     run "bpda_${tier}_${which}" "$ds" "${attack[@]}" --denoiser "$tier" --mode bpda --pgd-steps 10 \
-      --eot 4 --limit "$bpda_n" "${models[@]}"
-    run "whitebox_${tier}_${which}" "$ds" "${attack[@]}" --denoiser "$tier" --mode white-box \
-      --pgd-steps 5 --eot 2 --limit "$wb_n" "${models[@]}"
+      --eot 4 --limit "$bpda_n" $(models_of "$which")
   done
 done
+# Reported beside the rule.
+if [ "${EXTRAS:-1}" != 0 ]; then
+  run bare_shipped "$ds" eval "${common[@]}" --limit "$clean_n" --no-purify
+  run bare_candidate "$ds" eval "${common[@]}" --limit "$clean_n" --no-purify --models "$out/models_bare"
+  for tier in s m; do
+    for which in shipped candidate; do clean "$tier" 5 "$which"; done
+  done
+  for tier in s m; do
+    for which in shipped candidate; do
+      # shellcheck disable=SC2046
+      run "whitebox_${tier}_${which}" "$ds" "${attack[@]}" --denoiser "$tier" --mode white-box \
+        --pgd-steps 5 --eot 2 --limit "$wb_n" $(models_of "$which")
+    done
+  done
+fi
 
 python3 - "$out" "$cand" "${SMOKE:-0}" <<'EOF'
 import json, os, sys
 out, cand, smoke = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+W = ("shipped", "candidate")
+def path(name):
+    return os.path.join(out, name + ".json")
 def load(name):
-    with open(os.path.join(out, name + ".json")) as f:
+    if not os.path.exists(path(name)):
+        return None
+    with open(path(name)) as f:
         return json.load(f)
-def secs(name):
-    with open(os.path.join(out, name + ".seconds")) as f:
-        return int(f.read())
-def robust(name):
-    return load(name)["results"][0]["robust_acc"]
+def pair(fmt, field):
+    got = {w: load(fmt.format(w=w)) for w in W}
+    return None if None in got.values() else {w: field(got[w]) for w in W}
+purified = lambda j: j["purified_acc"]
+robust = lambda j: j["results"][0]["robust_acc"]
+rule_files = [f"clean_{t}_v1_{w}" for t in "sm" for w in W] + [f"bpda_{t}_{w}" for t in "sm" for w in W]
+missing = [n for n in rule_files if load(n) is None]
+if missing:  # another copy still runs them; it writes the summary when it is done
+    print(f"rule measurements still running: {', '.join(missing)}; no summary yet")
+    sys.exit(0)
 s = {"candidate": os.path.basename(cand), "smoke": smoke,
-     "images": load("bare_shipped")["images"],
-     "undefended": {"shipped": load("bare_shipped")["clean_acc"],
-                    "candidate": load("bare_candidate")["clean_acc"]},
-     "defended": {}, "bpda": {}, "whitebox": {}, "seconds": {}}
-for t in "sm":
-    for v in (1, 5):
-        s["defended"][f"{t}_v{v}"] = {w: load(f"clean_{t}_v{v}_{w}")["purified_acc"]
-                                      for w in ("shipped", "candidate")}
-    for a in ("bpda", "whitebox"):
-        s[a][t] = {w: robust(f"{a}_{t}_{w}") for w in ("shipped", "candidate")}
+     "images": load("clean_s_v1_shipped")["images"],
+     "undefended": pair("bare_{w}", lambda j: j["clean_acc"]),
+     "defended": {f"{t}_v{v}": pair(f"clean_{t}_v{v}_{{w}}", purified) for t in "sm" for v in (1, 5)},
+     "bpda": {t: pair(f"bpda_{t}_{{w}}", robust) for t in "sm"},
+     "whitebox": {t: pair(f"whitebox_{t}_{{w}}", robust) for t in "sm"},
+     "seconds": {}}
 for f in sorted(os.listdir(out)):
     if f.endswith(".seconds"):
-        s["seconds"][f[:-8]] = secs(f[:-8])
+        with open(os.path.join(out, f)) as fh:
+            s["seconds"][f[:-8]] = int(fh.read())
 gain = {t: s["defended"][f"{t}_v1"]["candidate"] - s["defended"][f"{t}_v1"]["shipped"] for t in "sm"}
 held = {t: s["bpda"][t]["candidate"] >= s["bpda"][t]["shipped"] for t in "sm"}
 s["rule"] = {"clean_gain_points": {t: round(100 * g, 1) for t, g in gain.items()},
              "bpda_not_lower": held,
              "keep": not smoke and all(g >= 0.05 - 1e-9 for g in gain.values()) and all(held.values())}
 pct = lambda x: f"{100 * x:.1f} %"
+def row(label, p):
+    return f"| {label} | " + (" | ".join(pct(p[w]) for w in W) if p else "not measured | not measured") + " |"
 md = [f"# Defended classifier decision: {s['candidate']}", "",
       "| figure | shipped classifier | candidate |", "|---|---|---|",
-      f"| undefended clean, {s['images']} test images | {pct(s['undefended']['shipped'])} | {pct(s['undefended']['candidate'])} |"]
+      row(f"undefended clean, {s['images']} test images", s["undefended"])]
 for t in "sm":
     for v in (1, 5):
-        d = s["defended"][f"{t}_v{v}"]
-        md.append(f"| defended clean, denoiser_{t}, {v} vote(s) | {pct(d['shipped'])} | {pct(d['candidate'])} |")
-    md.append(f"| BPDA+EOT PGD-10 EOT 4, 128 images, 3 runs, denoiser_{t} | {pct(s['bpda'][t]['shipped'])} | {pct(s['bpda'][t]['candidate'])} |")
-    md.append(f"| white-box+EOT PGD-5 EOT 2, 32 images, 3 runs, denoiser_{t} | {pct(s['whitebox'][t]['shipped'])} | {pct(s['whitebox'][t]['candidate'])} |")
+        md.append(row(f"defended clean, denoiser_{t}, {v} vote(s)", s["defended"][f"{t}_v{v}"]))
+    md.append(row(f"BPDA+EOT PGD-10 EOT 4, 128 images, 3 runs, denoiser_{t}", s["bpda"][t]))
+    md.append(row(f"white-box+EOT PGD-5 EOT 2, 32 images, 3 runs, denoiser_{t}", s["whitebox"][t]))
 r = s["rule"]
 md += ["", f"Rule (training/README.md): clean gain {r['clean_gain_points']} points (need >= 5 for s and m), "
        f"BPDA not lower {r['bpda_not_lower']}: **{'keep' if r['keep'] else 'reject'}**"
        + (" (SMOKE run: sizes too small to decide anything)." if smoke else "."), "",
        "Wall time per measurement (s): " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items())]
 for name, text in (("summary.json", json.dumps(s, indent=2)), ("summary.md", "\n".join(md) + "\n")):
-    tmp = os.path.join(out, "." + name + ".tmp")
+    tmp = os.path.join(out, "." + name + f".{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, os.path.join(out, name))
