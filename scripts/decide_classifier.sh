@@ -50,7 +50,9 @@ folder() {
   rm -rf "$d.new"; mkdir -p "$d.new"
   for f in models/*.onnx; do ln -s "$PWD/$f" "$d.new/"; done
   cp "$cand" "$d.new/classifier_candidate.onnx"
-  { cat models/models.toml; printf '%s\n' "$extra"; } > "$d.new/models.toml"
+  # The shipped manifest's own [defended_classifier] (if any) gives way to the candidate.
+  { awk '/^\[/ { skip = ($0 == "[defended_classifier]") } !skip' models/models.toml
+    printf '%s\n' "$extra"; } > "$d.new/models.toml"
   $3
   rm -rf "$d"; mv "$d.new" "$d"
 }
