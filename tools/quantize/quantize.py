@@ -64,10 +64,12 @@ class Reader(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def load_feeds(model, dump, max_samples, seed):
+def load_feeds(model, dump, max_samples, seed, purified_only=False):
     meta = json.load(open(os.path.join(dump, "meta.json")))
     if model == "classifier":
         x = np.fromfile(os.path.join(dump, "clf_x.f32"), np.float32).reshape(meta["clf_x"])
+        if purified_only:  # clf_x holds the N purified images, then the N clean ones
+            x = x[: len(x) // 2]
         feeds = {"image": x}
     else:
         tier = model.split("_")[1]
@@ -141,7 +143,12 @@ def main():
     ap.add_argument("--model", required=True, choices=["classifier", "denoiser_s", "denoiser_m"])
     ap.add_argument("--dump", required=True, help="folder written by the dump_calib example")
     ap.add_argument("--models", default="models")
-    ap.add_argument("--out", help="default: MODELS/MODEL.int8.onnx")
+    ap.add_argument("--src", help="the float model (default: MODELS/MODEL.onnx); e.g. "
+                    "models/classifier_purified.onnx with --model classifier")
+    ap.add_argument("--out", help="default: SRC with .onnx replaced by .int8.onnx")
+    ap.add_argument("--purified-only", action="store_true",
+                    help="classifier: calibrate on the dump's purified images only (a "
+                         "[defended_classifier] sees nothing else)")
     ap.add_argument("--per-channel", action="store_true",
                     help="per-channel weights (the shipped models; slow in tract's own int8 ops)")
     ap.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy"])
@@ -153,9 +160,11 @@ def main():
                     help=f"op types to quantize (subset of {OP_TYPES})")
     args = ap.parse_args()
 
-    src = os.path.join(args.models, args.model + ".onnx")
-    out = args.out or os.path.join(args.models, args.model + ".int8.onnx")
-    feeds, meta = load_feeds(args.model, args.dump, args.max_samples, 0)
+    src = args.src or os.path.join(args.models, args.model + ".onnx")
+    out = args.out or src[: -len(".onnx")] + ".int8.onnx"
+    if args.purified_only and args.model != "classifier":
+        sys.exit("--purified-only is for --model classifier")
+    feeds, meta = load_feeds(args.model, args.dump, args.max_samples, 0, args.purified_only)
     n = len(next(iter(feeds.values())))
     print(f"{args.model}: {n} calibration samples from {args.dump} ({meta['images']} images)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,7 +190,8 @@ def main():
         m.doc_string = (f"int8 (QOperator {args.op_types}, "
                         f"{'per-channel' if args.per_channel else 'per-tensor'} "
                         f"s8 weights, u8 activations, {args.method} calibration on {n} samples "
-                        f"of calib/, tools/quantize/quantize.py) of {args.model}.onnx")
+                        f"of calib/{' (purified only)' if args.purified_only else ''}, tools/quantize/quantize.py) "
+                        f"of {os.path.basename(src)}")
         onnx.checker.check_model(m)
         onnx.save(m, out)
     ops = {}
