@@ -26,8 +26,19 @@ if [ "$cmd" = stage ]; then
   rm -rf "$d"; mkdir -p "$d/models"
   strip -o "$d/diffshield" target/release/diffshield
   xz -T0 -6 "$d/diffshield"
-  cp models/models.toml "$d/models/"
-  for f in classifier.onnx "denoiser_$tier.onnx"; do git show "HEAD:models/$f" > "$d/models/$f"; done
+  # The strict preset attacks the defended modes only (white-box, known-noise), so where the
+  # manifest has a [defended_classifier] only that file travels (two 26 MB classifiers do not
+  # fit), staged as the [classifier] of a manifest without the table.
+  dc=$(awk '/^\[/ { t = $0 } t == "[defended_classifier]" && /^file *=/ { gsub(/^[^"]*"|".*$/, ""); print }' \
+    models/models.toml)
+  if [ -n "$dc" ]; then
+    awk '/^\[/ { skip = ($0 == "[defended_classifier]") } !skip' models/models.toml |
+      sed "s|^file = \"classifier.onnx\"|file = \"$dc\"|; /^int8_file = \"classifier.int8.onnx\"/d" \
+      > "$d/models/models.toml"
+  else
+    cp models/models.toml "$d/models/"
+  fi
+  for f in "${dc:-classifier.onnx}" "denoiser_$tier.onnx"; do git show "HEAD:models/$f" > "$d/models/$f"; done
   head -c $((512 * 3073)) ../shared/data/cifar10_test_2000.bin > "$d/test512.bin"
   cp scripts/gpu_attack.sh "$d/"
   part=$(du -sb "$d" | cut -f1)
