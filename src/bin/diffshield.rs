@@ -82,7 +82,7 @@ enum Command {
     },
     /// Purify a training set (CIFAR-10 .bin or JPEG .pack) --draws times per image with the
     /// deployed plan, each draw its own noise, into shards a killed run resumes; the input of
-    /// the classifier fine-tuning recipe (training/finetune_purified.py).
+    /// the classifier fine-tuning recipe (training.train_classifier --init-onnx, training/README).
     PurifySet {
         /// CIFAR-10 .bin or JPEG .pack (its training split, records with split byte 0).
         #[arg(long)]
