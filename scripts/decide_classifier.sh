@@ -41,29 +41,35 @@ fi
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$out/decide.log" >&2; }
 
 # Three model folders: shipped; candidate as [defended_classifier] (the deployment under test);
-# candidate as [classifier] (its undefended accuracy).
-# Made once per candidate and renamed into place whole, so that a copy starting later does not
-# pull a folder from under a measurement that runs in it.
+# candidate as [classifier] (its undefended accuracy). A shipped [defended_classifier] gives way
+# to the candidate in both.
+. scripts/manifest_edit.sh
+defended_manifest() {
+  without_defended_classifier models/models.toml
+  printf '\n[defended_classifier]\nfile = "classifier_candidate.onnx"\n'
+}
+bare_manifest() {
+  without_defended_classifier models/models.toml | classifier_as classifier_candidate.onnx
+}
+# folder DIR MANIFEST-COMMAND: DIR with links to models/, the candidate and the command's
+# manifest. Left as it is when it already holds the same candidate and manifest, else renamed
+# into place whole, so that a copy starting later does not pull a folder from under a
+# measurement that runs in it.
 folder() {
-  local d=$1 extra=$2
-  cmp -s "$cand" "$d/classifier_candidate.onnx" && return
+  local d=$1
   rm -rf "$d.new"; mkdir -p "$d.new"
+  "$2" > "$d.new/models.toml"
+  if cmp -s "$cand" "$d/classifier_candidate.onnx" && cmp -s "$d.new/models.toml" "$d/models.toml"; then
+    rm -rf "$d.new"; return
+  fi
   for f in models/*.onnx; do ln -s "$PWD/$f" "$d.new/"; done
   cp "$cand" "$d.new/classifier_candidate.onnx"
-  # The shipped manifest's own [defended_classifier] (if any) gives way to the candidate.
-  { awk '/^\[/ { skip = ($0 == "[defended_classifier]") } !skip' models/models.toml
-    printf '%s\n' "$extra"; } > "$d.new/models.toml"
-  $3
   rm -rf "$d"; mv "$d.new" "$d"
 }
-[ "$only" = shipped ] || {
-bare_manifest() {
-  sed -i 's/^file = "classifier.onnx"/file = "classifier_candidate.onnx"/; /^int8_file = "classifier.int8.onnx"/d' \
-    "$out/models_bare.new/models.toml"
-}
-folder "$out/models_defended" $'\n[defended_classifier]\nfile = "classifier_candidate.onnx"' true
-folder "$out/models_bare" "" bare_manifest
-}
+if [ "$only" != shipped ]; then
+  folder "$out/models_defended" defended_manifest
+  folder "$out/models_bare" bare_manifest
+fi
 
 # run NAME CMD...: CMD's JSON (its stdout; an attack's --out) into OUT/NAME.json unless it is
 # there; its wall time beside it.
@@ -92,21 +98,28 @@ run() {
 common=(--data "$data" --threads "$threads" --seed 0 "${plan[@]}")
 attack=(attack "${common[@]}" --threat linf:8/255 --votes 1 --runs "$runs" --attack pgd
         --attack-batch 8)
-models_of() { [ "$1" = candidate ] && echo --models "$out/models_defended"; true; }
+# models_for WHICH: MODELS holds the --models flags that measure WHICH classifier defended.
+models_for() {
+  MODELS=()
+  if [ "$1" = candidate ]; then MODELS=(--models "$out/models_defended"); fi
+}
 clean() {  # clean TIER VOTES WHICH
-  # shellcheck disable=SC2046
+  models_for "$3"
   run "clean_${1}_v${2}_${3}" "$ds" eval "${common[@]}" --limit "$clean_n" --denoiser "$1" \
-    --votes "$2" $(models_of "$3")
+    --votes "$2" "${MODELS[@]}"
 }
 # The rule: defended clean with 1 vote and BPDA+EOT, both denoisers, both classifiers.
 for tier in s m; do
   for which in shipped candidate; do clean "$tier" 1 "$which"; done
 done
+screen() {  # screen KIND TIER WHICH ATTACK-FLAGS...
+  local kind=$1 tier=$2 which=$3; shift 3
+  models_for "$which"
+  run "${kind}_${tier}_${which}" "$ds" "${attack[@]}" --denoiser "$tier" "$@" "${MODELS[@]}"
+}
 for tier in s m; do
   for which in shipped candidate; do
-    # shellcheck disable=SC2046
-    run "bpda_${tier}_${which}" "$ds" "${attack[@]}" --denoiser "$tier" --mode bpda --pgd-steps 10 \
-      --eot 4 --limit "$bpda_n" $(models_of "$which")
+    screen bpda "$tier" "$which" --mode bpda --pgd-steps 10 --eot 4 --limit "$bpda_n"
   done
 done
 # Reported beside the rule.
@@ -118,9 +131,7 @@ if [ "${EXTRAS:-1}" != 0 ]; then
   done
   for tier in s m; do
     for which in shipped candidate; do
-      # shellcheck disable=SC2046
-      run "whitebox_${tier}_${which}" "$ds" "${attack[@]}" --denoiser "$tier" --mode white-box \
-        --pgd-steps 5 --eot 2 --limit "$wb_n" $(models_of "$which")
+      screen whitebox "$tier" "$which" --mode white-box --pgd-steps 5 --eot 2 --limit "$wb_n"
     done
   done
 fi

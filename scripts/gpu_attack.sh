@@ -32,9 +32,8 @@ if [ "$cmd" = stage ]; then
   dc=$(awk '/^\[/ { t = $0 } t == "[defended_classifier]" && /^file *=/ { gsub(/^[^"]*"|".*$/, ""); print }' \
     models/models.toml)
   if [ -n "$dc" ]; then
-    awk '/^\[/ { skip = ($0 == "[defended_classifier]") } !skip' models/models.toml |
-      sed "s|^file = \"classifier.onnx\"|file = \"$dc\"|; /^int8_file = \"classifier.int8.onnx\"/d" \
-      > "$d/models/models.toml"
+    . scripts/manifest_edit.sh
+    without_defended_classifier models/models.toml | classifier_as "$dc" > "$d/models/models.toml"
   else
     cp models/models.toml "$d/models/"
   fi
