@@ -161,7 +161,7 @@ def main():
     args = ap.parse_args()
 
     src = args.src or os.path.join(args.models, args.model + ".onnx")
-    out = args.out or src[: -len(".onnx")] + ".int8.onnx"
+    out = args.out or os.path.splitext(src)[0] + ".int8.onnx"
     if args.purified_only and args.model != "classifier":
         sys.exit("--purified-only is for --model classifier")
     feeds, meta = load_feeds(args.model, args.dump, args.max_samples, 0, args.purified_only)
