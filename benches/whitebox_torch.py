@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""One white-box PGD-EOT gradient (denoiser_s, T*=140 stride 10 = 14 DDIM steps, eta 1, EOT 8,
-8 images): diffshield's burn twin against PyTorch doing the same computation from the same ONNX
+"""One white-box PGD-EOT gradient (denoiser_s or _m, T*=140 stride 10 = 14 DDIM steps, eta 1,
+EOT 8, 8 images by default): diffshield's burn twin against PyTorch doing the same computation from the same ONNX
 files (onnx2torch), same thread count, printed as a ratio (> 1: we are slower).
 
 PyTorch keeps the whole autograd graph of the 14 steps; diffshield stores x_t and eps per step
 and recomputes one step at a time (bounded memory), so it does one more denoiser forward per
 step by design. Usage (repo root, after `cargo build --release --example whitebox_timing`):
-    python3 benches/whitebox_torch.py [threads] [images] [eot]
+    python3 benches/whitebox_torch.py [threads] [images] [eot] [denoiser s|m]
+PyTorch holds the whole graph in memory: denoiser_m at 8 images x EOT 8 needs far more than this
+machine's 24 GiB, so take 4 x 4 there (and for s, to compare the two).
 """
 import json
 import os
@@ -17,6 +19,9 @@ import time
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 images = int(sys.argv[2]) if len(sys.argv) > 2 else 8
 eot = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+tier = sys.argv[4] if len(sys.argv) > 4 else "s"
+if tier not in ("s", "m"):
+    sys.exit(f"denoiser must be s or m, not {tier!r}")
 os.environ["OMP_NUM_THREADS"] = str(threads)
 
 import numpy as np  # noqa: E402
@@ -56,7 +61,7 @@ def torch_gradient(den, cls, x, labels):
 
 
 def main():
-    den = convert(onnx.load("models/denoiser_s.onnx")).eval()
+    den = convert(onnx.load(f"models/denoiser_{tier}.onnx")).eval()
     cls = convert(onnx.load("models/classifier.onnx")).eval()
     h = torch.arange(32).float()
     x = torch.stack([0.5 + 0.4 * torch.sin((i + 1) * 0.3 * h[None, :, None] + 0.2 * h[None, None, :]
@@ -67,10 +72,10 @@ def main():
     g = torch_gradient(den, cls, x, labels)
     torch_s = time.perf_counter() - t0
     assert torch.isfinite(g).all()
-    out = subprocess.run(["target/release/examples/whitebox_timing", str(images), str(eot), "1"],
+    out = subprocess.run(["target/release/examples/whitebox_timing", str(images), str(eot), "1", tier],
                          check=True, capture_output=True, text=True)
     ours = json.loads(out.stdout.strip().splitlines()[-1])
-    print(json.dumps({"case": f"white-box PGD-EOT gradient, denoiser_s 14 steps, EOT {eot}, "
+    print(json.dumps({"case": f"white-box PGD-EOT gradient, denoiser_{tier} 14 steps, EOT {eot}, "
                               f"{images} images, {threads} thread(s)",
                       "diffshield_s": round(ours["seconds"], 2), "pytorch_s": round(torch_s, 2),
                       "ratio": round(ours["seconds"] / torch_s, 2)}))
