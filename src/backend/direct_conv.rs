@@ -1,5 +1,6 @@
-//! Direct 3x3 (zero padding 1) and 1x1 convolutions, stride 1, f32, NCHW, for x86-64 CPUs with
-//! AVX-512 or AVX2 + FMA (one kernel over [`Simd`], a register tiling per level).
+//! Direct 3x3 (zero padding 1) and 1x1 convolutions, stride 1, f32, NCHW: one kernel over
+//! [`Simd`], a register tiling per level (AVX-512, AVX2 + FMA, and the portable level that the
+//! compiler vectorises for the target: NEON on aarch64).
 //!
 //! Why it exists: tract 0.23.9 lowers every convolution to im2col + matrix product. At the
 //! denoisers' 32..256 channels on 32x32 and 16x16 planes its im2col gather costs as much as
@@ -19,13 +20,10 @@
 //! against them (see `DirectConv::small`). Summation order differs from tract's, so results
 //! agree to float rounding (relative ~1e-6), not bit for bit.
 
-// On other CPUs no level has a direct conv: the code is type-checked there but never runs.
-#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables, unused_unsafe))]
-
 use super::par::SyncPtr;
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
-use super::simd::{KernelLevel, Simd};
+use super::simd::{KernelLevel, Portable, Simd};
 
 /// Small planes: input channels per pass over the pixels. A chunk's weights (16 x 9 x 64 f32,
 /// 36 KB on AVX-512) stay in L1 for all pixel tiles; without chunking, each tile re-streamed a
@@ -63,10 +61,21 @@ impl Tiling {
             KernelLevel::Avx2 => {
                 Some(Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4, winograd_min_ci: 1 })
             }
-            KernelLevel::Portable | KernelLevel::Tract => None,
+            KernelLevel::Portable => Some(PORTABLE),
+            KernelLevel::Tract => None,
         }
     }
 }
+
+/// The portable level's tiles, in 8-lane vectors of two 128-bit registers. x86-64 (SSE2, 16
+/// registers): 2 x 2 accumulators + 2 pixel vectors + a broadcast (13 registers), small planes
+/// 2 x 2 + 2. aarch64 (NEON, 32 registers): AVX2's 4 x 2 and 2 x 4 (21 registers).
+#[cfg(target_arch = "x86_64")]
+const PORTABLE: Tiling = Tiling { lanes: 8, ocb: 2, scb: 16, spt: 2, winograd_min_ci: 1 };
+#[cfg(not(target_arch = "x86_64"))]
+const PORTABLE: Tiling = Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4, winograd_min_ci: 1 };
+/// Output channels per tile of the portable level (Winograd's products use the same tile).
+pub(super) const PORTABLE_OCB: usize = PORTABLE.ocb;
 
 /// A 3x3 or 1x1 convolution's weights, packed once for the kernel of one level.
 #[derive(Debug, Clone, PartialEq)]
@@ -321,6 +330,9 @@ impl DirectConv {
                     KernelLevel::Avx512 => self.block_avx512(&pass, b, block),
                     #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx2 => self.block_avx2(&pass, b, block),
+                    KernelLevel::Portable => {
+                        self.block::<Portable, PORTABLE_OCB, 2>(&pass, b, block)
+                    }
                     _ => unreachable!("a DirectConv is only built for levels with a tiling"),
                 }
             }
@@ -506,6 +518,10 @@ impl DirectConv {
                     KernelLevel::Avx512 => tile.pixels_avx512(&taps, pixels, run),
                     #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx2 => tile.pixels_avx2(&taps, pixels, run),
+                    KernelLevel::Portable => tile
+                        .pixels::<Portable, { PORTABLE.scb / 8 }, { PORTABLE.spt }>(
+                            &taps, pixels, run,
+                        ),
                     _ => unreachable!("a DirectConv is only built for levels with a tiling"),
                 }
             }
@@ -818,9 +834,8 @@ mod tests {
     #[test]
     fn refuses_mismatched_shapes_and_levels_without_a_kernel() {
         use KernelLevel::*;
-        assert!(DirectConv::new(&[0.0; 18], &[0.5], 2, 1, 3, Portable).is_none());
         assert!(DirectConv::new(&[0.0; 18], &[0.5], 2, 1, 3, Tract).is_none());
-        for level in [Avx512, Avx2] {
+        for level in [Avx512, Avx2, Portable] {
             assert!(DirectConv::new(&[0.0; 17], &[0.0; 2], 2, 1, 3, level).is_none());
             assert!(DirectConv::new(&[0.0; 18], &[0.0; 3], 2, 1, 3, level).is_none());
             assert!(DirectConv::new(&[0.0; 50], &[0.0; 2], 2, 1, 5, level).is_none());

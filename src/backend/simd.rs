@@ -13,7 +13,8 @@
 pub enum KernelLevel {
     /// tract's own ops everywhere (this crate's graph passes off).
     Tract,
-    /// The fused GroupNorm and attention in plain Rust; convolutions stay tract's. The best
+    /// The fused GroupNorm, attention and the stride-1 3x3 / 1x1 convs (direct and Winograd)
+    /// in plain Rust the compiler vectorises; int8 and strided convs stay tract's. The best
     /// level on CPUs other than x86-64 (ARM).
     Portable,
     /// AVX2 + FMA kernels (8-lane tiles); int8 convs stay tract's.
@@ -57,16 +58,14 @@ impl KernelLevel {
         }
     }
 
-    /// The fastest level this CPU runs: avx512, else avx2, else `tract` on x86-64 (there the
-    /// portable level, compiled for SSE2, measured 0.88-0.96x of tract's own SSE2 path in
-    /// benches/compare_levels.py --isa sse2) and `portable` on every other CPU (ARM: NEON).
+    /// The fastest level this CPU runs: avx512, else avx2, else `portable` (on x86-64 without
+    /// AVX2 it runs 4.8-14x faster than tract's own SSE2 path: benches/compare_levels.py
+    /// --isa sse2).
     pub fn best() -> KernelLevel {
-        let fallback =
-            if cfg!(target_arch = "x86_64") { KernelLevel::Tract } else { KernelLevel::Portable };
         [KernelLevel::Avx512, KernelLevel::Avx2]
             .into_iter()
             .find(|l| l.supported())
-            .unwrap_or(fallback)
+            .unwrap_or(KernelLevel::Portable)
     }
 
     /// The level named by `name` ([`KernelLevel::name`]). Errors name the choices, and the
@@ -366,11 +365,16 @@ impl Simd for Portable {
     unsafe fn store(p: *mut f32, v: Self::V) {
         p.cast::<[f32; 8]>().write_unaligned(v)
     }
-    /// Not fused: a separate multiply and add vectorise on every target, where `mul_add`
-    /// without hardware FMA would be a library call per lane.
+    /// Fused where the build target has FMA in its baseline (aarch64: `fmla`); elsewhere
+    /// (x86-64's SSE2 baseline) a separate multiply and add, where `mul_add` would be a
+    /// library call per lane.
     #[inline(always)]
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        std::array::from_fn(|i| a[i] * b[i] + c[i])
+        if cfg!(any(target_arch = "aarch64", target_feature = "fma")) {
+            std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
+        } else {
+            std::array::from_fn(|i| a[i] * b[i] + c[i])
+        }
     }
     #[inline(always)]
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V {

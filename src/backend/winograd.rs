@@ -24,14 +24,11 @@
 //! and transforming back into its own output rows, all in its thread's buffers. Each item
 //! writes its own values in a fixed order, so results are bit-identical for any thread count.
 
-// The levels that run it are x86-64 only; elsewhere the code is type-checked but never runs.
-#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables, unused_unsafe))]
-
 use super::direct_conv::Tile;
 use super::par::SyncPtr;
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
-use super::simd::{KernelLevel, Simd};
+use super::simd::{KernelLevel, Portable, Simd};
 
 /// Entries of a transformed 4x4 tile.
 const K: usize = 16;
@@ -167,6 +164,7 @@ pub(crate) fn conv(
                     KernelLevel::Avx512 => job.avx512(buffers),
                     #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx2 => job.avx2(buffers),
+                    KernelLevel::Portable => job.portable(buffers),
                     _ => unreachable!("Winograd runs at the direct conv's levels only"),
                 }
             }
@@ -185,6 +183,11 @@ impl Chunk<'_> {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2(&self, buffers: &mut Buffers) {
         self.run::<Avx2, 4, 2>(buffers)
+    }
+
+    /// The direct conv's portable tile (no instruction-set requirement).
+    unsafe fn portable(&self, buffers: &mut Buffers) {
+        self.run::<Portable, { super::direct_conv::PORTABLE_OCB }, 2>(buffers)
     }
 
     /// Input transform of every channel, the 16 products, output transform of every channel.
@@ -453,7 +456,7 @@ mod probe {
         ] {
             let x = crate::backend::test_values::values(n * ci * h * h, 1);
             let w = crate::backend::test_values::values(co * ci * 9, 2);
-            for level in [KernelLevel::Avx512, KernelLevel::Avx2] {
+            for level in KernelLevel::ALL.into_iter().filter(|&l| DirectConv::available(l)) {
                 let direct =
                     DirectConv::new(&w, &[0.0], co, ci, 3, level).unwrap().with_winograd(&w, false);
                 let wg = direct.clone().with_winograd(&w, true);
