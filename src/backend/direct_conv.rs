@@ -70,8 +70,9 @@ impl Tiling {
 /// The portable level's tiles, in 8-lane vectors of two 128-bit registers. x86-64 (SSE2, 16
 /// registers): 2 x 2 accumulators + 2 pixel vectors + a broadcast (13 registers), small planes
 /// 2 x 2 + 2. aarch64 (NEON, 32 registers): AVX2's 4 x 2 and 2 x 4 (21 registers). Winograd
-/// on every 3x3 conv: 1.36-2.13x over the direct kernel on x86-64 in `winograd::probe` (no FMA
-/// there, as AVX2's direct kernel it is far from Winograd's break-even); not measured on ARM.
+/// on every 3x3 conv: 1.36-2.13x over the direct kernel on x86-64 in `winograd::probe` (as on
+/// AVX2, the direct kernel is far below AVX-512's rate, so the saved multiplies count more);
+/// not measured on ARM.
 #[cfg(target_arch = "x86_64")]
 const PORTABLE: Tiling = Tiling { lanes: 8, ocb: 2, scb: 16, spt: 2, winograd_min_ci: 1 };
 #[cfg(not(target_arch = "x86_64"))]
