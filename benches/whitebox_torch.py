@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """One white-box PGD-EOT gradient (denoiser_s or _m, T*=140 stride 10 = 14 DDIM steps, eta 1,
-EOT 8, 8 images by default): diffshield's burn twin against PyTorch doing the same computation from the same ONNX
-files (onnx2torch), same thread count, printed as a ratio (> 1: we are slower).
+EOT 8, 8 images by default): diffshield's burn twin against PyTorch doing the same computation
+from the same ONNX files (onnx2torch), same thread count, printed as a ratio (> 1: we are
+slower).
 
 PyTorch keeps the whole autograd graph of the 14 steps; diffshield stores x_t and eps per step
 and recomputes one step at a time (bounded memory), so it does one more denoiser forward per
 step by design. Usage (repo root, after `cargo build --release --example whitebox_timing`):
     python3 benches/whitebox_torch.py [threads] [images] [eot] [denoiser s|m]
-PyTorch holds the whole graph in memory: denoiser_m at 8 images x EOT 8 needs far more than this
-machine's 24 GiB, so take 4 x 4 there (and for s, to compare the two).
+PyTorch holds the whole graph in memory (9.4 GB peak for denoiser_m at 4 images x EOT 4, so
+about 4x that at 8 x 8, more than this machine's 24 GiB): take 4 x 4 there, and for s to
+compare the two.
 """
 import json
 import os
@@ -72,8 +74,8 @@ def main():
     g = torch_gradient(den, cls, x, labels)
     torch_s = time.perf_counter() - t0
     assert torch.isfinite(g).all()
-    out = subprocess.run(["target/release/examples/whitebox_timing", str(images), str(eot), "1", tier],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(["target/release/examples/whitebox_timing", str(images), str(eot), "1",
+                          tier], check=True, capture_output=True, text=True)
     ours = json.loads(out.stdout.strip().splitlines()[-1])
     print(json.dumps({"case": f"white-box PGD-EOT gradient, denoiser_{tier} 14 steps, EOT {eot}, "
                               f"{images} images, {threads} thread(s)",

@@ -16,9 +16,10 @@
 # OUT/summary.json and OUT/summary.md are written (atomically) at the end. The rule's own
 # measurements run first, then the reported extras (EXTRAS=0 stops before them; the summary
 # then says "not measured"). OUT holds one candidate: its SHA-256 is recorded there and another
-# candidate is refused (exit 2), as is a SMOKE run in a full run's OUT or the reverse. Two copies with THREADS=1 on one OUT share the work, each
-# measurement taken by one of them (a flock per measurement): on 2 cores that is faster than one
-# copy with 2 threads, whose kernels scale 1.5-1.6x; each copy summarises the files present.
+# candidate is refused (exit 2), as is a SMOKE run in a full run's OUT or the reverse. Two
+# copies with THREADS=1 on one OUT share the work, each measurement taken by one of them (a
+# flock per measurement): on 2 cores that is faster than one copy with 2 threads, whose kernels
+# scale 1.5-1.6x; each copy summarises the files present.
 # ONLY=shipped measures the shipped classifier alone (CANDIDATE need not exist yet), e.g. on one
 # core while the other still purifies the training set.
 # SMOKE=1: a few images, 2 DDIM steps, 1 run: checks the plumbing in minutes and decides nothing.
@@ -42,19 +43,17 @@ fi
 # Measurements are kept by name, so one OUT holds one candidate and one mode: OUT/candidate
 # records them and another candidate (or SMOKE against a full run) is refused, not silently
 # given the first one's figures. The shipped measurements do not depend on the candidate.
-mode="smoke=${SMOKE:-0}"
-if [ -s "$out/mode" ] && [ "$(cat "$out/mode")" != "$mode" ]; then
-  echo "$out holds measurements with $(cat "$out/mode"), not $mode: use another OUT" >&2; exit 2
-fi
-echo "$mode" > "$out/mode"
-if [ "$only" != shipped ]; then
-  sum=$(sha256sum "$cand" | cut -d' ' -f1)
-  if [ -s "$out/candidate" ] && [ "$(cat "$out/candidate")" != "$sum" ]; then
-    echo "$out holds the measurements of another candidate (SHA-256 $(cat "$out/candidate")), not" \
-      "of $cand ($sum): use another OUT" >&2
+# pin NAME VALUE WHAT: OUT/NAME records VALUE; a different value already there is refused.
+pin() {
+  if [ -s "$out/$1" ] && [ "$(cat "$out/$1")" != "$2" ]; then
+    echo "$out holds the measurements of $3 $(cat "$out/$1"), not $2: use another OUT" >&2
     exit 2
   fi
-  echo "$sum" > "$out/candidate"
+  echo "$2" > "$out/$1"
+}
+pin mode "smoke=${SMOKE:-0}" "mode"
+if [ "$only" != shipped ]; then
+  pin candidate "$(sha256sum "$cand" | cut -d' ' -f1)" "the candidate with SHA-256"
 fi
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$out/decide.log" >&2; }
 

@@ -15,7 +15,7 @@ pub enum KernelLevel {
     Tract,
     /// The fused GroupNorm, attention and the stride-1 3x3 / 1x1 convs (direct and Winograd)
     /// in plain Rust the compiler vectorises; int8 and strided convs stay tract's. The best
-    /// level on CPUs other than x86-64 (ARM).
+    /// level on CPUs other than x86-64 (ARM) and on x86-64 without AVX2.
     Portable,
     /// AVX2 + FMA kernels (8-lane tiles); int8 convs stay tract's.
     Avx2,

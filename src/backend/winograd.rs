@@ -126,7 +126,8 @@ struct Chunk<'a> {
 
 /// `y = conv3x3(x) + bias` (`x`: `n x ci x h x w`, `y`: `n x co x h x w`, `bias`: one value per
 /// output channel, padded) at `level`. The caller checked the lengths and that the CPU runs
-/// `level`, which has a direct-conv tiling (avx512, avx2 or portable) matching `weights.ocb` and `lanes`.
+/// `level`, which has a direct-conv tiling (avx512, avx2 or portable) matching `weights.ocb`
+/// and `lanes`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv(
     level: KernelLevel,
