@@ -41,12 +41,13 @@ struct Tiling {
     scb: usize,
     /// Small planes: pixels per tile.
     spt: usize,
-    /// Winograd runs 3x3 convs with at least this many input channels on planes at least two
-    /// vectors wide (a vector of tiles per tile row), where it beat the direct kernel in
-    /// `winograd::probe` (AVX-512: 1.33-1.37x at 64-96 channels on 32x32, 0.86-1.08x on 16x16
-    /// and 1.02x at 32 channels; AVX2, whose direct kernel runs at half that FMA rate:
-    /// 1.38-1.89x everywhere).
-    winograd_min_ci: usize,
+    /// Winograd runs a 3x3 conv on planes at least `.0` wide when it has at least `.1` input
+    /// channels (any pair), where it beat the direct kernel in `winograd::probe` with items
+    /// spanning images (AVX-512: 1.31-1.56x at 64-96 channels on 32x32, 1.38-1.56x at 128-192
+    /// on 16x16, 1.06-1.13x at 128 on 8x8; 0.93-1.16x at 32 channels on 32x32, 0.80-1.05x at
+    /// 64 on 16x16 and 8x8. AVX2, whose direct kernel runs at half that FMA rate: 1.46-2.03x on
+    /// every plane from 8x8).
+    winograd: &'static [(usize, usize)],
 }
 
 impl Tiling {
@@ -56,10 +57,10 @@ impl Tiling {
     fn of(level: KernelLevel) -> Option<Tiling> {
         match level {
             KernelLevel::Avx512 => {
-                Some(Tiling { lanes: 16, ocb: 8, scb: 64, spt: 6, winograd_min_ci: 64 })
+                Some(Tiling { lanes: 16, ocb: 8, scb: 64, spt: 6, winograd: &[(32, 64), (8, 128)] })
             }
             KernelLevel::Avx2 => {
-                Some(Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4, winograd_min_ci: 1 })
+                Some(Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4, winograd: ALWAYS })
             }
             KernelLevel::Portable => Some(PORTABLE),
             KernelLevel::Tract => None,
@@ -70,13 +71,15 @@ impl Tiling {
 /// The portable level's tiles, in 8-lane vectors of two 128-bit registers. x86-64 (SSE2, 16
 /// registers): 2 x 2 accumulators + 2 pixel vectors + a broadcast (13 registers), small planes
 /// 2 x 2 + 2. aarch64 (NEON, 32 registers): AVX2's 4 x 2 and 2 x 4 (21 registers). Winograd
-/// on every 3x3 conv: 1.36-2.13x over the direct kernel on x86-64 in `winograd::probe` (as on
+/// on every 3x3 conv: 1.58-2.28x over the direct kernel on x86-64 in `winograd::probe` (as on
 /// AVX2, the direct kernel is far below AVX-512's rate, so the saved multiplies count more);
 /// not measured on ARM.
 #[cfg(target_arch = "x86_64")]
-const PORTABLE: Tiling = Tiling { lanes: 8, ocb: 2, scb: 16, spt: 2, winograd_min_ci: 1 };
+const PORTABLE: Tiling = Tiling { lanes: 8, ocb: 2, scb: 16, spt: 2, winograd: ALWAYS };
 #[cfg(not(target_arch = "x86_64"))]
-const PORTABLE: Tiling = Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4, winograd_min_ci: 1 };
+const PORTABLE: Tiling = Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4, winograd: ALWAYS };
+/// Winograd on every 3x3 conv.
+const ALWAYS: &[(usize, usize)] = &[(1, 1)];
 /// Output channels per tile of the portable level (Winograd's products use the same tile).
 pub(super) const PORTABLE_OCB: usize = PORTABLE.ocb;
 
@@ -95,10 +98,11 @@ pub struct DirectConv {
     bias: Vec<f32>,
     /// The small-plane layout `[co / scb][ci][k * k][scb]`, packed from `packed` on first use.
     by_channel: std::sync::OnceLock<Vec<f32>>,
-    /// 3x3 with enough input channels (`Tiling::winograd_min_ci`) only: the Winograd
-    /// F(2x2, 3x3) weights, used on planes at least two vectors wide (None when
-    /// [`WINOGRAD_ENV`] is `0`).
+    /// 3x3 with enough input channels (`Tiling::winograd`) only: the Winograd F(2x2, 3x3)
+    /// weights (None when [`WINOGRAD_ENV`] is `0`).
     winograd: Option<super::winograd::Weights>,
+    /// Plane width (pixels) from which the Winograd weights are used.
+    winograd_min_w: usize,
 }
 
 /// Environment switch: `0` runs every 3x3 conv on the direct kernel instead of Winograd
@@ -151,7 +155,9 @@ impl DirectConv {
                 }
             }
         }
-        let winograd = (k == 3 && ci >= tiling.winograd_min_ci && winograd_enabled())
+        let winograd_min_w =
+            tiling.winograd.iter().filter(|&&(_, min_ci)| ci >= min_ci).map(|&(w, _)| w).min();
+        let winograd = (k == 3 && winograd_min_w.is_some() && winograd_enabled())
             .then(|| super::winograd::Weights::new(weights, co, ci, ocb));
         Some(DirectConv {
             ci,
@@ -163,14 +169,17 @@ impl DirectConv {
             bias: padded_bias,
             by_channel: Default::default(),
             winograd,
+            winograd_min_w: winograd_min_w.unwrap_or(usize::MAX),
         })
     }
 
-    /// The same conv with Winograd on (`weights` as given to [`DirectConv::new`]) or off.
+    /// The same conv with Winograd on every plane (`weights` as given to [`DirectConv::new`])
+    /// or off.
     #[cfg(test)]
     pub(crate) fn with_winograd(mut self, weights: &[f32], on: bool) -> Self {
         self.winograd = (on && self.k == 3)
             .then(|| super::winograd::Weights::new(weights, self.co, self.ci, self.tiling.ocb));
+        self.winograd_min_w = 1;
         self
     }
 }
@@ -224,14 +233,13 @@ impl super::conv_kernel::ConvKernel for DirectConv {
                 scratch.bias.extend_from_slice(&self.bias);
                 scratch.bias[..self.co].copy_from_slice(b);
             }
-            if self.k == 3 && w < self.tiling.lanes {
-                self.small(x, n, h, w, y, scratch);
-            } else if let Some(weights) =
-                self.winograd.as_ref().filter(|_| w >= 2 * self.tiling.lanes)
-            {
+            let winograd = self.winograd.as_ref().filter(|_| w >= self.winograd_min_w);
+            if let Some(weights) = winograd {
                 let bias = if scratch.bias.is_empty() { &self.bias } else { &scratch.bias };
                 let (level, lanes) = (self.level, self.tiling.lanes);
                 super::winograd::conv(level, weights, bias, x, (n, h, w), y, lanes);
+            } else if self.k == 3 && w < self.tiling.lanes {
+                self.small(x, n, h, w, y, scratch);
             } else {
                 self.images(x, n, h, w, y, scratch);
             }
@@ -776,8 +784,8 @@ mod tests {
         // (n, co, ci, h, w): rows mode (w a multiple of the vector), flat mode (1x1, and 3x3 at
         // w = 20 and 12), the small-plane mode (3x3 at w < the vector, pixel tiles across
         // images), partial channel blocks (co = 3, 7, 9, 13, 80), batches of 2 and 3, each for
-        // 3x3 and 1x1 kernels; 3x3 also with Winograd (planes at least two vectors wide: odd
-        // sizes, partial tiles and chunks).
+        // 3x3 and 1x1 kernels; 3x3 also with Winograd on every plane (odd sizes, partial
+        // tiles, items spanning images).
         let shapes = [
             (1, 7, 6, 5, 12),
             (2, 5, 3, 17, 19),

@@ -5,10 +5,11 @@
 //! 64-channel 32x32 conv on this Zen 5 core: 2 x 512-bit FMAs a cycle), and onnxruntime is close
 //! behind, so going faster needs less arithmetic (issue 14 item 4).
 //!
-//! Where it runs (`Tiling::winograd_min_ci` in [`super::direct_conv`], from the `probe` test
-//! below: `cargo test --release --lib probe_speed -- --ignored --nocapture`): planes at least
-//! two vectors wide, and on AVX-512 only from 64 input channels (there the direct kernel is at
-//! the FMA peak and Winograd's transforms and buffers eat the gain on small convs).
+//! Where it runs (`Tiling::winograd` in [`super::direct_conv`], from the `probe` test below:
+//! `cargo test --release --lib probe_speed -- --ignored --nocapture`): every 3x3 conv on AVX2
+//! and the portable level; on AVX-512, where the direct kernel is at the FMA peak and the
+//! transforms and buffers eat the gain on small convs, from 64 input channels on 32x32 planes
+//! and from 128 on smaller ones.
 //! `DIFFSHIELD_WINOGRAD=0` turns it off. Tested against the direct kernel and an f64 reference
 //! on every level with a direct conv. The transforms (Lavin & Gray, 2015):
 //! `U = G g G^T` per weight 3x3 (once, at load), `V = B^T d B` per 4x4 input patch (stride 2),
@@ -110,18 +111,51 @@ struct Grid {
     tw: usize,
 }
 
-/// One work item: tile rows `rows` of one image.
+/// One work item: a run of tile rows of the batch (image after image), about [`CHUNK_TILES`]
+/// tiles. An item may span images, so that small planes still fill whole tile vectors and
+/// every pass over the transformed weights serves as many tiles (per image, a 16x16 plane's
+/// 64 tiles would split 48 + 16, and an 8x8 plane's 16 tiles would be one vector a pass).
 struct Chunk<'a> {
     weights: &'a Weights,
     bias: &'a [f32],
-    /// Image b's input planes, `ci x h x w`.
+    /// The batch's input planes, `n x ci x h x w`.
     x: &'a [f32],
-    /// Image b's output planes, `co x h x w`.
+    /// The batch's output planes, `n x co x h x w`.
     y: SyncPtr<f32>,
     g: Grid,
+    /// Tile rows of the batch: row r is tile row `r % th` of image `r / th`.
     rows: std::ops::Range<usize>,
     /// Tiles of the item rounded up to whole vectors (`v` and `m` rows are a vector longer).
     tiles: usize,
+}
+
+/// The part of an item in one image: its tile rows and the item's tile of the first of them.
+struct Segment {
+    image: usize,
+    rows: std::ops::Range<usize>,
+    first_tile: usize,
+}
+
+impl Chunk<'_> {
+    /// The item's rows image by image, in order (the transforms' stores run past a segment's
+    /// last row into the next segment's tiles, which are written after).
+    fn segments(&self) -> impl Iterator<Item = Segment> + '_ {
+        let th = self.g.th;
+        let mut r = self.rows.start;
+        std::iter::from_fn(move || {
+            (r < self.rows.end).then(|| {
+                let image = r / th;
+                let end = ((image + 1) * th).min(self.rows.end);
+                let segment = Segment {
+                    image,
+                    rows: r - image * th..end - image * th,
+                    first_tile: (r - self.rows.start) * self.g.tw,
+                };
+                r = end;
+                segment
+            })
+        })
+    }
 }
 
 /// `y = conv3x3(x) + bias` (`x`: `n x ci x h x w`, `y`: `n x co x h x w`, `bias`: one value per
@@ -138,27 +172,29 @@ pub(crate) fn conv(
     y: &mut [f32],
     lanes: usize,
 ) {
-    let Weights { ci, co, .. } = *weights;
     let g = Grid { h, w, th: h.div_ceil(2), tw: w.div_ceil(2) };
-    let per_chunk = (CHUNK_TILES / g.tw).clamp(1, g.th);
-    let chunks = g.th.div_ceil(per_chunk);
+    let total_rows = n * g.th;
+    // Items of about CHUNK_TILES tiles, then the rows spread evenly over that many items (b1
+    // 16x16: 4 + 4 rows rather than 6 + 2).
+    let chunks = total_rows.div_ceil((CHUNK_TILES / g.tw).clamp(1, total_rows));
+    let per_chunk = total_rows.div_ceil(chunks);
+    let chunks = total_rows.div_ceil(per_chunk);
     let tiles = (per_chunk * g.tw).div_ceil(lanes) * lanes;
     let out = SyncPtr(y.as_mut_ptr());
-    super::par::for_each(n * chunks, |item| {
-        let (b, chunk) = (item / chunks, item % chunks);
+    super::par::for_each(chunks, |chunk| {
         let job = Chunk {
             weights,
             bias,
-            x: &x[b * ci * h * w..(b + 1) * ci * h * w],
-            // SAFETY: image b's planes lie inside `y` (the caller checked its length).
-            y: SyncPtr(unsafe { out.ptr().add(b * co * h * w) }),
+            x,
+            y: out,
             g,
-            rows: chunk * per_chunk..((chunk + 1) * per_chunk).min(g.th),
+            rows: chunk * per_chunk..((chunk + 1) * per_chunk).min(total_rows),
             tiles,
         };
         BUFFERS.with_borrow_mut(|buffers| {
-            // SAFETY: the caller checked that the CPU runs `level`; the item writes only its
-            // own output rows (2 per tile row) of image b's planes, and its own buffers.
+            // SAFETY: the caller checked that the CPU runs `level` and the lengths of `x` and
+            // `y`; the item writes only its own output rows (2 per tile row of its images) and
+            // its own buffers.
             unsafe {
                 match level {
                     #[cfg(target_arch = "x86_64")]
@@ -192,8 +228,8 @@ impl Chunk<'_> {
     }
 
     /// Input transform of every channel, the 16 products, output transform of every channel.
-    /// Safety: runs inside a function compiled for `S` on a CPU that has it; `self.y` is valid
-    /// for `co x h x w` values.
+    /// Safety: runs inside a function compiled for `S` on a CPU that has it; `self.x` and
+    /// `self.y` hold the batch's `n x ci` and `n x co` planes of `h x w` values.
     #[inline(always)]
     unsafe fn run<S: Simd, const OCB: usize, const PV: usize>(&self, s: &mut Buffers) {
         let Weights { ci, co, ocb, .. } = *self.weights;
@@ -212,9 +248,11 @@ impl Chunk<'_> {
         // The tiles past the item's (up to a vector, and the slack) hold whatever the buffers
         // held: they only feed products that are never read out.
         for c in 0..ci {
-            let v = s.v.as_mut_ptr().add(c * stride);
-            let x = &self.x[c * plane..(c + 1) * plane];
-            transform_input::<S>(x, &g, self.rows.clone(), v, ci * stride, &mut s.rows);
+            for seg in self.segments() {
+                let v = s.v.as_mut_ptr().add(c * stride + seg.first_tile);
+                let x = &self.x[(seg.image * ci + c) * plane..][..plane];
+                transform_input::<S>(x, &g, seg.rows, v, ci * stride, &mut s.rows);
+            }
         }
         let product = Product {
             v: s.v.as_ptr(),
@@ -229,10 +267,13 @@ impl Chunk<'_> {
             product.run::<S, OCB, PV>(k);
         }
         for o in 0..co {
-            let m = s.m.as_ptr().add(o * stride);
-            let job = Output { m, k_stride: blocks * ocb * stride, bias: self.bias[o] };
-            let y = std::slice::from_raw_parts_mut(self.y.ptr().add(o * plane), plane);
-            transform_output::<S>(&job, &g, self.rows.clone(), y);
+            for seg in self.segments() {
+                let m = s.m.as_ptr().add(o * stride + seg.first_tile);
+                let job = Output { m, k_stride: blocks * ocb * stride, bias: self.bias[o] };
+                let y = self.y.ptr().add((seg.image * co + o) * plane);
+                let y = std::slice::from_raw_parts_mut(y, plane);
+                transform_output::<S>(&job, &g, seg.rows, y);
+            }
         }
     }
 }
@@ -434,7 +475,7 @@ impl Product {
 }
 
 /// Direct against Winograd on single convs, one thread, both levels (a timing, so ignored;
-/// run it with `--ignored --nocapture` to re-derive `winograd_min_ci`).
+/// run it with `--ignored --nocapture` to re-derive `Tiling::winograd`).
 #[cfg(test)]
 mod probe {
     use crate::backend::conv_kernel::ConvKernel;
@@ -454,6 +495,9 @@ mod probe {
             (8, 128, 128, 16),
             (1, 96, 64, 32),
             (8, 192, 128, 16),
+            (1, 128, 128, 8),
+            (8, 128, 128, 8),
+            (8, 64, 64, 8),
         ] {
             let x = crate::backend::test_values::values(n * ci * h * h, 1);
             let w = crate::backend::test_values::values(co * ci * 9, 2);
