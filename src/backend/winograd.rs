@@ -271,7 +271,6 @@ impl Chunk<'_> {
                 let m = s.m.as_ptr().add(o * stride + seg.first_tile);
                 let job = Output { m, k_stride: blocks * ocb * stride, bias: self.bias[o] };
                 let y = self.y.ptr().add((seg.image * co + o) * plane);
-                let y = std::slice::from_raw_parts_mut(y, plane);
                 transform_output::<S>(&job, &g, seg.rows, y);
             }
         }
@@ -362,13 +361,15 @@ unsafe fn transform_input<S: Simd>(
 /// columns of each tile are interleaved on the way out. Reads run up to a vector past a tile
 /// row (into the row's slack; those lanes are dropped).
 /// Safety: as [`transform_input`]; `job.m` is valid for `16 * job.k_stride` values past it at
-/// the item's tiles plus a vector.
+/// the item's tiles plus a vector; `plane` is valid for `h x w` values, and no other thread
+/// touches the rows written here (a raw pointer: other items write the plane's other rows at
+/// the same time, so a `&mut` slice of the whole plane would alias theirs).
 #[inline(always)]
 unsafe fn transform_output<S: Simd>(
     job: &Output,
     g: &Grid,
     tile_rows: std::ops::Range<usize>,
-    plane: &mut [f32],
+    plane: *mut f32,
 ) {
     let (tw, h, w) = (g.tw, g.h, g.w);
     let Output { m, k_stride, bias } = *job;
@@ -395,7 +396,7 @@ unsafe fn transform_output<S: Simd>(
                 let left = S::add(S::add(S::add(t[0], t[1]), t[2]), bias);
                 let right = S::add(S::sub(S::sub(t[1], t[2]), t[3]), bias);
                 let (lo, hi) = S::interleave(left, right);
-                let (x0, dst) = (2 * j, plane.as_mut_ptr().add(y * w));
+                let (x0, dst) = (2 * j, plane.add(y * w));
                 if x0 + 2 * lanes <= w {
                     S::store(dst.add(x0), lo);
                     S::store(dst.add(x0 + lanes), hi);
