@@ -26,13 +26,13 @@ use tract_onnx::tract_core::ops::cnn::Conv;
 /// RmsNorm pieces).
 pub fn prepare(mut model: TypedModel, level: KernelLevel) -> TractResult<TypedModel> {
     if level != KernelLevel::Tract {
-        let norms = super::tract_groupnorm::fuse_group_norms(&mut model)?;
+        let (norms, silus) = super::tract_groupnorm::fuse_group_norms(&mut model, level)?;
         let convs = super::tract_direct::use_direct_convs(&mut model, level)?;
         let attention = super::tract_attention::fuse_attention(&mut model, level)?;
         let int8 = super::tract_quant::use_quant_convs(&mut model, level)?;
         log::debug!(
-            "{} kernels: {norms} fused GroupNorms, {convs} direct convs, {attention} attention \
-             blocks, {int8} int8 convs",
+            "{} kernels: {norms} fused GroupNorms ({silus} with their SiLU), {convs} direct \
+             convs, {attention} attention blocks, {int8} int8 convs",
             level.name()
         );
     }
