@@ -22,6 +22,8 @@ fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the `diffshield` binary runs: freed model outputs stay mapped (see `memory`).
+    diffshield::memory::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let threads: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let reps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);

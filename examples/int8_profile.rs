@@ -4,6 +4,8 @@
 use diffshield::backend::tract::{profile_ops, CpuThreads};
 
 fn main() -> anyhow::Result<()> {
+    // As the `diffshield` binary runs: freed model outputs stay mapped (see `memory`).
+    diffshield::memory::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).ok_or_else(|| {
         anyhow::anyhow!("usage: int8_profile MODEL.onnx [reps] [batch] [threads]")

@@ -21,6 +21,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the `diffshield` binary runs: freed model outputs stay mapped (see `memory`).
+    diffshield::memory::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let threads: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let reps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(7);

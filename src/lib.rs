@@ -88,6 +88,7 @@ pub(crate) mod fingerprint;
 pub mod grad;
 pub mod input;
 pub mod manifest;
+pub mod memory;
 pub mod noise;
 pub mod pipeline;
 pub mod purified_set;
