@@ -45,8 +45,11 @@ struct Tiling {
     /// channels (any pair), where it beat the direct kernel in `winograd::probe` with items
     /// spanning images (AVX-512: 1.31-1.56x at 64-96 channels on 32x32, 1.38-1.56x at 128-192
     /// on 16x16, 1.06-1.13x at 128 on 8x8; 0.93-1.16x at 32 channels on 32x32, 0.80-1.05x at
-    /// 64 on 16x16 and 8x8. AVX2, whose direct kernel runs at half that FMA rate: 1.46-2.03x on
-    /// every plane from 8x8).
+    /// 64 on 16x16 and 8x8, on Zen 5. AVX2, whose direct kernel runs at half that FMA rate:
+    /// 1.46-2.03x on every plane from 8x8. AVX-512 on a CPU that splits each 512-bit FMA in
+    /// two halves (Zen 4: [`super::simd::avx512_is_half_rate`]), so that its direct kernel runs
+    /// at the AVX2 rate too: 1.08-1.56x on every plane probed but 64 channels on 8x8 at batch 8,
+    /// 0.92x).
     winograd: &'static [(usize, usize)],
 }
 
@@ -57,7 +60,9 @@ impl Tiling {
     fn of(level: KernelLevel) -> Option<Tiling> {
         match level {
             KernelLevel::Avx512 => {
-                Some(Tiling { lanes: 16, ocb: 8, scb: 64, spt: 6, winograd: &[(32, 64), (8, 128)] })
+                let winograd =
+                    if super::simd::avx512_is_half_rate() { ALWAYS } else { &[(32, 64), (8, 128)] };
+                Some(Tiling { lanes: 16, ocb: 8, scb: 64, spt: 6, winograd })
             }
             KernelLevel::Avx2 => {
                 Some(Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4, winograd: ALWAYS })

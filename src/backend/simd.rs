@@ -97,6 +97,30 @@ impl KernelLevel {
     }
 }
 
+/// True on x86-64 CPUs that run AVX-512 at half the rate per instruction: AMD's Zen 4 (family
+/// 0x19, the only family of that number with AVX-512; Zen 3 has none) executes each 512-bit FMA
+/// as two 256-bit halves, so its AVX-512 level has AVX2's arithmetic rate and Winograd's saved
+/// multiplies pay on more convs (Zen 5, family 0x1a, and Intel's cores run them whole). Read
+/// once (cpuid traps to the hypervisor in a VM).
+pub(crate) fn avx512_is_half_rate() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HALF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HALF.get_or_init(|| {
+            use std::arch::x86_64::__cpuid;
+            let (vendor, signature) = (__cpuid(0), __cpuid(1).eax);
+            let amd =
+                (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+            let family = ((signature >> 8) & 0xf) + ((signature >> 20) & 0xff);
+            amd && family == 0x19 && std::arch::is_x86_feature_detected!("avx512f")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The levels a kernel test runs: the one [`KERNELS_ENV`] forces (the test fails when this CPU
 /// cannot run it), else every level with kernels that this CPU runs, printing the others.
 #[cfg(test)]
