@@ -8,6 +8,8 @@ update in numpy, then the classifier), batch 1 and 8.
 Prints, per case, the medians and the ratios
   speedup  = tract f32 time / tract int8 time   (> 1: int8 is faster; the target is >= 1.5)
   vs ort   = tract int8 time / onnxruntime f32 time   (< 1: int8 on tract beats ort f32)
+  vs ort8  = tract int8 time / onnxruntime int8 time on the same files (issue 14's target at
+             2 threads: <= 0.5)
 
 Usage: python3 benches/compare_int8.py [threads] [reps] [s|m]   (needs onnxruntime and numpy)
 """
@@ -45,7 +47,7 @@ den32, den8 = session(f"models/denoiser_{tier}.onnx"), session(f"models/denoiser
 clf32, clf8 = session("models/classifier.onnx"), session("models/classifier.int8.onnx")
 print(f"denoiser_{tier}, threads={threads} reps={reps}; ms are medians")
 print(f"{'case':<12}{'tract f32':>10}{'tract i8':>10}{'ort f32':>10}{'ort i8':>10}"
-      f"{'speedup':>9}{'vs ort':>8}")
+      f"{'speedup':>9}{'vs ort':>8}{'vs ort8':>9}")
 for line in ours.splitlines():
     r = json.loads(line)
     b = r["batch"]
@@ -58,4 +60,4 @@ for line in ours.splitlines():
     for kind, ort32, ort8 in (("call", c32, c8), ("frame", f32, f8)):
         t32, t8 = r[f"f32_{kind}_ms"], r[f"int8_{kind}_ms"]
         print(f"{kind + ' b' + str(b):<12}{t32:>10.1f}{t8:>10.1f}{ort32:>10.1f}{ort8:>10.1f}"
-              f"{t32 / t8:>9.2f}{t8 / ort32:>8.2f}")
+              f"{t32 / t8:>9.2f}{t8 / ort32:>8.2f}{t8 / ort8:>9.2f}")
