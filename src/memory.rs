@@ -5,9 +5,9 @@
 //! blocks by `munmap`, the heap's free top by trimming it), so the next call takes page faults
 //! on all of them again; those faults are taken by the kernels' threads when they first write
 //! an output, and they contend in the kernel, so they also cost the second thread most of its
-//! gain. Measured (`int8_profile models/denoiser_s.onnx 20 8 2`, one batch-8 denoiser_s call,
-//! 2 threads, six interleaved runs each): 43.7 ms median with glibc's defaults, 38.6 ms with
-//! freed memory kept.
+//! gain. Measured with these settings (`int8_profile models/denoiser_s.onnx 20 8 T`, one
+//! batch-8 denoiser_s call, five interleaved runs each, Zen 4): 40.9 -> 37.4 ms at 2 threads,
+//! 69 -> 65 ms at 1.
 
 /// Largest block glibc may still take from the heap rather than by its own `mmap` (the most
 /// `mallopt` accepts on 64-bit: half of glibc's 64 MiB heap size), bytes.
