@@ -2,7 +2,7 @@
 //! crate, without tract: the kernels ([`super::direct_conv`], [`super::quant_conv`]) stay
 //! independent of it.
 
-/// Channel counts and kernel size of a packed convolution (stride 1, square kernel).
+/// Channel counts, kernel size and stride of a packed convolution (square kernel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvShape {
     /// Input channels.
@@ -11,9 +11,21 @@ pub struct ConvShape {
     pub co: usize,
     /// Kernel size: 3 (padding 1) or 1.
     pub k: usize,
+    /// Stride in both directions: 1, or 2 for 3x3 kernels.
+    pub stride: usize,
 }
 
-/// A packed NCHW convolution that this crate runs itself: f32 in, f32 out, same plane size.
+impl ConvShape {
+    /// The output plane `(rows, columns)` for an `h x w` input plane: the input plane at
+    /// stride 1, `ceil(h / 2) x ceil(w / 2)` for a 3x3 kernel (padding 1) at stride 2.
+    pub fn out_plane(&self, h: usize, w: usize) -> (usize, usize) {
+        let s = self.stride.max(1);
+        (h.saturating_sub(1) / s + 1, w.saturating_sub(1) / s + 1)
+    }
+}
+
+/// A packed NCHW convolution that this crate runs itself: f32 in, f32 out, the plane size of
+/// [`ConvShape::out_plane`].
 pub trait ConvKernel: std::fmt::Debug + Send + Sync + 'static {
     /// The op's name in tract plans and profiles.
     const NAME: &'static str;
@@ -21,7 +33,8 @@ pub trait ConvKernel: std::fmt::Debug + Send + Sync + 'static {
     /// Channels and kernel size.
     fn shape(&self) -> ConvShape;
 
-    /// Convolves `x` (`n x ci x h x w`) into `y` (`n x co x h x w`), with `bias` (`co` values)
+    /// Convolves `x` (`n x ci x h x w`) into `y` (`n x co` planes of [`ConvShape::out_plane`]
+    /// of `h x w`), with `bias` (`co` values)
     /// computed at run time instead of the packed one when given. Errors name the mismatch.
     fn run(
         &self,

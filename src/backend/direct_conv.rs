@@ -1,6 +1,6 @@
-//! Direct 3x3 (zero padding 1) and 1x1 convolutions, stride 1, f32, NCHW: one kernel over
-//! [`Simd`], a register tiling per level (AVX-512, AVX2 + FMA, and the portable level that the
-//! compiler vectorises for the target: NEON on aarch64).
+//! Direct 3x3 (zero padding 1) and 1x1 convolutions, stride 1 (3x3 also stride 2), f32, NCHW:
+//! one kernel over [`Simd`], a register tiling per level (AVX-512, AVX2 + FMA, and the
+//! portable level that the compiler vectorises for the target: NEON on aarch64).
 //!
 //! Why it exists: tract 0.23.9 lowers every convolution to im2col + matrix product. At the
 //! denoisers' 32..256 channels on 32x32 and 16x16 planes its im2col gather costs as much as
@@ -17,13 +17,20 @@
 //! throw-away columns per row that are dropped when the result is copied out. 3x3 convs on
 //! planes narrower than a vector (the classifier's 8x8 and 4x4 levels; AVX2: 4x4) turn the tile
 //! around instead: vectors along output channels, pixels of all images of the batch broadcast
-//! against them (see `DirectConv::small`). Summation order differs from tract's, so results
-//! agree to float rounding (relative ~1e-6), not bit for bit.
+//! against them (see `DirectConv::small`). Stride-2 3x3 convs (the denoisers' downsampling)
+//! take that layout at every plane size: it reads each broadcast pixel from its own offset, so
+//! the stride costs nothing, where the pixel-vector layouts would need strided loads (tract's
+//! own lowering ran them one image at a time after `super::tract_opt` split its batch, outside
+//! this crate's threads). Summation order differs from tract's, so results agree to float
+//! rounding (relative ~1e-6), not bit for bit.
 
 use super::par::SyncPtr;
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
 use super::simd::{KernelLevel, Portable, Simd};
+
+/// AVX-512 small-plane layout: the channel tile of convs with at most this many outputs.
+const NARROW_SCB: usize = 32;
 
 /// Small planes: input channels per pass over the pixels. A chunk's weights (16 x 9 x 64 f32,
 /// 36 KB on AVX-512) stay in L1 for all pixel tiles; without chunking, each tile re-streamed a
@@ -108,6 +115,8 @@ pub struct DirectConv {
     winograd: Option<super::winograd::Weights>,
     /// Plane width (pixels) from which the Winograd weights are used.
     winograd_min_w: usize,
+    /// 1, or 2 (3x3 only: [`DirectConv::with_stride`]).
+    stride: usize,
 }
 
 /// Environment switch: `0` runs every 3x3 conv on the direct kernel instead of Winograd
@@ -135,7 +144,13 @@ impl DirectConv {
         k: usize,
         level: KernelLevel,
     ) -> Option<Self> {
-        let tiling = Tiling::of(level)?;
+        let mut tiling = Tiling::of(level)?;
+        // AVX-512's small-plane tile spans 64 channels; a conv with at most 32 outputs (the
+        // first stride-2 conv of denoiser_s) would spend half its FMAs on padding channels,
+        // so it gets a 32-channel tile (2 x 6 accumulators).
+        if level == KernelLevel::Avx512 && co <= NARROW_SCB {
+            tiling.scb = NARROW_SCB;
+        }
         let (ocb, scb) = (tiling.ocb, tiling.scb);
         let taps = k * k;
         if co == 0 || ci == 0 || !(k == 1 || k == 3) || weights.len() != co * ci * taps {
@@ -175,7 +190,22 @@ impl DirectConv {
             by_channel: Default::default(),
             winograd,
             winograd_min_w: winograd_min_w.unwrap_or(usize::MAX),
+            stride: 1,
         })
+    }
+
+    /// The same conv at `stride` (1, or 2 for a 3x3 kernel; None otherwise). Strided convs
+    /// always run on the small-plane layout (no Winograd: F(2x2, 3x3) is for stride 1).
+    pub fn with_stride(mut self, stride: usize) -> Option<Self> {
+        match (stride, self.k) {
+            (1, _) => Some(self),
+            (2, 3) => {
+                self.stride = 2;
+                self.winograd = None;
+                Some(self)
+            }
+            _ => None,
+        }
     }
 
     /// The same conv with Winograd on every plane (`weights` as given to [`DirectConv::new`])
@@ -193,10 +223,11 @@ impl super::conv_kernel::ConvKernel for DirectConv {
     const NAME: &'static str = "DirectConv";
 
     fn shape(&self) -> super::conv_kernel::ConvShape {
-        super::conv_kernel::ConvShape { ci: self.ci, co: self.co, k: self.k }
+        super::conv_kernel::ConvShape { ci: self.ci, co: self.co, k: self.k, stride: self.stride }
     }
 
-    /// Convolves `x` (`n x ci x h x w`, contiguous NCHW) into `y` (`n x co x h x w`), adding
+    /// Convolves `x` (`n x ci x h x w`, contiguous NCHW) into `y` (`n x co x ho x wo`, the
+    /// plane of [`super::conv_kernel::ConvShape::out_plane`]), adding
     /// `bias` (`co` values) instead of the packed one when given: tract folds per-call terms
     /// such as the denoiser's time embedding into a conv's bias.
     /// Errors when the slice lengths disagree with the shapes or the CPU cannot run the level.
@@ -216,13 +247,16 @@ impl super::conv_kernel::ConvKernel for DirectConv {
                 self.co
             ));
         }
-        if x.len() != n * self.ci * h * w || y.len() != n * self.co * h * w {
+        let (ho, wo) = super::conv_kernel::ConvKernel::shape(self).out_plane(h, w);
+        if x.len() != n * self.ci * h * w || y.len() != n * self.co * ho * wo {
             return Err(format!(
-                "direct conv: input of {} / output of {} values for n={n} ci={} co={} {h}x{w}",
+                "direct conv: input of {} / output of {} values for n={n} ci={} co={} {h}x{w} \
+                 stride {}",
                 x.len(),
                 y.len(),
                 self.ci,
-                self.co
+                self.co,
+                self.stride
             ));
         }
         if !self.level.supported() {
@@ -238,12 +272,13 @@ impl super::conv_kernel::ConvKernel for DirectConv {
                 scratch.bias.extend_from_slice(&self.bias);
                 scratch.bias[..self.co].copy_from_slice(b);
             }
+            // `with_stride` drops the Winograd weights of strided convs.
             let winograd = self.winograd.as_ref().filter(|_| w >= self.winograd_min_w);
             if let Some(weights) = winograd {
                 let bias = if scratch.bias.is_empty() { &self.bias } else { &scratch.bias };
                 let (level, lanes) = (self.level, self.tiling.lanes);
                 super::winograd::conv(level, weights, bias, x, (n, h, w), y, lanes);
-            } else if self.k == 3 && w < self.tiling.lanes {
+            } else if self.k == 3 && (self.stride != 1 || w < self.tiling.lanes) {
                 self.small(x, n, h, w, y, scratch);
             } else {
                 self.images(x, n, h, w, y, scratch);
@@ -302,10 +337,18 @@ impl DirectConv {
             if s.padded.len() < n * padded_image {
                 s.padded.resize(n * padded_image, 0.0);
             }
-            for (p, xi) in s.padded.chunks_exact_mut(padded_image).zip(x.chunks_exact(x_image)) {
-                pad_planes(&mut p[..self.ci * plane], xi, h, w, pad);
-                p[self.ci * plane..].fill(0.0);
-            }
+            // By plane over the pool, as in `small`.
+            let (padded, ci) = (SyncPtr(s.padded.as_mut_ptr()), self.ci);
+            super::par::for_each(n * ci, |q| {
+                let (b, i) = (q / ci, q % ci);
+                let len = if i + 1 == ci { padded_image - i * plane } else { plane };
+                let at = b * padded_image + i * plane;
+                // SAFETY: item `q` writes only plane `i` of image `b`'s padded copy (the last
+                // plane's item also that image's slack), inside the `n * padded_image` above.
+                let dst = unsafe { std::slice::from_raw_parts_mut(padded.ptr().add(at), len) };
+                pad_planes(&mut dst[..plane], &x[q * h * w..(q + 1) * h * w], h, w, pad);
+                dst[plane..].fill(0.0);
+            });
             (s.padded.as_ptr(), padded_image)
         };
         let in_place = rows || exact;
@@ -468,12 +511,13 @@ impl DirectConv {
         })
     }
 
-    /// A 3x3 conv on planes narrower than a vector (the classifier's 8x8 and 4x4 levels), all
-    /// `n` images at once. The pixel-vector layouts would leave a third to a half of the lanes
-    /// on padding there and reload all weights per image; here the vectors run along output
-    /// channels (`scb` per tile), `spt` pixels of any image are broadcast against them, and
-    /// the pixel-major result is transposed into `y` at the end. `x` is `n x ci x h x w`, `y`
-    /// `n x co x h x w`; the CPU runs `self.level` (checked by the caller).
+    /// A 3x3 conv on planes narrower than a vector (the classifier's 8x8 and 4x4 levels) or at
+    /// stride 2, all `n` images at once. The pixel-vector layouts would leave a third to a half
+    /// of the lanes on padding there and reload all weights per image; here the vectors run
+    /// along output channels (`scb` per tile), `spt` pixels of any image are broadcast against
+    /// them, and the pixel-major result is transposed into `y` at the end. `x` is
+    /// `n x ci x h x w`, `y` `n x co x ho x wo` (`out_plane`); the CPU runs `self.level`
+    /// (checked by the caller).
     fn small(&self, x: &[f32], n: usize, h: usize, w: usize, y: &mut [f32], s: &mut Scratch) {
         let wp = w + 2;
         let plane = (h + 2) * wp;
@@ -481,19 +525,30 @@ impl DirectConv {
         if s.padded.len() < len {
             s.padded.resize(len, 0.0);
         }
-        pad_planes(&mut s.padded[..len], x, h, w, 1);
+        // The copies in and out are split by plane too: at two threads, run on one they took
+        // a fifth of a stride-2 conv.
+        let padded = SyncPtr(s.padded.as_mut_ptr());
+        super::par::for_each(n * self.ci, |p| {
+            // SAFETY: item `p` writes only padded plane `p` of the `n * ci` sized above.
+            let dst = unsafe { std::slice::from_raw_parts_mut(padded.ptr().add(p * plane), plane) };
+            pad_planes(dst, &x[p * h * w..(p + 1) * h * w], h, w, 1);
+        });
+        // Output pixel (r, c) reads the padded rows from `stride * r`, columns from
+        // `stride * c`: with padding 1 the last one read is row `stride * (ho - 1) + 2 <= h + 1`.
+        let (ho, wo) = super::conv_kernel::ConvKernel::shape(self).out_plane(h, w);
+        let stride = self.stride;
         s.pixels.clear();
         for b in 0..n {
-            for r in 0..h {
-                for c in 0..w {
-                    s.pixels.push(b * self.ci * plane + r * wp + c);
+            for r in 0..ho {
+                for c in 0..wo {
+                    s.pixels.push(b * self.ci * plane + stride * (r * wp + c));
                 }
             }
         }
         let Tiling { scb, spt, .. } = self.tiling;
         let blocks = self.co.div_ceil(scb);
         let width = blocks * scb;
-        let count = n * h * w;
+        let count = n * ho * wo;
         if s.by_pixel.len() < count * width {
             s.by_pixel.resize(count * width, 0.0);
         }
@@ -531,6 +586,10 @@ impl DirectConv {
                 // SAFETY (continued): the caller checked that the CPU runs the level.
                 match self.level {
                     #[cfg(target_arch = "x86_64")]
+                    KernelLevel::Avx512 if scb == NARROW_SCB => {
+                        tile.pixels_avx512_narrow(&taps, pixels, run)
+                    }
+                    #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx512 => tile.pixels_avx512(&taps, pixels, run),
                     #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx2 => tile.pixels_avx2(&taps, pixels, run),
@@ -542,14 +601,17 @@ impl DirectConv {
                 }
             }
         });
-        let hw = h * w;
-        for (b, image) in y.chunks_exact_mut(self.co * hw).enumerate() {
-            for (o, out) in image.chunks_exact_mut(hw).enumerate() {
-                for (p, v) in out.iter_mut().enumerate() {
-                    *v = s.by_pixel[(b * hw + p) * width + o];
-                }
+        let hw = ho * wo;
+        let (by_pixel, planes) = (&s.by_pixel, SyncPtr(y.as_mut_ptr()));
+        super::par::for_each(n * self.co, |q| {
+            let (b, o) = (q / self.co, q % self.co);
+            // SAFETY: `y` holds `n * co` planes of `hw` (checked by `run`); item `q` writes
+            // only plane `q`.
+            let out = unsafe { std::slice::from_raw_parts_mut(planes.ptr().add(q * hw), hw) };
+            for (p, v) in out.iter_mut().enumerate() {
+                *v = by_pixel[(b * hw + p) * width + o];
             }
-        }
+        });
     }
 }
 
@@ -575,6 +637,17 @@ impl ChannelTile {
         run: std::ops::Range<usize>,
     ) {
         self.pixels::<Avx512, 4, 6>(taps, pixels, run)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pixels_avx512_narrow(
+        &self,
+        taps: &[usize; 9],
+        pixels: &[usize],
+        run: std::ops::Range<usize>,
+    ) {
+        self.pixels::<Avx512, { NARROW_SCB / 16 }, 6>(taps, pixels, run)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -845,6 +918,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn stride_two_matches_the_subsampled_reference_on_every_level() {
+        // (n, co, ci, h, w): the denoisers' two downsampling convs (32 and 64 channels), odd
+        // planes (the last output row and column read the padding ring), a 1x1 plane, partial
+        // channel blocks and pixel tiles, batches of 2 and 3.
+        let shapes = [
+            (2, 32, 32, 32, 32),
+            (1, 64, 64, 16, 16),
+            (3, 13, 5, 9, 7),
+            (1, 80, 17, 6, 10),
+            (2, 5, 3, 1, 1),
+            (2, 7, 4, 3, 8),
+        ];
+        for level in levels() {
+            for &(n, co, ci, h, w) in &shapes {
+                let x = values(n * ci * h * w, 4);
+                let wt: Vec<f32> = values(co * ci * 9, 5).iter().map(|v| v * 0.2).collect();
+                let bias = values(co, 6);
+                let conv = DirectConv::new(&wt, &bias, co, ci, 3, level)
+                    .and_then(|c| c.with_stride(2))
+                    .expect("shapes fit");
+                let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
+                assert_eq!(conv.shape().out_plane(h, w), (ho, wo));
+                let case = format!("{} stride 2 ({n},{co},{ci},{h},{w})", level.name());
+                let mut short = vec![0.0; n * co * h * w];
+                if ho * wo != h * w {
+                    assert!(conv.run(&x, n, h, w, None, &mut short).is_err(), "{case}");
+                }
+                let [y, y2, y3] = crate::backend::par::on_thread_counts(|| {
+                    let mut y = vec![f32::NAN; n * co * ho * wo];
+                    conv.run(&x, n, h, w, None, &mut y).expect("runs");
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                });
+                assert!(y == y2 && y == y3, "{case}: thread counts change the bits");
+                let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+                for b in 0..n {
+                    let image = &x[b * ci * h * w..(b + 1) * ci * h * w];
+                    // Stride 2 with padding 1 is the stride-1 result at even rows and columns.
+                    let full =
+                        reference_conv(&f64s(image), (ci, h, w), &f64s(&wt), &f64s(&bias), (co, 3));
+                    for o in 0..co {
+                        for r in 0..ho {
+                            for c in 0..wo {
+                                let want = full[(o * h + 2 * r) * w + 2 * c];
+                                let got = f32::from_bits(y[((b * co + o) * ho + r) * wo + c]);
+                                let got = got as f64;
+                                assert!(
+                                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                    "{case} image {b} channel {o} ({r},{c}): {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let one =
+            DirectConv::new(&[0.0; 2], &[0.0; 2], 2, 1, 1, KernelLevel::Portable).expect("1x1");
+        assert!(one.with_stride(2).is_none(), "1x1 convs have no strided kernel");
     }
 
     #[test]

@@ -170,7 +170,7 @@ impl super::conv_kernel::ConvKernel for QuantConv {
     const NAME: &'static str = "QuantConv";
 
     fn shape(&self) -> super::conv_kernel::ConvShape {
-        super::conv_kernel::ConvShape { ci: self.ci, co: self.co, k: self.k }
+        super::conv_kernel::ConvShape { ci: self.ci, co: self.co, k: self.k, stride: 1 }
     }
 
     /// The int8 bias is packed; a run-time bias is refused.

@@ -1,11 +1,11 @@
 //! Puts [`DirectConv`] into tract plans: a tract op that runs it, and the load-time pass that
 //! swaps it in for every eligible convolution.
 //!
-//! Eligible: a float NCHW conv, OIHW kernel 3x3 with padding 1 or 1x1 without padding, stride
-//! 1, dilation 1, one group, constant kernel, known channels and plane size (the batch may be
-//! symbolic). Everything else (stride-2 convs, int8 models) keeps tract's own lowering. The
-//! pass runs before tract's declutter, which would otherwise turn the 1x1 convs into einsums.
-//! It does nothing at kernel levels without a direct conv (portable, tract).
+//! Eligible: a float NCHW conv, OIHW kernel 3x3 with padding 1 (stride 1 or 2) or 1x1 without
+//! padding (stride 1), dilation 1, one group, constant kernel, known channels and plane size
+//! (the batch may be symbolic). Everything else (int8 models among them) keeps tract's own
+//! lowering. The pass runs before tract's declutter, which would otherwise turn the 1x1 convs
+//! into einsums. It does nothing at the level without a direct conv (tract).
 
 use super::direct_conv::DirectConv;
 use super::simd::KernelLevel;
@@ -50,7 +50,8 @@ fn eligible(
         || conv.kernel_fmt != KernelFormat::OIHW
         || spec.data_format != DataFormat::NCHW
         || !(spec.kernel_shape.as_slice() == [3, 3] || spec.kernel_shape.as_slice() == [1, 1])
-        || spec.strides().iter().any(|&s| s != 1)
+        || !(spec.strides().iter().all(|&s| s == 1)
+            || (k == 3 && spec.strides().as_ref() == [2, 2]))
         || spec.dilations().iter().any(|&d| d != 1)
         || node.inputs.len() != 3
     {
@@ -79,14 +80,18 @@ fn eligible(
     }
     let weights = kernel.to_plain_array_view::<f32>()?;
     let Some(weights) = weights.as_slice() else { return Ok(None) };
+    let stride = spec.strides()[0];
+    let packed = |bias: &[f32]| {
+        DirectConv::new(weights, bias, co, ci, k, level).and_then(|c| c.with_stride(stride))
+    };
     match &bias.konst {
         Some(konst) => {
             let values = konst.to_plain_array_view::<f32>()?;
             let Some(values) = values.as_slice() else { return Ok(None) };
-            Ok(DirectConv::new(weights, values, co, ci, k, level).map(|c| (c, false)))
+            Ok(packed(values).map(|c| (c, false)))
         }
         None if bias.shape.as_concrete() == Some(&[co]) => {
-            Ok(DirectConv::new(weights, &vec![0.0; co], co, ci, k, level).map(|c| (c, true)))
+            Ok(packed(&vec![0.0; co]).map(|c| (c, true)))
         }
         None => Ok(None),
     }

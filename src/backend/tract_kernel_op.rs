@@ -8,7 +8,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 /// The tract op wrapping a packed kernel. Inputs `[n, ci, h, w]` f32 and, when the bias is
-/// computed at run time, the bias `[co]` f32; output `[n, co, h, w]` f32.
+/// computed at run time, the bias `[co]` f32; output `[n, co, ho, wo]` f32 (the input plane at
+/// stride 1, halved and rounded up at stride 2).
 #[derive(Debug)]
 pub struct KernelOp<K: ConvKernel> {
     kernel: Arc<K>,
@@ -43,8 +44,8 @@ impl<K: ConvKernel> Op for KernelOp<K> {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let ConvShape { ci, co, k } = self.kernel.shape();
-        Ok(vec![format!("{k}x{k}, {ci} -> {co} channels")])
+        let ConvShape { ci, co, k, stride } = self.kernel.shape();
+        Ok(vec![format!("{k}x{k} stride {stride}, {ci} -> {co} channels")])
     }
 
     op_as_typed_op!();
@@ -68,7 +69,8 @@ impl<K: ConvKernel> EvalOp for KernelOp<K> {
             None => None,
         };
         // SAFETY: f32 has no invalid bit patterns, and `run` writes every value of `y`.
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, shape.co, h, w])? };
+        let (ho, wo) = shape.out_plane(h, w);
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, shape.co, ho, wo])? };
         {
             let mut view = y.to_plain_array_view_mut::<f32>()?;
             let out = view.as_slice_mut().with_context(|| format!("{name}: output layout"))?;
@@ -81,8 +83,15 @@ impl<K: ConvKernel> EvalOp for KernelOp<K> {
 impl<K: ConvKernel> TypedOp for KernelOp<K> {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs[0].datum_type == f32::datum_type() && inputs[0].rank() == 4);
+        let kernel = self.kernel.shape();
         let mut shape = inputs[0].shape.to_tvec();
-        shape[1] = self.kernel.shape().co.to_dim();
+        shape[1] = kernel.co.to_dim();
+        if kernel.stride != 1 {
+            // The load-time pass only swaps in strided kernels on planes of known size.
+            let (h, w) = (shape[2].to_usize()?, shape[3].to_usize()?);
+            let (ho, wo) = kernel.out_plane(h, w);
+            (shape[2], shape[3]) = (ho.to_dim(), wo.to_dim());
+        }
         Ok(tvec!(f32::fact(&*shape)))
     }
 
