@@ -12,6 +12,7 @@ pub(crate) mod quant_conv;
 pub(crate) mod simd;
 pub mod tract;
 mod tract_attention;
+mod tract_concat;
 mod tract_direct;
 mod tract_groupnorm;
 mod tract_kernel_op;

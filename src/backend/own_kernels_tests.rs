@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use tract_onnx::prelude::*;
 
 /// Runs `path` at batch `n` with and without the direct kernel on the same inputs; returns
-/// ([DirectConv, GroupNorm, Attention, Silu] node counts, largest |difference| / (1 +
+/// ([DirectConv, GroupNorm, Attention, Silu, ChannelConcat] node counts, largest |difference| / (1 +
 /// |reference|), output length).
-fn compare(path: &str, n: usize, with_t: bool, level: KernelLevel) -> ([usize; 4], f32, usize) {
+fn compare(path: &str, n: usize, with_t: bool, level: KernelLevel) -> ([usize; 5], f32, usize) {
     let typed =
         tract_onnx::onnx().model_for_path(path).expect("loads").into_typed().expect("typed");
     let x = tract_ndarray::Array4::from_shape_fn((n, 3, 32, 32), |(b, c, h, w)| {
@@ -30,7 +30,7 @@ fn compare(path: &str, n: usize, with_t: bool, level: KernelLevel) -> ([usize; 4
         let fixed = prepared.set_symbols(&HashMap::from([(batch, TDim::from(n as i64))]));
         let plan = optimise(fixed.expect("batch")).expect("optimises");
         let count = |name: &str| plan.nodes().iter().filter(|node| node.op.name() == name).count();
-        let counts = ["DirectConv", "GroupNorm", "Attention", "Silu"].map(count);
+        let counts = ["DirectConv", "GroupNorm", "Attention", "Silu", "ChannelConcat"].map(count);
         let out = plan.into_runnable().expect("plan").run(inputs.clone()).expect("runs");
         let out: Vec<f32> =
             out[0].to_plain_array_view::<f32>().expect("f32").iter().copied().collect();
@@ -38,7 +38,7 @@ fn compare(path: &str, n: usize, with_t: bool, level: KernelLevel) -> ([usize; 4
     };
     let (counts, direct) = run(level);
     let (none, reference) = run(KernelLevel::Tract);
-    assert_eq!(none[..3], [0; 3], "the reference plan must not use our kernels");
+    assert_eq!([none[0], none[1], none[2], none[4]], [0; 4], "the reference must not use ours");
     let worst = direct
         .iter()
         .zip(&reference)
@@ -50,20 +50,21 @@ fn compare(path: &str, n: usize, with_t: bool, level: KernelLevel) -> ([usize; 4
 #[test]
 fn shipped_models_match_tracts_own_ops() {
     // denoiser_s (and m, wider) has 38 3x3 stride-1 convs, 2 3x3 stride-2 convs, 22 1x1 convs,
-    // 41 GroupNorms and 6 attention blocks, the classifier 8 3x3 stride-1 convs and neither
-    // norm nor attention (the ONNX files). 35 of the norms are followed by a SiLU
+    // 41 GroupNorms, 6 attention blocks and 10 axis-1 concats (the time embedding's and the
+    // decoder's skip connections), the classifier 8 3x3 stride-1 convs and none of the others
+    // (the ONNX files). 35 of the norms are followed by a SiLU
     // (Sigmoid and Mul in the file), folded into ours; the time embedding's 2 stay tract's.
     for level in levels_under_test() {
         let direct = |n: usize| if DirectConv::available(level) { n } else { 0 };
         for (path, with_t, want) in [
-            ("models/denoiser_s.onnx", true, [direct(62), 41, 6, 2]),
-            ("models/denoiser_m.onnx", true, [direct(62), 41, 6, 2]),
-            ("models/classifier.onnx", false, [direct(8), 0, 0, 0]),
+            ("models/denoiser_s.onnx", true, [direct(62), 41, 6, 2, 10]),
+            ("models/denoiser_m.onnx", true, [direct(62), 41, 6, 2, 10]),
+            ("models/classifier.onnx", false, [direct(8), 0, 0, 0, 0]),
         ] {
             for n in [1, 3] {
                 let (counts, worst, len) = compare(path, n, with_t, level);
                 let case = format!("{path} batch {n} level {}", level.name());
-                assert_eq!(counts, want, "{case}: [direct convs, GroupNorms, attention, SiLUs]");
+                assert_eq!(counts, want, "{case}: [direct, GroupNorm, attention, SiLU, concat]");
                 assert!(len > 0);
                 // Same sums in a different order: float32 rounding, ~1e-6 relative per op.
                 assert!(worst < 1e-4, "{case}: outputs differ by {worst:e}");

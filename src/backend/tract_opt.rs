@@ -19,20 +19,21 @@ use tract_onnx::tract_core::ops::array::{Slice, TypedConcat};
 use tract_onnx::tract_core::ops::cnn::Conv;
 
 /// First declutter of a freshly typed model. Below level `tract`, swaps in this crate's ops
-/// before it: fused GroupNorms ([`super::tract_groupnorm`]) and attention
-/// ([`super::tract_attention`]) on every other level, direct convs ([`super::tract_direct`]) at
-/// avx2 and avx512, int8 convs ([`super::tract_quant`]) at avx512 with VNNI. They must come
-/// first: declutter rewrites the patterns they match (1x1 convs into einsums, GroupNorm into
-/// RmsNorm pieces).
+/// before it: fused GroupNorms ([`super::tract_groupnorm`]), attention
+/// ([`super::tract_attention`]), direct convs ([`super::tract_direct`]) and channel concats
+/// ([`super::tract_concat`]) on every other level, int8 convs ([`super::tract_quant`]) at
+/// avx512 with VNNI. They must come first: declutter rewrites the patterns they match (1x1
+/// convs into einsums, GroupNorm into RmsNorm pieces).
 pub fn prepare(mut model: TypedModel, level: KernelLevel) -> TractResult<TypedModel> {
     if level != KernelLevel::Tract {
         let (norms, silus) = super::tract_groupnorm::fuse_group_norms(&mut model, level)?;
         let convs = super::tract_direct::use_direct_convs(&mut model, level)?;
         let attention = super::tract_attention::fuse_attention(&mut model, level)?;
         let int8 = super::tract_quant::use_quant_convs(&mut model, level)?;
+        let concats = super::tract_concat::use_channel_concats(&mut model)?;
         log::debug!(
             "{} kernels: {norms} fused GroupNorms ({silus} with their SiLU), {convs} direct \
-             convs, {attention} attention blocks, {int8} int8 convs",
+             convs, {attention} attention blocks, {int8} int8 convs, {concats} channel concats",
             level.name()
         );
     }
