@@ -337,18 +337,8 @@ impl DirectConv {
             if s.padded.len() < n * padded_image {
                 s.padded.resize(n * padded_image, 0.0);
             }
-            // By plane over the pool, as in `small`.
-            let (padded, ci) = (SyncPtr(s.padded.as_mut_ptr()), self.ci);
-            super::par::for_each(n * ci, |q| {
-                let (b, i) = (q / ci, q % ci);
-                let len = if i + 1 == ci { padded_image - i * plane } else { plane };
-                let at = b * padded_image + i * plane;
-                // SAFETY: item `q` writes only plane `i` of image `b`'s padded copy (the last
-                // plane's item also that image's slack), inside the `n * padded_image` above.
-                let dst = unsafe { std::slice::from_raw_parts_mut(padded.ptr().add(at), len) };
-                pad_planes(&mut dst[..plane], &x[q * h * w..(q + 1) * h * w], h, w, pad);
-                dst[plane..].fill(0.0);
-            });
+            let padded = &mut s.padded[..n * padded_image];
+            pad_images_on_pool(padded, x, (n, self.ci, h, w), pad, padded_image);
             (s.padded.as_ptr(), padded_image)
         };
         let in_place = rows || exact;
@@ -525,14 +515,7 @@ impl DirectConv {
         if s.padded.len() < len {
             s.padded.resize(len, 0.0);
         }
-        // The copies in and out are split by plane too: at two threads, run on one they took
-        // a fifth of a stride-2 conv.
-        let padded = SyncPtr(s.padded.as_mut_ptr());
-        super::par::for_each(n * self.ci, |p| {
-            // SAFETY: item `p` writes only padded plane `p` of the `n * ci` sized above.
-            let dst = unsafe { std::slice::from_raw_parts_mut(padded.ptr().add(p * plane), plane) };
-            pad_planes(dst, &x[p * h * w..(p + 1) * h * w], h, w, 1);
-        });
+        pad_images_on_pool(&mut s.padded[..len], x, (n, self.ci, h, w), 1, self.ci * plane);
         // Output pixel (r, c) reads the padded rows from `stride * r`, columns from
         // `stride * c`: with padding 1 the last one read is row `stride * (ho - 1) + 2 <= h + 1`.
         let (ho, wo) = super::conv_kernel::ConvKernel::shape(self).out_plane(h, w);
@@ -601,6 +584,7 @@ impl DirectConv {
                 }
             }
         });
+        // The transpose is split by plane over the pool, as the padding is.
         let hw = ho * wo;
         let (by_pixel, planes) = (&s.by_pixel, SyncPtr(y.as_mut_ptr()));
         super::par::for_each(n * self.co, |q| {
@@ -763,6 +747,32 @@ fn pad_planes(dst: &mut [f32], x: &[f32], h: usize, w: usize, pad: usize) {
     }
 }
 
+/// Pads the `n x ci` planes of `x` (`h x w` each) with [`pad_planes`] into `dst`, image `b`'s
+/// planes from `b * image` on and the rest of each image (slack, `image` past its `ci` padded
+/// planes) zeroed, one plane per item of the pool: on one thread these copies were a fifth of a
+/// stride-2 conv at two threads.
+fn pad_images_on_pool(
+    dst: &mut [f32],
+    x: &[f32],
+    (n, ci, h, w): (usize, usize, usize, usize),
+    pad: usize,
+    image: usize,
+) {
+    let plane = (h + 2 * pad) * (w + 2 * pad);
+    assert!(ci > 0 && image >= ci * plane && dst.len() >= n * image && x.len() >= n * ci * h * w);
+    let out = SyncPtr(dst.as_mut_ptr());
+    super::par::for_each(n * ci, |q| {
+        let (b, i) = (q / ci, q % ci);
+        let len = if i + 1 == ci { image - i * plane } else { plane };
+        // SAFETY: `dst` holds `n` images of `image` values (asserted); item `q` writes only
+        // plane `i` of image `b` (the last plane's item also that image's slack).
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(out.ptr().add(b * image + i * plane), len) };
+        pad_planes(&mut dst[..plane], &x[q * h * w..(q + 1) * h * w], h, w, pad);
+        dst[plane..].fill(0.0);
+    });
+}
+
 /// One output-channel block's view of the buffers. Also the matrix product of
 /// [`super::winograd`] (a 1x1 conv over its transformed tiles).
 pub(super) struct Tile {
@@ -846,6 +856,22 @@ mod tests {
     use crate::backend::conv_kernel::ConvKernel;
     use crate::backend::test_values::{reference_conv, values};
 
+    /// [`reference_conv`] of each of the `n` images of `x` in turn, in f64.
+    fn reference_images(
+        x: &[f32],
+        (n, ci, h, w): (usize, usize, usize, usize),
+        wt: &[f32],
+        bias: &[f32],
+        (co, k): (usize, usize),
+    ) -> Vec<f64> {
+        let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        let (wt, bias) = (f64s(wt), f64s(bias));
+        x.chunks_exact(ci * h * w)
+            .take(n)
+            .flat_map(|image| reference_conv(&f64s(image), (ci, h, w), &wt, &bias, (co, k)))
+            .collect()
+    }
+
     /// The levels with a direct conv among those under test.
     fn levels() -> Vec<KernelLevel> {
         let levels = crate::backend::simd::levels_under_test();
@@ -897,23 +923,13 @@ mod tests {
                         level.name()
                     );
                     assert!(y == y2 && y == y3, "{case}: thread counts change the bits");
-                    let y: Vec<f32> = y.into_iter().map(f32::from_bits).collect();
-                    for b in 0..n {
-                        let image = &x[b * ci * h * w..(b + 1) * ci * h * w];
-                        let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
-                        let want = reference_conv(
-                            &f64s(image),
-                            (ci, h, w),
-                            &f64s(&wt),
-                            &f64s(&bias),
-                            (co, k),
-                        );
-                        let got = &y[b * co * h * w..(b + 1) * co * h * w];
-                        for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
-                            let case = format!("{case} image {b} value {i}");
-                            let g = g as f64;
-                            assert!((g - r).abs() <= 1e-5 * (1.0 + r.abs()), "{case}: {g} vs {r}");
-                        }
+                    let want = reference_images(&x, (n, ci, h, w), &wt, &bias, (co, k));
+                    assert_eq!(y.len(), want.len(), "{case}");
+                    for (i, (&g, &r)) in y.iter().zip(&want).enumerate() {
+                        let (b, i) = (i / (co * h * w), i % (co * h * w));
+                        let case = format!("{case} image {b} value {i}");
+                        let g = f32::from_bits(g) as f64;
+                        assert!((g - r).abs() <= 1e-5 * (1.0 + r.abs()), "{case}: {g} vs {r}");
                     }
                 }
             }
@@ -954,16 +970,13 @@ mod tests {
                     y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 });
                 assert!(y == y2 && y == y3, "{case}: thread counts change the bits");
-                let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+                // Stride 2 with padding 1 is the stride-1 result at even rows and columns.
+                let full = reference_images(&x, (n, ci, h, w), &wt, &bias, (co, 3));
                 for b in 0..n {
-                    let image = &x[b * ci * h * w..(b + 1) * ci * h * w];
-                    // Stride 2 with padding 1 is the stride-1 result at even rows and columns.
-                    let full =
-                        reference_conv(&f64s(image), (ci, h, w), &f64s(&wt), &f64s(&bias), (co, 3));
                     for o in 0..co {
                         for r in 0..ho {
                             for c in 0..wo {
-                                let want = full[(o * h + 2 * r) * w + 2 * c];
+                                let want = full[((b * co + o) * h + 2 * r) * w + 2 * c];
                                 let got = f32::from_bits(y[((b * co + o) * ho + r) * wo + c]);
                                 let got = got as f64;
                                 assert!(

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use tract_onnx::prelude::*;
 
 /// Runs `path` at batch `n` with and without the direct kernel on the same inputs; returns
-/// ([DirectConv, GroupNorm, Attention, Silu, ChannelConcat] node counts, largest |difference| / (1 +
-/// |reference|), output length).
+/// ([DirectConv, GroupNorm, Attention, Silu, ChannelConcat] node counts, largest
+/// |difference| / (1 + |reference|), output length).
 fn compare(path: &str, n: usize, with_t: bool, level: KernelLevel) -> ([usize; 5], f32, usize) {
     let typed =
         tract_onnx::onnx().model_for_path(path).expect("loads").into_typed().expect("typed");

@@ -56,7 +56,7 @@ impl EvalOp for ChannelConcat {
         }
         let image: usize = slices.iter().map(|s| s.1).sum();
         let mut shape = first.shape().to_vec();
-        shape[1] = image / inner.max(1);
+        shape[1] = views.iter().map(|v| v.shape()[1]).sum();
         // (input, offset in it, offset in the output, length) of every chunk.
         let mut chunks = Vec::new();
         for b in 0..n {
@@ -115,8 +115,9 @@ pub fn use_channel_concats(model: &mut TypedModel) -> TractResult<usize> {
         let facts = model.node_input_facts(id)?;
         let eligible = concat.axis == 1
             && facts.len() >= 2
-            && facts.iter().all(|f| f.datum_type == f32::datum_type() && f.rank() >= 2)
-            && facts.iter().all(|f| f.rank() == facts[0].rank());
+            && facts.iter().all(|f| {
+                f.datum_type == f32::datum_type() && f.rank() >= 2 && f.rank() == facts[0].rank()
+            });
         Ok(eligible.then(|| (node.inputs.iter().copied().collect(), ChannelConcat)))
     })
 }
