@@ -115,7 +115,7 @@ pub struct DirectConv {
     winograd: Option<super::winograd::Weights>,
     /// Plane width (pixels) from which the Winograd weights are used.
     winograd_min_w: usize,
-    /// 1, or 2 (3x3 only: [`DirectConv::with_stride`]).
+    /// 1, or 2 (3x3 only: [`DirectConv::strided`]).
     stride: usize,
 }
 
@@ -144,6 +144,24 @@ impl DirectConv {
         k: usize,
         level: KernelLevel,
     ) -> Option<Self> {
+        Self::strided(weights, bias, co, ci, k, 1, level)
+    }
+
+    /// [`DirectConv::new`] at `stride`: 1, or 2 for a 3x3 kernel (None otherwise). Strided
+    /// convs always run on the small-plane layout, so they get no Winograd weights (F(2x2,
+    /// 3x3) is for stride 1).
+    pub fn strided(
+        weights: &[f32],
+        bias: &[f32],
+        co: usize,
+        ci: usize,
+        k: usize,
+        stride: usize,
+        level: KernelLevel,
+    ) -> Option<Self> {
+        if !(stride == 1 || (stride == 2 && k == 3)) {
+            return None;
+        }
         let mut tiling = Tiling::of(level)?;
         // AVX-512's small-plane tile spans 64 channels; a conv with at most 32 outputs (the
         // first stride-2 conv of denoiser_s) would spend half its FMAs on padding channels,
@@ -177,7 +195,7 @@ impl DirectConv {
         }
         let winograd_min_w =
             tiling.winograd.iter().filter(|&&(_, min_ci)| ci >= min_ci).map(|&(w, _)| w).min();
-        let winograd = (k == 3 && winograd_min_w.is_some() && winograd_enabled())
+        let winograd = (k == 3 && stride == 1 && winograd_min_w.is_some() && winograd_enabled())
             .then(|| super::winograd::Weights::new(weights, co, ci, ocb));
         Some(DirectConv {
             ci,
@@ -190,22 +208,8 @@ impl DirectConv {
             by_channel: Default::default(),
             winograd,
             winograd_min_w: winograd_min_w.unwrap_or(usize::MAX),
-            stride: 1,
+            stride,
         })
-    }
-
-    /// The same conv at `stride` (1, or 2 for a 3x3 kernel; None otherwise). Strided convs
-    /// always run on the small-plane layout (no Winograd: F(2x2, 3x3) is for stride 1).
-    pub fn with_stride(mut self, stride: usize) -> Option<Self> {
-        match (stride, self.k) {
-            (1, _) => Some(self),
-            (2, 3) => {
-                self.stride = 2;
-                self.winograd = None;
-                Some(self)
-            }
-            _ => None,
-        }
     }
 
     /// The same conv with Winograd on every plane (`weights` as given to [`DirectConv::new`])
@@ -272,7 +276,7 @@ impl super::conv_kernel::ConvKernel for DirectConv {
                 scratch.bias.extend_from_slice(&self.bias);
                 scratch.bias[..self.co].copy_from_slice(b);
             }
-            // `with_stride` drops the Winograd weights of strided convs.
+            // Strided convs have no Winograd weights.
             let winograd = self.winograd.as_ref().filter(|_| w >= self.winograd_min_w);
             if let Some(weights) = winograd {
                 let bias = if scratch.bias.is_empty() { &self.bias } else { &scratch.bias };
@@ -954,9 +958,13 @@ mod tests {
                 let x = values(n * ci * h * w, 4);
                 let wt: Vec<f32> = values(co * ci * 9, 5).iter().map(|v| v * 0.2).collect();
                 let bias = values(co, 6);
-                let conv = DirectConv::new(&wt, &bias, co, ci, 3, level)
-                    .and_then(|c| c.with_stride(2))
-                    .expect("shapes fit");
+                let conv =
+                    DirectConv::strided(&wt, &bias, co, ci, 3, 2, level).expect("shapes fit");
+                assert!(
+                    conv.winograd.is_none(),
+                    "{}: strided convs pack no Winograd weights",
+                    level.name()
+                );
                 let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
                 assert_eq!(conv.shape().out_plane(h, w), (ho, wo));
                 let case = format!("{} stride 2 ({n},{co},{ci},{h},{w})", level.name());
@@ -989,9 +997,20 @@ mod tests {
                 }
             }
         }
-        let one =
-            DirectConv::new(&[0.0; 2], &[0.0; 2], 2, 1, 1, KernelLevel::Portable).expect("1x1");
-        assert!(one.with_stride(2).is_none(), "1x1 convs have no strided kernel");
+        let strided = |k, stride| {
+            DirectConv::strided(
+                &vec![0.0; 2 * k * k],
+                &[0.0; 2],
+                2,
+                1,
+                k,
+                stride,
+                KernelLevel::Portable,
+            )
+        };
+        assert!(strided(1, 2).is_none(), "1x1 convs have no strided kernel");
+        assert!(strided(3, 3).is_none(), "3x3 convs have strides 1 and 2 only");
+        assert!(strided(1, 1).is_some() && strided(3, 2).is_some());
     }
 
     #[test]

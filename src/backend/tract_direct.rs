@@ -81,9 +81,7 @@ fn eligible(
     let weights = kernel.to_plain_array_view::<f32>()?;
     let Some(weights) = weights.as_slice() else { return Ok(None) };
     let stride = spec.strides()[0];
-    let packed = |bias: &[f32]| {
-        DirectConv::new(weights, bias, co, ci, k, level).and_then(|c| c.with_stride(stride))
-    };
+    let packed = |bias: &[f32]| DirectConv::strided(weights, bias, co, ci, k, stride, level);
     match &bias.konst {
         Some(konst) => {
             let values = konst.to_plain_array_view::<f32>()?;
