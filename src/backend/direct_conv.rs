@@ -133,9 +133,8 @@ impl DirectConv {
         Tiling::of(level).is_some() && level.supported()
     }
 
-    /// Packs `weights` (OIHW, `co x ci x k x k`, k = 3 or 1) and `bias` (`co` values, or one
-    /// value for all channels) for `level`. None for another k, lengths that do not fit those
-    /// shapes, or a level without a direct conv (portable, tract).
+    /// [`DirectConv::strided`] at stride 1 (the tests' shorthand).
+    #[cfg(test)]
     pub fn new(
         weights: &[f32],
         bias: &[f32],
@@ -147,9 +146,11 @@ impl DirectConv {
         Self::strided(weights, bias, co, ci, k, 1, level)
     }
 
-    /// [`DirectConv::new`] at `stride`: 1, or 2 for a 3x3 kernel (None otherwise). Strided
-    /// convs always run on the small-plane layout, so they get no Winograd weights (F(2x2,
-    /// 3x3) is for stride 1).
+    /// Packs `weights` (OIHW, `co x ci x k x k`, k = 3 or 1) and `bias` (`co` values, or one
+    /// value for all channels) for `level` at `stride` (1, or 2 for a 3x3 kernel). None for
+    /// another k or stride, lengths that do not fit those shapes, or a level without a direct
+    /// conv (tract). Strided convs always run on the small-plane layout, so they get no
+    /// Winograd weights (F(2x2, 3x3) is for stride 1).
     pub fn strided(
         weights: &[f32],
         bias: &[f32],
