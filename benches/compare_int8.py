@@ -11,7 +11,12 @@ Prints, per case, the medians and the ratios
   vs ort8  = tract int8 time / onnxruntime int8 time on the same files (issue 14's target at
              2 threads: <= 0.5)
 
-Usage: python3 benches/compare_int8.py [threads] [reps] [s|m]   (needs onnxruntime and numpy)
+With rounds > 1 (default 1) both sides run that many times in turn and every figure is the
+median over the rounds (each ratio the median of the rounds' own ratios), so that a slow spell
+of this VM (up to a third between runs) does not land on one side only.
+
+Usage: python3 benches/compare_int8.py [threads] [reps] [s|m] [rounds]
+(needs onnxruntime and numpy)
 """
 import json, subprocess, sys, time
 import numpy as np
@@ -22,12 +27,11 @@ from ort_frame import frame
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 reps = int(sys.argv[2]) if len(sys.argv) > 2 else 7
 tier = sys.argv[3] if len(sys.argv) > 3 else "s"
+rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 
 
 def session(path):
     return ort_frame.session(path, threads)
-
-
 
 
 def medians(fs, n):
@@ -41,23 +45,37 @@ def medians(fs, n):
     return [sorted(t)[len(t) // 2] for t in ts]
 
 
-ours = subprocess.run(["cargo", "run", "--release", "-q", "--example", "int8_timing",
-                       str(threads), str(reps), tier], check=True, capture_output=True, text=True).stdout
 den32, den8 = session(f"models/denoiser_{tier}.onnx"), session(f"models/denoiser_{tier}.int8.onnx")
 clf32, clf8 = session("models/classifier.onnx"), session("models/classifier.int8.onnx")
-print(f"denoiser_{tier}, threads={threads} reps={reps}; ms are medians")
+subprocess.run(["cargo", "build", "--release", "-q", "--example", "int8_timing"], check=True)
+rows = {}  # case -> per round (tract f32, tract int8, ort f32, ort int8)
+for _ in range(rounds):
+    ours = subprocess.run(["target/release/examples/int8_timing", str(threads), str(reps), tier],
+                          check=True, capture_output=True, text=True).stdout
+    for line in ours.splitlines():
+        r = json.loads(line)
+        b = r["batch"]
+        x = np.random.default_rng(1).random((b, 3, 32, 32), dtype=np.float32)
+        xt, tt = 2 * x - 1, np.full((b,), 140, np.float32)
+        c32, c8 = medians([lambda: den32.run(None, {"x_t": xt, "t": tt}),
+                           lambda: den8.run(None, {"x_t": xt, "t": tt})], reps)
+        f32, f8 = medians([lambda: frame(den32, clf32, x), lambda: frame(den8, clf8, x)],
+                          (reps + 1) // 2)
+        for kind, ort32, ort8 in (("call", c32, c8), ("frame", f32, f8)):
+            rows.setdefault(f"{kind} b{b}", []).append(
+                (r[f"f32_{kind}_ms"], r[f"int8_{kind}_ms"], ort32, ort8))
+
+
+def med(v):
+    return sorted(v)[len(v) // 2]
+
+
+print(f"denoiser_{tier}, threads={threads} reps={reps} rounds={rounds}; ms are medians")
 print(f"{'case':<12}{'tract f32':>10}{'tract i8':>10}{'ort f32':>10}{'ort i8':>10}"
       f"{'speedup':>9}{'vs ort':>8}{'vs ort8':>9}")
-for line in ours.splitlines():
-    r = json.loads(line)
-    b = r["batch"]
-    x = np.random.default_rng(1).random((b, 3, 32, 32), dtype=np.float32)
-    xt, tt = 2 * x - 1, np.full((b,), 140, np.float32)
-    c32, c8 = medians([lambda: den32.run(None, {"x_t": xt, "t": tt}),
-                       lambda: den8.run(None, {"x_t": xt, "t": tt})], reps)
-    f32, f8 = medians([lambda: frame(den32, clf32, x), lambda: frame(den8, clf8, x)],
-                      (reps + 1) // 2)
-    for kind, ort32, ort8 in (("call", c32, c8), ("frame", f32, f8)):
-        t32, t8 = r[f"f32_{kind}_ms"], r[f"int8_{kind}_ms"]
-        print(f"{kind + ' b' + str(b):<12}{t32:>10.1f}{t8:>10.1f}{ort32:>10.1f}{ort8:>10.1f}"
-              f"{t32 / t8:>9.2f}{t8 / ort32:>8.2f}{t8 / ort8:>9.2f}")
+for case, v in rows.items():
+    t32, t8, o32, o8 = (med([r[k] for r in v]) for k in range(4))
+    speedup = med([r[0] / r[1] for r in v])
+    vs_ort, vs_ort8 = med([r[1] / r[2] for r in v]), med([r[1] / r[3] for r in v])
+    print(f"{case:<12}{t32:>10.1f}{t8:>10.1f}{o32:>10.1f}{o8:>10.1f}"
+          f"{speedup:>9.2f}{vs_ort:>8.2f}{vs_ort8:>9.2f}")
