@@ -34,6 +34,10 @@ def session(path):
     return ort_frame.session(path, threads)
 
 
+def med(v):
+    return sorted(v)[len(v) // 2]
+
+
 def medians(fs, n):
     """Interleaved: each repetition runs every f once; returns the median of each."""
     for f in fs:
@@ -42,7 +46,7 @@ def medians(fs, n):
     for _ in range(n):
         for k, f in enumerate(fs):
             s = time.perf_counter(); f(); ts[k].append((time.perf_counter() - s) * 1e3)
-    return [sorted(t)[len(t) // 2] for t in ts]
+    return [med(t) for t in ts]
 
 
 den32, den8 = session(f"models/denoiser_{tier}.onnx"), session(f"models/denoiser_{tier}.int8.onnx")
@@ -64,10 +68,6 @@ for _ in range(rounds):
         for kind, ort32, ort8 in (("call", c32, c8), ("frame", f32, f8)):
             rows.setdefault(f"{kind} b{b}", []).append(
                 (r[f"f32_{kind}_ms"], r[f"int8_{kind}_ms"], ort32, ort8))
-
-
-def med(v):
-    return sorted(v)[len(v) // 2]
 
 
 print(f"denoiser_{tier}, threads={threads} reps={reps} rounds={rounds}; ms are medians")

@@ -540,6 +540,7 @@ mod probe {
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::item_count;
