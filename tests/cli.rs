@@ -612,6 +612,26 @@ fn device_check_runs_every_check_on_the_cpu() {
         "1e-12",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    // A check that errors is reported with its error and the later checks still run (a GPU
+    // lease is short: one run says everything it can).
+    let missing = d.join("no-vectors");
+    let out = diffshield(&[
+        "device-check",
+        "--vectors",
+        missing.to_str().unwrap(),
+        "--speed-frames",
+        "0",
+        "--batches",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out);
+    let checks: Vec<&str> = lines.iter().map(|l| l["check"].as_str().unwrap()).collect();
+    assert_eq!(checks, ["engine", "placement", "placement", "golden", "batches", "summary"]);
+    assert_eq!(lines[3]["passed"], false);
+    assert!(lines[3]["error"].as_str().unwrap().contains("no-vectors"), "{}", lines[3]);
+    assert_eq!(lines[4]["passed"], true);
+    assert!(lines[5]["failed"][0].as_str().unwrap().starts_with("golden"), "{}", lines[5]);
 }
 
 /// AutoAttack's rand suite (APGD-CE + APGD-DLR, per image the worst) through the CLI.

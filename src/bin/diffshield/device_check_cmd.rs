@@ -49,7 +49,12 @@ fn line(out: &mut impl Write, v: serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `diffshield device-check`.
+/// One check's outcome: its JSON line and, where it failed, why.
+type Outcome = anyhow::Result<(serde_json::Value, Option<String>)>;
+
+/// Runs `diffshield device-check`. A check that errors (an op the device runtime cannot run,
+/// say) is reported as failed with its error and the next one still runs: a GPU lease is short,
+/// so one run must say everything it can.
 pub fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
     let mut config = args.defense.resolve()?;
     config.seed.get_or_insert(0);
@@ -58,52 +63,76 @@ pub fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
     let engine = diffshield::backend::engine(&config)?;
     line(&mut out, json!({"check": "engine", "engine": engine.name()}))?;
     let manifest = Manifest::load(&config.models_dir()?)?;
-    for p in device_check::placement(&manifest, &config, &engine, 1)? {
-        line(&mut out, json!({"check": "placement", "placement": p}))?;
-    }
-    let g = device_check::golden(&args.vectors, &manifest, &engine)?;
-    let ok = g.max_eps_rel() <= args.max_eps_rel && g.labels_agree;
-    if !ok {
-        failed.push(format!("golden vectors: eps error {:.2e}", g.max_eps_rel()));
-    }
-    line(
-        &mut out,
-        json!({"check": "golden", "passed": ok, "max_eps_rel": g.max_eps_rel(), "golden": g}),
-    )?;
-    if let Some(data) = &args.data {
-        let set = diffshield::data::cifar::read_cifar_bin(data, Some(args.images))?;
-        let mut defense = diffshield::Defense::from_config(&diffshield::DefenseConfig {
-            votes: 1,
-            ..config.clone()
-        })?;
-        let acc = defense.accuracy(set.images.view(), &set.labels, true, &mut |_| {})?;
-        let got = acc.purified_acc.unwrap_or(0.0);
-        let ok = args.expect_acc.is_none_or(|want| (got - want).abs() <= 0.01);
-        if !ok {
-            failed.push(format!("defended accuracy {got:.4} vs {:?}", args.expect_acc));
+    let mut report =
+        |out: &mut std::io::StdoutLock, name: &str, r: Outcome| -> anyhow::Result<()> {
+            match r {
+                Ok((v, fail)) => {
+                    failed.extend(fail);
+                    line(out, v)
+                }
+                Err(e) => {
+                    failed.push(format!("{name}: {e:#}"));
+                    line(out, json!({"check": name, "passed": false, "error": format!("{e:#}")}))
+                }
+            }
+        };
+    match device_check::placement(&manifest, &config, &engine, 1) {
+        Ok(ps) => {
+            for p in ps {
+                line(&mut out, json!({"check": "placement", "placement": p}))?;
+            }
         }
-        line(
-            &mut out,
-            json!({"check": "accuracy", "passed": ok, "images": acc.images, "defended": got,
-                   "clean": acc.clean_acc, "expected": args.expect_acc, "ms": acc.purified_ms}),
-        )?;
+        Err(e) => report(&mut out, "placement", Err(e.into()))?,
     }
-    let b = device_check::batches(&config, &args.batches)?;
-    let ok = b.labels_agree && b.finite && b.max_prob_diff <= 1e-3;
-    if !ok {
-        failed.push(format!(
-            "batch sizes disagree (max probability difference {:.2e})",
-            b.max_prob_diff
-        ));
+    let golden = || -> Outcome {
+        let g = device_check::golden(&args.vectors, &manifest, &engine)?;
+        let ok = g.max_eps_rel() <= args.max_eps_rel && g.labels_agree;
+        let fail = (!ok).then(|| format!("golden vectors: eps error {:.2e}", g.max_eps_rel()));
+        Ok((
+            json!({"check": "golden", "passed": ok, "max_eps_rel": g.max_eps_rel(), "golden": g}),
+            fail,
+        ))
+    };
+    report(&mut out, "golden", golden())?;
+    if let Some(data) = &args.data {
+        let accuracy = || -> Outcome {
+            let set = diffshield::data::cifar::read_cifar_bin(data, Some(args.images))?;
+            let mut defense = diffshield::Defense::from_config(&diffshield::DefenseConfig {
+                votes: 1,
+                ..config.clone()
+            })?;
+            let acc = defense.accuracy(set.images.view(), &set.labels, true, &mut |_| {})?;
+            let got = acc.purified_acc.unwrap_or(0.0);
+            let ok = args.expect_acc.is_none_or(|want| (got - want).abs() <= 0.01);
+            let fail =
+                (!ok).then(|| format!("defended accuracy {got:.4} vs {:?}", args.expect_acc));
+            Ok((
+                json!({"check": "accuracy", "passed": ok, "images": acc.images, "defended": got,
+                       "clean": acc.clean_acc, "expected": args.expect_acc, "ms": acc.purified_ms}),
+                fail,
+            ))
+        };
+        report(&mut out, "accuracy", accuracy())?;
     }
-    line(&mut out, json!({"check": "batches", "passed": ok, "batches": b}))?;
+    let batches = || -> Outcome {
+        let b = device_check::batches(&config, &args.batches)?;
+        let ok = b.labels_agree && b.finite && b.max_prob_diff <= 1e-3;
+        let fail = (!ok).then(|| {
+            format!("batch sizes disagree (max probability difference {:.2e})", b.max_prob_diff)
+        });
+        Ok((json!({"check": "batches", "passed": ok, "batches": b}), fail))
+    };
+    report(&mut out, "batches", batches())?;
     if args.speed_frames > 0 {
-        let s = device_check::speed(&config, args.speed_frames, args.speed_batch)?;
-        line(
-            &mut out,
-            json!({"check": "speed", "denoiser": config.denoiser, "t_star": config.t_star,
-                              "timesteps": config.plan_spec().ok().map(|p| format!("{p:?}")), "speed": s}),
-        )?;
+        let speed = || -> Outcome {
+            let s = device_check::speed(&config, args.speed_frames, args.speed_batch)?;
+            Ok((
+                json!({"check": "speed", "denoiser": config.denoiser, "t_star": config.t_star,
+                       "timesteps": config.plan_spec().ok().map(|p| format!("{p:?}")), "speed": s}),
+                None,
+            ))
+        };
+        report(&mut out, "speed", speed())?;
     }
     line(&mut out, json!({"check": "summary", "passed": failed.is_empty(), "failed": failed}))?;
     if failed.is_empty() {
