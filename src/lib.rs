@@ -96,6 +96,8 @@ pub mod purify;
 pub mod schedule;
 pub(crate) mod stats;
 pub mod stream;
+#[cfg(test)]
+pub(crate) mod test_skip;
 #[cfg(feature = "tune")]
 pub mod tune;
 

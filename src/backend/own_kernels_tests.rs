@@ -82,7 +82,9 @@ fn shipped_models_match_tracts_own_ops() {
 fn int8_models_match_tracts_own_int8_ops() {
     use super::quant_conv::QuantConv;
     if !KernelLevel::Avx512.supported() {
-        println!("int8 convs: not tested, this CPU has no AVX-512 (tract's int8 ops run here)");
+        crate::test_skip::note(
+            "our int8 convs not tested: this CPU has no AVX-512 (tract's int8 ops run here)",
+        );
         return;
     }
     let int8 = |n: usize| if QuantConv::supported() { n } else { 0 };

@@ -407,7 +407,9 @@ mod tests {
     #[test]
     fn matches_the_integer_reference() {
         if !QuantConv::supported() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI, the int8 kernel is never used here");
+            crate::test_skip::note(
+                "the int8 kernel: this CPU has no AVX-512 VNNI, it is never used here",
+            );
             return;
         }
         // (n, co, ci, h, w): whole and partial channel groups (ci = 5, 7) and blocks (co = 3,

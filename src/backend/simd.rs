@@ -134,7 +134,10 @@ pub(crate) fn levels_under_test() -> Vec<KernelLevel> {
     let (run, skip): (Vec<KernelLevel>, Vec<KernelLevel>) =
         KernelLevel::ALL[..3].iter().partition(|l| l.supported());
     for level in skip {
-        println!("kernel level {}: not tested, this CPU cannot run it", level.name());
+        crate::test_skip::note(&format!(
+            "kernel level {} not tested: this CPU cannot run it",
+            level.name()
+        ));
     }
     run
 }

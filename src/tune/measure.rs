@@ -195,7 +195,7 @@ mod tests {
     #[test]
     fn thread_cpu_clock_resolves_well_below_a_millisecond() {
         let Some(start) = thread_cpu_ns() else {
-            eprintln!("skipped: no per-thread CPU clock on this platform");
+            crate::test_skip::note("the per-thread CPU clock: this platform has none");
             return;
         };
         let mut now = start;
