@@ -19,6 +19,8 @@ import onnx
 import torch
 from onnx2torch import convert
 
+from ddim_plan import plan  # benches/, the script's folder
+
 models = sys.argv[1] if len(sys.argv) > 1 else "models"
 tiers = (sys.argv[2] if len(sys.argv) > 2 else "s,m").split(",")
 frames_n = int(sys.argv[3]) if len(sys.argv) > 3 else 50
@@ -26,19 +28,14 @@ batch = int(sys.argv[4]) if len(sys.argv) > 4 else 256
 dev = torch.device("cuda")
 torch.backends.cudnn.benchmark = True
 
-betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
-abar = np.concatenate([[1.0], np.cumprod(1 - betas)])
-taus = list(range(140, -1, -10))
-steps = []
-for t, s in zip(taus[:-1], taus[1:]):
-    sig = np.sqrt((1 - abar[s]) / (1 - abar[t])) * np.sqrt(1 - abar[t] / abar[s])
-    steps.append((float(t), float(np.sqrt(abar[t])), float(np.sqrt(1 - abar[t])),
-                  float(np.sqrt(abar[s])), float(np.sqrt(max(0.0, 1 - abar[s] - sig ** 2))),
-                  float(sig)))
+# Plain floats: the coefficients multiply CUDA tensors.
+noise_a, noise_b, steps = plan()
+noise_a, noise_b = float(noise_a), float(noise_b)
+steps = [tuple(float(v) for v in step) for step in steps]
 
 
 def frame(den, clf, x):
-    xt = float(np.sqrt(abar[140])) * (2 * x - 1) + float(np.sqrt(1 - abar[140])) * torch.randn_like(x)
+    xt = noise_a * (2 * x - 1) + noise_b * torch.randn_like(x)
     for t, sa_t, s1_t, sa_s, d, sig in steps:
         eps = den(xt, torch.full((x.shape[0],), t, device=x.device))
         x0 = ((xt - s1_t * eps) / sa_t).clamp(-1, 1)

@@ -31,19 +31,9 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 from onnx2torch import convert  # noqa: E402
 
+from ddim_plan import plan  # noqa: E402  (benches/, the script's folder)
+
 torch.set_num_threads(threads)
-
-
-def plan(t_star=140, stride=10, eta=1.0):
-    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
-    abar = np.concatenate([[1.0], np.cumprod(1.0 - betas)])
-    taus = list(range(t_star, 0, -stride)) + [0]
-    steps = []
-    for t, s in zip(taus[:-1], taus[1:]):
-        sigma = eta * np.sqrt((1 - abar[s]) / (1 - abar[t])) * np.sqrt(1 - abar[t] / abar[s])
-        steps.append((t, np.sqrt(abar[t]), np.sqrt(1 - abar[t]), np.sqrt(abar[s]),
-                      np.sqrt(max(0.0, 1 - abar[s] - sigma ** 2)), sigma))
-    return np.sqrt(abar[t_star]), np.sqrt(1 - abar[t_star]), steps
 
 
 def torch_gradient(den, cls, x, labels):
