@@ -3,7 +3,8 @@
 #   bash gpu-stage/all/gpu_check.sh STAGE [SECONDS]
 # STAGE is what scripts/gpu_stage.sh made (binary and ONNX files xz-compressed, 500 test
 # images, the onnx2torch wheel). Each step has a time cap and the whole run ends within SECONDS
-# (default 480): a step that errors or runs out of time is logged and the next still runs.
+# (default 450, inside the device call's timeout of 480): a step that errors or runs out of
+# time is logged and the next still runs.
 # Everything goes to $OUT (or ./gpu-out): gpu_check.log (the GPU, the CUDA libraries found and
 # mapped, each step's exit and time), device_check_s.jsonl / device_check_m.jsonl (`diffshield
 # device-check --backend cuda`: node placement, golden vectors, defended accuracy on 500 images
@@ -12,7 +13,7 @@
 # our CPU path against onnxruntime at 1-16 threads on the machine's 16 cores, if time is left).
 # BACKEND=cpu runs the device-check steps on the CPU: the dry run here.
 set -uo pipefail
-stage=${1:?stage folder}; budget=${2:-480}
+stage=${1:?stage folder}; budget=${2:-450}
 start=$(date +%s)
 out=${OUT:-gpu-out}; mkdir -p "$out"
 exec > >(tee "$out/gpu_check.log") 2>&1

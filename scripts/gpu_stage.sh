@@ -47,5 +47,5 @@ printf 'part %s: %.1f MiB (binary %.1f MiB xz) + tree %.1f MiB = %.1f MiB of 64 
   "$(echo "$tree / 1048576" | bc -l)" "$(echo "$total / 1048576" | bc -l)" \
   "$([ "$total" -le "$LIMIT" ] && echo fits || echo TOO LARGE)"
 [ "$total" -le "$LIMIT" ] || exit 3
-echo "device call: carry [\"$d\"], timeout 540, command: bash $d/gpu_check.sh $d 500"
+echo "device call: carry [\"$d\"], timeout 480, command: bash $d/gpu_check.sh $d 450"
 echo "afterwards:  scripts/gpu_stage.sh restore"
