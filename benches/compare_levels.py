@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Our kernel levels against tract's own ops, in one run: examples/frame_timing at each level
-(DIFFSHIELD_KERNELS = avx512, avx2, portable, tract), the levels interleaved round by round so
-that a slow spell of the machine hits all of them, and each level's median frame time divided
-into tract's (> 1: that level is faster than tract's own path).
+(DIFFSHIELD_KERNELS = avx512, avx2, portable-fma, portable, tract), the levels interleaved round
+by round so that a slow spell of the machine hits all of them, and each level's median frame
+time divided into tract's (> 1: that level is faster than tract's own path). portable-fma is the
+portable level's plain Rust in its aarch64 configuration (fused multiply-adds, the 32-register
+tiles) compiled for AVX2 + FMA: the nearest x86-64 measure of what ARM runs.
 
 With `--isa avx2` tract itself is held to AVX2 + FMA (TRACT_CPU_ISA=-avx512f,-avx512vnni) for
 every level, which is what tract runs on an AVX2-only CPU (Intel N100 class), so that our AVX2
@@ -24,8 +26,8 @@ reps = args[1] if len(args) > 1 else "3"
 rounds = int(args[2]) if len(args) > 2 else 3
 tract_isa = {"native": None, "avx2": "-avx512f,-avx512vnni",
              "sse2": "-avx512f,-avx512vnni,-avx2,-fma"}[isa]
-levels = {"native": ["avx512", "avx2", "portable", "tract"], "avx2": ["avx2", "portable", "tract"],
-          "sse2": ["portable", "tract"]}[isa]
+levels = {"native": ["avx512", "avx2", "portable-fma", "portable", "tract"],
+          "avx2": ["avx2", "portable-fma", "portable", "tract"], "sse2": ["portable", "tract"]}[isa]
 
 subprocess.run(["cargo", "build", "--release", "-q", "--example", "frame_timing"], check=True)
 times = {}  # (level, case) -> frame ms of each round
@@ -50,9 +52,9 @@ for round_ in range(rounds):
 
 cases = sorted({c for _, c in times}, key=lambda c: (c.split()[1], int(c.split()[2][1:])))
 print(f"threads={threads} tract ISA={isa} rounds={rounds}; median frame ms, and tract's time / ours")
-print(f"{'case':<14}" + "".join(f"{l + ' ms':>13}" for l in levels)
-      + "".join(f"{l + ' x':>12}" for l in levels if l != "tract"))
+print(f"{'case':<14}" + "".join(f"{l + ' ms':>17}" for l in levels)
+      + "".join(f"{l + ' x':>16}" for l in levels if l != "tract"))
 for case in cases:
     med = {l: statistics.median(times[(l, case)]) for l in levels}
-    print(f"{case:<14}" + "".join(f"{med[l]:>13.1f}" for l in levels)
-          + "".join(f"{med['tract'] / med[l]:>12.2f}" for l in levels if l != "tract"))
+    print(f"{case:<14}" + "".join(f"{med[l]:>17.1f}" for l in levels)
+          + "".join(f"{med['tract'] / med[l]:>16.2f}" for l in levels if l != "tract"))

@@ -6,11 +6,11 @@ One denoiser call at t=140 and one defended frame (T*=140, stride 10, eta 1, 1 v
 calls with the DDIM update in numpy, then the classifier), batch 1 and 8, both denoisers.
 
 Usage: python3 benches/compare_ort.py [threads] [reps] [kernel level] [rounds]   (needs `pip
-install onnxruntime numpy`). The level (avx512, avx2, portable, tract; default: the best this CPU
-runs; `best` says so explicitly) is passed to our side as DIFFSHIELD_KERNELS; onnxruntime picks
-its own kernels. With rounds > 1 (default 1) both sides run that many times in turn and each
-ratio is the median of the rounds' own ratios, so this VM's drift between runs (up to 25 %)
-falls on both sides of a ratio alike.
+install onnxruntime numpy`). The level (avx512, avx2, portable-fma, portable, tract; default:
+the best this CPU runs; `best` says so explicitly) is passed to our side as DIFFSHIELD_KERNELS;
+onnxruntime picks its own kernels. With rounds > 1 (default 1) both sides run that many times
+in turn and each ratio is the median of the rounds' own ratios, so this VM's drift between runs
+(up to 25 %) falls on both sides of a ratio alike.
 """
 import json, os, subprocess, sys, time
 import numpy as np

@@ -18,15 +18,18 @@
 //! (relative ~1e-6), not bit for bit; each level sums in its own order.
 
 #[cfg(target_arch = "x86_64")]
-use super::simd::{Avx2, Avx512};
+use super::simd::{Avx2, Avx512, PortableFma};
 use super::simd::{KernelLevel, Portable, Simd};
 
 /// Query vectors per block of the portable kernel: 4 x 2 of its 8-lane arrays fill NEON's 32
-/// registers; SSE2's 16 (x86-64 without AVX2) hold 4 x 1 without spilling accumulators.
+/// registers (and AVX2's 16 at the portable-fma level); SSE2's 16 (x86-64 without AVX2) hold
+/// 4 x 1 without spilling accumulators.
 #[cfg(target_arch = "aarch64")]
-const PORTABLE_QV: usize = 2;
+const PORTABLE_QV: usize = PORTABLE_FMA_QV;
 #[cfg(not(target_arch = "aarch64"))]
 const PORTABLE_QV: usize = 1;
+/// Query vectors per block of the portable-fma level (aarch64's portable tile).
+const PORTABLE_FMA_QV: usize = 2;
 
 /// A level's register tile: up to `qv` query vectors (x `TR` rows: keys in the score product,
 /// channels in the value product, a const parameter of [`block`]).
@@ -42,6 +45,7 @@ impl Tiles {
             KernelLevel::Avx512 => Some(Tiles { qv: 3, lanes: 16 }),
             KernelLevel::Avx2 => Some(Tiles { qv: 2, lanes: 8 }),
             KernelLevel::Portable => Some(Tiles { qv: PORTABLE_QV, lanes: 8 }),
+            KernelLevel::PortableFma => Some(Tiles { qv: PORTABLE_FMA_QV, lanes: 8 }),
             KernelLevel::Tract => None,
         }
     }
@@ -190,6 +194,10 @@ unsafe fn run_block(level: KernelLevel, io: Io, vectors: usize) {
         (KernelLevel::Avx2, 1) => avx2::<1>(io),
         #[cfg(target_arch = "x86_64")]
         (KernelLevel::Avx2, _) => avx2::<2>(io),
+        #[cfg(target_arch = "x86_64")]
+        (KernelLevel::PortableFma, 1) => portable_fma::<1>(io),
+        #[cfg(target_arch = "x86_64")]
+        (KernelLevel::PortableFma, _) => portable_fma::<PORTABLE_FMA_QV>(io),
         (_, 1) => block::<Portable, 4, 1>(io, PORTABLE_QV),
         _ => block::<Portable, 4, PORTABLE_QV>(io, PORTABLE_QV),
     }
@@ -205,6 +213,12 @@ unsafe fn avx512<const N: usize>(io: Io) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2<const N: usize>(io: Io) {
     block::<Avx2, 4, N>(io, 2)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn portable_fma<const N: usize>(io: Io) {
+    block::<PortableFma, 4, N>(io, PORTABLE_FMA_QV)
 }
 
 /// Queries `i0 .. i0 + N * LANES`: scores, softmax, output, on `TR`-row tiles; `qv` query

@@ -26,7 +26,7 @@
 
 use super::par::SyncPtr;
 #[cfg(target_arch = "x86_64")]
-use super::simd::{Avx2, Avx512};
+use super::simd::{Avx2, Avx512, PortableFma};
 use super::simd::{KernelLevel, Portable, Simd};
 
 /// AVX-512 small-plane layout: the channel tile of convs with at most this many outputs.
@@ -75,6 +75,7 @@ impl Tiling {
                 Some(Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4, winograd: ALWAYS })
             }
             KernelLevel::Portable => Some(PORTABLE),
+            KernelLevel::PortableFma => Some(PORTABLE_FMA),
             KernelLevel::Tract => None,
         }
     }
@@ -82,18 +83,23 @@ impl Tiling {
 
 /// The portable level's tiles, in 8-lane vectors of two 128-bit registers. x86-64 (SSE2, 16
 /// registers): 2 x 2 accumulators + 2 pixel vectors + a broadcast (13 registers), small planes
-/// 2 x 2 + 2. aarch64 (NEON, 32 registers): AVX2's 4 x 2 and 2 x 4 (21 registers). Winograd
-/// on every 3x3 conv: 1.58-2.28x over the direct kernel on x86-64 in `winograd::probe` (as on
-/// AVX2, the direct kernel is far below AVX-512's rate, so the saved multiplies count more);
-/// not measured on ARM.
+/// 2 x 2 + 2. aarch64 (NEON, 32 registers): [`PORTABLE_FMA`]. Winograd on every 3x3 conv:
+/// 1.58-2.28x over the direct kernel on x86-64 in `winograd::probe` (as on AVX2, the direct
+/// kernel is far below AVX-512's rate, so the saved multiplies count more); not measured on ARM.
 #[cfg(target_arch = "x86_64")]
 const PORTABLE: Tiling = Tiling { lanes: 8, ocb: 2, scb: 16, spt: 2, winograd: ALWAYS };
 #[cfg(not(target_arch = "x86_64"))]
-const PORTABLE: Tiling = Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4, winograd: ALWAYS };
+const PORTABLE: Tiling = PORTABLE_FMA;
+/// The portable kernels' tiles where a vector is one register or two of 32 (AVX2 + FMA's 16
+/// ymm; aarch64's 32 q registers): AVX2's 4 x 2 and 2 x 4 (11 of 16 ymm, 21 of 32 NEON).
+const PORTABLE_FMA: Tiling = Tiling { lanes: 8, ocb: 4, scb: 16, spt: 4, winograd: ALWAYS };
 /// Winograd on every 3x3 conv.
 const ALWAYS: &[(usize, usize)] = &[(1, 1)];
 /// Output channels per tile of the portable level (Winograd's products use the same tile).
 pub(super) const PORTABLE_OCB: usize = PORTABLE.ocb;
+/// The same for the portable-fma level.
+#[cfg(target_arch = "x86_64")]
+pub(super) const PORTABLE_FMA_OCB: usize = PORTABLE_FMA.ocb;
 
 /// A 3x3 or 1x1 convolution's weights, packed once for the kernel of one level.
 #[derive(Debug, Clone, PartialEq)]
@@ -384,6 +390,8 @@ impl DirectConv {
                     KernelLevel::Avx512 => self.block_avx512(&pass, b, block),
                     #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx2 => self.block_avx2(&pass, b, block),
+                    #[cfg(target_arch = "x86_64")]
+                    KernelLevel::PortableFma => self.block_portable_fma(&pass, b, block),
                     KernelLevel::Portable => {
                         self.block::<Portable, PORTABLE_OCB, 2>(&pass, b, block)
                     }
@@ -403,6 +411,12 @@ impl DirectConv {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn block_avx2(&self, pass: &Pass, b: usize, block: usize) {
         self.block::<Avx2, 4, 2>(pass, b, block)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_portable_fma(&self, pass: &Pass, b: usize, block: usize) {
+        self.block::<PortableFma, { PORTABLE_FMA.ocb }, 2>(pass, b, block)
     }
 
     /// Output channels `block * OCB ..` of image `b`, copied out of `wide` in flat mode.
@@ -581,6 +595,8 @@ impl DirectConv {
                     KernelLevel::Avx512 => tile.pixels_avx512(&taps, pixels, run),
                     #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx2 => tile.pixels_avx2(&taps, pixels, run),
+                    #[cfg(target_arch = "x86_64")]
+                    KernelLevel::PortableFma => tile.pixels_portable_fma(&taps, pixels, run),
                     KernelLevel::Portable => tile
                         .pixels::<Portable, { PORTABLE.scb / PORTABLE.lanes }, { PORTABLE.spt }>(
                             &taps, pixels, run,
@@ -643,6 +659,19 @@ impl ChannelTile {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn pixels_avx2(&self, taps: &[usize; 9], pixels: &[usize], run: std::ops::Range<usize>) {
         self.pixels::<Avx2, 2, 4>(taps, pixels, run)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pixels_portable_fma(
+        &self,
+        taps: &[usize; 9],
+        pixels: &[usize],
+        run: std::ops::Range<usize>,
+    ) {
+        self.pixels::<PortableFma, { PORTABLE_FMA.scb / PORTABLE_FMA.lanes }, { PORTABLE_FMA.spt }>(
+            taps, pixels, run,
+        )
     }
 
     /// The output pixels `run` (indices into `pixels`), all input channels in chunks of
@@ -1018,7 +1047,7 @@ mod tests {
     fn refuses_mismatched_shapes_and_levels_without_a_kernel() {
         use KernelLevel::*;
         assert!(DirectConv::new(&[0.0; 18], &[0.5], 2, 1, 3, Tract).is_none());
-        for level in [Avx512, Avx2, Portable] {
+        for level in [Avx512, Avx2, PortableFma, Portable] {
             assert!(DirectConv::new(&[0.0; 17], &[0.0; 2], 2, 1, 3, level).is_none());
             assert!(DirectConv::new(&[0.0; 18], &[0.0; 3], 2, 1, 3, level).is_none());
             assert!(DirectConv::new(&[0.0; 50], &[0.0; 2], 2, 1, 5, level).is_none());

@@ -6,37 +6,53 @@
 //! into that function, so each level compiles to its own instructions (AVX-512: 16 lanes in 32
 //! registers; AVX2 + FMA: 8 lanes in 16 registers). [`Portable`] holds 8 lanes in a plain array
 //! and has no intrinsics: the compiler vectorises it for the target's baseline (SSE2 on x86-64,
-//! NEON on aarch64), so it runs on every CPU.
+//! NEON on aarch64), so it runs on every CPU. [`PortableFma`] is the same plain Rust with its
+//! multiply-adds fused, which is what it compiles to on aarch64; on x86-64 it runs at the
+//! `portable-fma` level, compiled for AVX2 + FMA, so that the ARM configuration of the portable
+//! kernels (fused multiply-adds, the 32-register tiles) is tested and timed natively here.
 
 /// Which of this crate's kernels run, from the fastest the CPU has down to none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum KernelLevel {
     /// tract's own ops everywhere (this crate's graph passes off).
     Tract,
-    /// The fused GroupNorm, attention and the stride-1 3x3 / 1x1 convs (direct and Winograd)
-    /// in plain Rust the compiler vectorises; int8 and strided convs stay tract's. The best
+    /// The fused GroupNorm, attention and the 3x3 (stride 1 and 2) and 1x1 convs (direct and
+    /// Winograd) in plain Rust the compiler vectorises; int8 convs stay tract's. The best
     /// level on CPUs other than x86-64 (ARM) and on x86-64 without AVX2.
     Portable,
+    /// The portable level's plain Rust in its aarch64 configuration (fused multiply-adds,
+    /// aarch64's tiles), compiled for AVX2 + FMA: x86-64 only, where the CPU has both. Never
+    /// the best level (the AVX2 kernels run there, forced only): it exists so that the code
+    /// ARM runs is tested on every CI run, and timed against tract's own kernels with the
+    /// arithmetic NEON has (fused multiply-adds, tiles that fit the registers).
+    PortableFma,
     /// AVX2 + FMA kernels (8-lane tiles); int8 convs stay tract's.
     Avx2,
     /// AVX-512F kernels (16-lane tiles), and the int8 conv where the CPU has AVX-512 VNNI.
     Avx512,
 }
 
-/// Environment switch: forces a [`KernelLevel`] (`avx512`, `avx2`, `portable`, `tract`) so that
-/// tests and benches can run each path on one machine. A level the CPU cannot run is an error.
+/// Environment switch: forces a [`KernelLevel`] (`avx512`, `avx2`, `portable-fma`, `portable`,
+/// `tract`) so that tests and benches can run each path on one machine. A level the CPU cannot
+/// run is an error.
 pub const KERNELS_ENV: &str = "DIFFSHIELD_KERNELS";
 
 impl KernelLevel {
     /// Every level, fastest first.
-    pub const ALL: [KernelLevel; 4] =
-        [KernelLevel::Avx512, KernelLevel::Avx2, KernelLevel::Portable, KernelLevel::Tract];
+    pub const ALL: [KernelLevel; 5] = [
+        KernelLevel::Avx512,
+        KernelLevel::Avx2,
+        KernelLevel::PortableFma,
+        KernelLevel::Portable,
+        KernelLevel::Tract,
+    ];
 
     /// The name [`KERNELS_ENV`] takes.
     pub fn name(self) -> &'static str {
         match self {
             KernelLevel::Tract => "tract",
             KernelLevel::Portable => "portable",
+            KernelLevel::PortableFma => "portable-fma",
             KernelLevel::Avx2 => "avx2",
             KernelLevel::Avx512 => "avx512",
         }
@@ -47,14 +63,14 @@ impl KernelLevel {
         match self {
             KernelLevel::Tract | KernelLevel::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx2 => {
+            KernelLevel::Avx2 | KernelLevel::PortableFma => {
                 std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
             }
             #[cfg(target_arch = "x86_64")]
             KernelLevel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
-            KernelLevel::Avx2 | KernelLevel::Avx512 => false,
+            KernelLevel::Avx2 | KernelLevel::PortableFma | KernelLevel::Avx512 => false,
         }
     }
 
@@ -72,7 +88,9 @@ impl KernelLevel {
     /// missing instruction set when this CPU cannot run it.
     pub fn parse(name: &str) -> Result<KernelLevel, String> {
         let level = KernelLevel::ALL.into_iter().find(|l| l.name() == name).ok_or_else(|| {
-            format!("unknown kernel level {name:?}: use avx512, avx2, portable or tract")
+            format!(
+                "unknown kernel level {name:?}: use avx512, avx2, portable-fma, portable or tract"
+            )
         })?;
         if !level.supported() {
             let missing = match level {
@@ -132,7 +150,7 @@ pub(crate) fn levels_under_test() -> Vec<KernelLevel> {
         return vec![level];
     }
     let (run, skip): (Vec<KernelLevel>, Vec<KernelLevel>) =
-        KernelLevel::ALL[..3].iter().partition(|l| l.supported());
+        KernelLevel::ALL[..4].iter().partition(|l| l.supported());
     for level in skip {
         crate::test_skip::note(&format!(
             "kernel level {} not tested: this CPU cannot run it",
@@ -368,6 +386,25 @@ impl Simd for Avx2 {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Portable;
 
+impl Portable {
+    /// `e^x = 2^n e^r` for [`Simd::exp`]: `(r, 2^n)`. Rounding to the nearest integer adds
+    /// and subtracts 1.5 * 2^23 (exact for |v| < 2^22): `round_ties_even` is a library call per
+    /// lane on CPUs without SSE4.1.
+    #[inline(always)]
+    fn exp_reduce(x: [f32; 8]) -> ([f32; 8], [f32; 8]) {
+        const ROUND: f32 = 12_582_912.0;
+        let x = x.map(|x| if x > -87.0 { x } else { -87.0 });
+        let n = x.map(|x| (x * std::f32::consts::LOG2_E + ROUND) - ROUND);
+        let r = lanes(x, n, |x, n| x - n * LN2_HI);
+        let r = lanes(r, n, |r, n| r - n * LN2_LO);
+        // n + 127 (1..=127) lands in the low mantissa bits of n + 127 + 1.5 * 2^23; shifting
+        // them up into the exponent field builds 2^n without a float-to-int conversion (a
+        // saturating scalar `as i32` per lane would not vectorise).
+        let scale = n.map(|n| f32::from_bits((n + (ROUND + 127.0)).to_bits() << 23));
+        (r, scale)
+    }
+}
+
 /// Lane-wise `f` of two vectors.
 #[inline(always)]
 fn lanes(a: [f32; 8], b: [f32; 8], f: impl Fn(f32, f32) -> f32) -> [f32; 8] {
@@ -425,20 +462,10 @@ impl Simd for Portable {
     unsafe fn recip(a: Self::V) -> Self::V {
         a.map(|a| 1.0 / a)
     }
-    /// As [`Avx2::exp`], with the exponent bits in plain integer code. Rounding to the nearest
-    /// integer adds and subtracts 1.5 * 2^23 (exact for |v| < 2^22): `round_ties_even` is a
-    /// library call per lane on CPUs without SSE4.1.
+    /// As [`Avx2::exp`], with the exponent bits in plain integer code ([`Portable::exp_reduce`]).
     #[inline(always)]
     unsafe fn exp(x: Self::V) -> Self::V {
-        const ROUND: f32 = 12_582_912.0;
-        let x = x.map(|x| if x > -87.0 { x } else { -87.0 });
-        let n = x.map(|x| (x * std::f32::consts::LOG2_E + ROUND) - ROUND);
-        let r = lanes(x, n, |x, n| x - n * LN2_HI);
-        let r = lanes(r, n, |r, n| r - n * LN2_LO);
-        // n + 127 (1..=127) lands in the low mantissa bits of n + 127 + 1.5 * 2^23; shifting
-        // them up into the exponent field builds 2^n without a float-to-int conversion (a
-        // saturating scalar `as i32` per lane would not vectorise).
-        let scale = n.map(|n| f32::from_bits((n + (ROUND + 127.0)).to_bits() << 23));
+        let (r, scale) = Self::exp_reduce(x);
         Self::mul(exp_poly::<Self>(r), scale)
     }
     #[inline(always)]
@@ -452,6 +479,75 @@ impl Simd for Portable {
     unsafe fn deinterleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
         let at = |i: usize| if i < 8 { a[i] } else { b[i - 8] };
         (std::array::from_fn(|i| at(2 * i)), std::array::from_fn(|i| at(2 * i + 1)))
+    }
+}
+
+/// [`Portable`] with fused multiply-adds (`f32::mul_add`), as [`Portable`] has them on aarch64:
+/// run only inside functions compiled for `avx2,fma`, where each lane's `mul_add` is one
+/// instruction, not a library call (x86-64 only: aarch64's [`Portable`] already is this).
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PortableFma;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for PortableFma {
+    type V = [f32; 8];
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        Portable::zero()
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self::V {
+        Portable::splat(v)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        Portable::load(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        Portable::store(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        Portable::add(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        Portable::sub(a, b)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        Portable::mul(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        Portable::max(a, b)
+    }
+    #[inline(always)]
+    unsafe fn recip(a: Self::V) -> Self::V {
+        Portable::recip(a)
+    }
+    /// [`Portable::exp`]'s steps with this type's fused polynomial.
+    #[inline(always)]
+    unsafe fn exp(x: Self::V) -> Self::V {
+        let (r, scale) = Portable::exp_reduce(x);
+        Self::mul(exp_poly::<Self>(r), scale)
+    }
+    #[inline(always)]
+    unsafe fn prefetch_l2(_: *const f32) {}
+    #[inline(always)]
+    unsafe fn interleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
+        Portable::interleave(a, b)
+    }
+    #[inline(always)]
+    unsafe fn deinterleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
+        Portable::deinterleave(a, b)
     }
 }
 
@@ -499,13 +595,23 @@ mod tests {
             unsafe fn avx512(x: &[f32], y: &mut [f32]) {
                 Avx512::store(y.as_mut_ptr(), Avx512::exp(Avx512::load(x.as_ptr())))
             }
-            for level in [KernelLevel::Avx2, KernelLevel::Avx512] {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn portable_fma(x: &[f32], y: &mut [f32]) {
+                PortableFma::store(y.as_mut_ptr(), PortableFma::exp(PortableFma::load(x.as_ptr())))
+            }
+            for level in [KernelLevel::PortableFma, KernelLevel::Avx2, KernelLevel::Avx512] {
                 if !level.supported() {
-                    eprintln!("exp on {}: not run, this CPU lacks it", level.name());
+                    crate::test_skip::note(&format!(
+                        "exp on {}: not run, this CPU lacks it",
+                        level.name()
+                    ));
                     continue;
                 }
                 // SAFETY: the CPU has the level's instruction set (checked above).
                 let worst = match level {
+                    KernelLevel::PortableFma => {
+                        worst_exp::<PortableFma>(|x, y| unsafe { portable_fma(x, y) })
+                    }
                     KernelLevel::Avx2 => worst_exp::<Avx2>(|x, y| unsafe { avx2(x, y) }),
                     _ => worst_exp::<Avx512>(|x, y| unsafe { avx512(x, y) }),
                 };
@@ -553,8 +659,13 @@ mod tests {
             unsafe fn avx512(a: &[f32], b: &[f32], o: &mut [f32]) {
                 run::<Avx512>(a, b, o)
             }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn portable_fma(a: &[f32], b: &[f32], o: &mut [f32]) {
+                run::<PortableFma>(a, b, o)
+            }
             if KernelLevel::Avx2.supported() {
                 check_interleave::<Avx2>(|a, b, o| unsafe { avx2(a, b, o) });
+                check_interleave::<PortableFma>(|a, b, o| unsafe { portable_fma(a, b, o) });
             }
             if KernelLevel::Avx512.supported() {
                 check_interleave::<Avx512>(|a, b, o| unsafe { avx512(a, b, o) });
@@ -567,8 +678,9 @@ mod tests {
         assert_eq!(KernelLevel::parse("portable"), Ok(KernelLevel::Portable));
         assert_eq!(KernelLevel::parse("tract"), Ok(KernelLevel::Tract));
         let err = KernelLevel::parse("neon").unwrap_err();
-        assert!(err.contains("avx512, avx2, portable or tract"), "{err}");
-        for level in [KernelLevel::Avx2, KernelLevel::Avx512] {
+        assert!(err.contains("avx512, avx2, portable-fma, portable or tract"), "{err}");
+        assert_eq!(KernelLevel::PortableFma.supported(), KernelLevel::Avx2.supported());
+        for level in [KernelLevel::PortableFma, KernelLevel::Avx2, KernelLevel::Avx512] {
             match KernelLevel::parse(level.name()) {
                 Ok(l) => assert!(l == level && level.supported()),
                 Err(e) => assert!(!level.supported() && e.contains("which this CPU lacks"), "{e}"),

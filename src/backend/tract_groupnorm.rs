@@ -16,7 +16,7 @@
 //! simply keeps tract's ops.
 
 #[cfg(target_arch = "x86_64")]
-use super::simd::{Avx2, Avx512};
+use super::simd::{Avx2, Avx512, PortableFma};
 use super::simd::{KernelLevel, Portable, Simd};
 use super::tract_match::{binary, floats, producer, with_constant};
 use tract_onnx::prelude::*;
@@ -116,7 +116,7 @@ impl GroupNormOp {
             let shift =
                 (self.beta[channel] as f64 - mean * self.gamma[channel] as f64 * inv) as f32;
             let affine = Affine { scale, shift, silu: self.silu };
-            // SAFETY: `level` is only `avx512` / `avx2` where this CPU has it (the pass is
+            // SAFETY: `level` is only `avx512` / `avx2` / `portable-fma` where this CPU has it (the pass is
             // handed a level `KernelLevel::parse` or `best` accepted, and `fuse_group_norms`
             // checks it again); each arm is compiled for its instruction set.
             match self.level {
@@ -124,6 +124,8 @@ impl GroupNormOp {
                 KernelLevel::Avx512 => unsafe { affine_avx512(xc, yc, affine) },
                 #[cfg(target_arch = "x86_64")]
                 KernelLevel::Avx2 => unsafe { affine_avx2(xc, yc, affine) },
+                #[cfg(target_arch = "x86_64")]
+                KernelLevel::PortableFma => unsafe { affine_portable_fma(xc, yc, affine) },
                 _ => unsafe { affine_lanes::<Portable>(xc, yc, affine) },
             }
         }
@@ -148,6 +150,12 @@ unsafe fn affine_avx512(xs: &[f32], ys: &mut [f32], a: Affine) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn affine_avx2(xs: &[f32], ys: &mut [f32], a: Affine) {
     affine_lanes::<Avx2>(xs, ys, a)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn affine_portable_fma(xs: &[f32], ys: &mut [f32], a: Affine) {
+    affine_lanes::<PortableFma>(xs, ys, a)
 }
 
 /// [`Affine`] over `xs` into `ys` (the shorter length), `S::LANES` at a time, the rest one by

@@ -29,7 +29,7 @@
 use super::direct_conv::Tile;
 use super::par::SyncPtr;
 #[cfg(target_arch = "x86_64")]
-use super::simd::{Avx2, Avx512};
+use super::simd::{Avx2, Avx512, PortableFma};
 use super::simd::{KernelLevel, Portable, Simd};
 
 /// Entries of a transformed 4x4 tile.
@@ -161,8 +161,8 @@ impl Chunk<'_> {
 
 /// `y = conv3x3(x) + bias` (`x`: `n x ci x h x w`, `y`: `n x co x h x w`, `bias`: one value per
 /// output channel, padded) at `level`. The caller checked the lengths and that the CPU runs
-/// `level`, which has a direct-conv tiling (avx512, avx2 or portable) matching `weights.ocb`
-/// and `lanes`.
+/// `level`, which has a direct-conv tiling (avx512, avx2, portable-fma or portable) matching
+/// `weights.ocb` and `lanes`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv(
     level: KernelLevel,
@@ -200,6 +200,8 @@ pub(crate) fn conv(
                     KernelLevel::Avx512 => job.avx512(buffers),
                     #[cfg(target_arch = "x86_64")]
                     KernelLevel::Avx2 => job.avx2(buffers),
+                    #[cfg(target_arch = "x86_64")]
+                    KernelLevel::PortableFma => job.portable_fma(buffers),
                     KernelLevel::Portable => job.portable(buffers),
                     _ => unreachable!("Winograd runs at the direct conv's levels only"),
                 }
@@ -244,6 +246,12 @@ impl Chunk<'_> {
     /// The direct conv's portable tile (no instruction-set requirement).
     unsafe fn portable(&self, buffers: &mut Buffers) {
         self.run::<Portable, { super::direct_conv::PORTABLE_OCB }, 2>(buffers)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn portable_fma(&self, buffers: &mut Buffers) {
+        self.run::<PortableFma, { super::direct_conv::PORTABLE_FMA_OCB }, 2>(buffers)
     }
 
     /// Input transform of every channel, the 16 products, output transform of every channel.
