@@ -383,27 +383,20 @@ impl Simd for Avx2 {
 }
 
 /// No intrinsics: 8 lanes in an array, vectorised by the compiler for the build target.
+/// `FUSED` makes every multiply-add `f32::mul_add` whatever the build target's baseline.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Portable;
+pub(crate) struct Lanes8<const FUSED: bool>;
 
-impl Portable {
-    /// `e^x = 2^n e^r` for [`Simd::exp`]: `(r, 2^n)`. Rounding to the nearest integer adds
-    /// and subtracts 1.5 * 2^23 (exact for |v| < 2^22): `round_ties_even` is a library call per
-    /// lane on CPUs without SSE4.1.
-    #[inline(always)]
-    fn exp_reduce(x: [f32; 8]) -> ([f32; 8], [f32; 8]) {
-        const ROUND: f32 = 12_582_912.0;
-        let x = x.map(|x| if x > -87.0 { x } else { -87.0 });
-        let n = x.map(|x| (x * std::f32::consts::LOG2_E + ROUND) - ROUND);
-        let r = lanes(x, n, |x, n| x - n * LN2_HI);
-        let r = lanes(r, n, |r, n| r - n * LN2_LO);
-        // n + 127 (1..=127) lands in the low mantissa bits of n + 127 + 1.5 * 2^23; shifting
-        // them up into the exponent field builds 2^n without a float-to-int conversion (a
-        // saturating scalar `as i32` per lane would not vectorise).
-        let scale = n.map(|n| f32::from_bits((n + (ROUND + 127.0)).to_bits() << 23));
-        (r, scale)
-    }
-}
+/// The portable level's vectors: multiply-adds fused where the build target's baseline has FMA
+/// (aarch64: `fmla`), a separate multiply and add elsewhere (x86-64's SSE2 baseline, where
+/// `mul_add` would be a library call per lane).
+pub(crate) type Portable = Lanes8<false>;
+
+/// [`Portable`] as aarch64 builds it, fused multiply-adds included, for the portable-fma
+/// level: run only inside functions compiled for `avx2,fma`, where each lane's `mul_add` is one
+/// instruction (x86-64 only: on aarch64 [`Portable`] already is this).
+#[cfg(target_arch = "x86_64")]
+pub(crate) type PortableFma = Lanes8<true>;
 
 /// Lane-wise `f` of two vectors.
 #[inline(always)]
@@ -411,7 +404,7 @@ fn lanes(a: [f32; 8], b: [f32; 8], f: impl Fn(f32, f32) -> f32) -> [f32; 8] {
     std::array::from_fn(|i| f(a[i], b[i]))
 }
 
-impl Simd for Portable {
+impl<const FUSED: bool> Simd for Lanes8<FUSED> {
     type V = [f32; 8];
     const LANES: usize = 8;
     #[inline(always)]
@@ -430,12 +423,9 @@ impl Simd for Portable {
     unsafe fn store(p: *mut f32, v: Self::V) {
         p.cast::<[f32; 8]>().write_unaligned(v)
     }
-    /// Fused where the build target has FMA in its baseline (aarch64: `fmla`); elsewhere
-    /// (x86-64's SSE2 baseline) a separate multiply and add, where `mul_add` would be a
-    /// library call per lane.
     #[inline(always)]
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        if cfg!(any(target_arch = "aarch64", target_feature = "fma")) {
+        if FUSED || cfg!(any(target_arch = "aarch64", target_feature = "fma")) {
             std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
         } else {
             std::array::from_fn(|i| a[i] * b[i] + c[i])
@@ -462,10 +452,20 @@ impl Simd for Portable {
     unsafe fn recip(a: Self::V) -> Self::V {
         a.map(|a| 1.0 / a)
     }
-    /// As [`Avx2::exp`], with the exponent bits in plain integer code ([`Portable::exp_reduce`]).
+    /// As [`Avx2::exp`], with the exponent bits in plain integer code. Rounding to the nearest
+    /// integer adds and subtracts 1.5 * 2^23 (exact for |v| < 2^22): `round_ties_even` is a
+    /// library call per lane on CPUs without SSE4.1.
     #[inline(always)]
     unsafe fn exp(x: Self::V) -> Self::V {
-        let (r, scale) = Self::exp_reduce(x);
+        const ROUND: f32 = 12_582_912.0;
+        let x = x.map(|x| if x > -87.0 { x } else { -87.0 });
+        let n = x.map(|x| (x * std::f32::consts::LOG2_E + ROUND) - ROUND);
+        let r = lanes(x, n, |x, n| x - n * LN2_HI);
+        let r = lanes(r, n, |r, n| r - n * LN2_LO);
+        // n + 127 (1..=127) lands in the low mantissa bits of n + 127 + 1.5 * 2^23; shifting
+        // them up into the exponent field builds 2^n without a float-to-int conversion (a
+        // saturating scalar `as i32` per lane would not vectorise).
+        let scale = n.map(|n| f32::from_bits((n + (ROUND + 127.0)).to_bits() << 23));
         Self::mul(exp_poly::<Self>(r), scale)
     }
     #[inline(always)]
@@ -479,75 +479,6 @@ impl Simd for Portable {
     unsafe fn deinterleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
         let at = |i: usize| if i < 8 { a[i] } else { b[i - 8] };
         (std::array::from_fn(|i| at(2 * i)), std::array::from_fn(|i| at(2 * i + 1)))
-    }
-}
-
-/// [`Portable`] with fused multiply-adds (`f32::mul_add`), as [`Portable`] has them on aarch64:
-/// run only inside functions compiled for `avx2,fma`, where each lane's `mul_add` is one
-/// instruction, not a library call (x86-64 only: aarch64's [`Portable`] already is this).
-#[cfg(target_arch = "x86_64")]
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PortableFma;
-
-#[cfg(target_arch = "x86_64")]
-impl Simd for PortableFma {
-    type V = [f32; 8];
-    const LANES: usize = 8;
-    #[inline(always)]
-    unsafe fn zero() -> Self::V {
-        Portable::zero()
-    }
-    #[inline(always)]
-    unsafe fn splat(v: f32) -> Self::V {
-        Portable::splat(v)
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self::V {
-        Portable::load(p)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        Portable::store(p, v)
-    }
-    #[inline(always)]
-    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
-    }
-    #[inline(always)]
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
-        Portable::add(a, b)
-    }
-    #[inline(always)]
-    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
-        Portable::sub(a, b)
-    }
-    #[inline(always)]
-    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
-        Portable::mul(a, b)
-    }
-    #[inline(always)]
-    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
-        Portable::max(a, b)
-    }
-    #[inline(always)]
-    unsafe fn recip(a: Self::V) -> Self::V {
-        Portable::recip(a)
-    }
-    /// [`Portable::exp`]'s steps with this type's fused polynomial.
-    #[inline(always)]
-    unsafe fn exp(x: Self::V) -> Self::V {
-        let (r, scale) = Portable::exp_reduce(x);
-        Self::mul(exp_poly::<Self>(r), scale)
-    }
-    #[inline(always)]
-    unsafe fn prefetch_l2(_: *const f32) {}
-    #[inline(always)]
-    unsafe fn interleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
-        Portable::interleave(a, b)
-    }
-    #[inline(always)]
-    unsafe fn deinterleave(a: Self::V, b: Self::V) -> (Self::V, Self::V) {
-        Portable::deinterleave(a, b)
     }
 }
 
