@@ -208,8 +208,8 @@ struct Scratch {
 
 #[cfg(target_arch = "x86_64")]
 impl QuantConv {
-    /// `n` images: each quantized into its padded buffer, then (image, output-channel block)
-    /// items split over the pool of [`super::par`].
+    /// `n` images: (image, channel group) items quantized into the padded buffer, then (image,
+    /// output-channel block) items convolved, both split over the pool of [`super::par`].
     /// Safety: the CPU must support AVX-512F and VNNI; `x` is `n x ci x h x w`, `y`
     /// `n x co x h x w`.
     #[target_feature(enable = "avx512f,avx512vnni")]
@@ -222,53 +222,33 @@ impl QuantConv {
         y: &mut [f32],
         s: &mut Scratch,
     ) {
-        use std::arch::x86_64::*;
         let pad = self.k / 2;
         let wp = w + 2 * pad;
         let plane = (h + 2 * pad) * wp;
         let groups = self.ci.div_ceil(GROUP);
         // A vector starting at the last row's pixels reads up to 2 * wp + 2 + 15 words on.
         let len = groups * plane + 2 * wp + 2 * LANES;
-        let zero = self.input.zero as i32;
-        let zero_word = zero * 0x0101_0101;
-        s.padded.clear();
-        s.padded.resize(n * len, zero_word);
-        let inv = _mm512_set1_ps(self.input.inv_scale);
-        let (lo, hi, zp) = (_mm512_set1_epi32(0), _mm512_set1_epi32(255), _mm512_set1_epi32(zero));
-        let hw = h * w;
-        for (b, g) in (0..n).flat_map(|b| (0..groups).map(move |g| (b, g))) {
-            let x = &x[b * self.ci * hw..(b + 1) * self.ci * hw];
-            let dst = s.padded.as_mut_ptr().add(b * len + g * plane);
-            for r in 0..h {
-                let mut c = 0;
-                while c < w {
-                    let lanes = (w - c).min(LANES);
-                    let mask: __mmask16 = if lanes == LANES { !0 } else { (1u16 << lanes) - 1 };
-                    let mut word = _mm512_set1_epi32(0);
-                    for j in 0..GROUP {
-                        let ch = g * GROUP + j;
-                        let q = if ch < self.ci {
-                            let v =
-                                _mm512_maskz_loadu_ps(mask, x.as_ptr().add(ch * hw + r * w + c));
-                            // Round to nearest even (the MXCSR default), like QuantizeLinear.
-                            let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), zp);
-                            _mm512_min_epi32(_mm512_max_epi32(q, lo), hi)
-                        } else {
-                            zp
-                        };
-                        let shifted = match j {
-                            0 => q,
-                            1 => _mm512_slli_epi32::<8>(q),
-                            2 => _mm512_slli_epi32::<16>(q),
-                            _ => _mm512_slli_epi32::<24>(q),
-                        };
-                        word = if j == 0 { shifted } else { _mm512_or_si512(word, shifted) };
-                    }
-                    _mm512_mask_storeu_epi32(dst.add((r + pad) * wp + pad + c), mask, word);
-                    c += LANES;
-                }
-            }
+        if s.padded.len() < n * len {
+            s.padded.resize(n * len, 0);
         }
+        // Quantizing reads the whole input, so on one thread it held the others back ahead of
+        // every conv; split by channel group, each item writes every word of its part of the
+        // buffer (the ring, and after the last group the slack, with the zero point).
+        let padded = SyncPtr(s.padded.as_mut_ptr());
+        super::par::for_each(n * groups, |item| {
+            let (b, g) = (item / groups, item % groups);
+            let image = &x[b * self.ci * h * w..(b + 1) * self.ci * h * w];
+            // The last group's item also owns the slack after its plane.
+            let words = if g + 1 == groups { len - g * plane } else { plane };
+            // SAFETY: item (b, g) writes only words b * len + g * plane .. + `words` of the
+            // buffer sized above; the caller checked the CPU.
+            unsafe {
+                let dst =
+                    std::slice::from_raw_parts_mut(padded.ptr().add(b * len + g * plane), words);
+                self.quantize_group(image, g, (h, w, pad), dst);
+            }
+        });
+        let hw = h * w;
         let vectors = (h * wp).div_ceil(LANES);
         let out_plane = vectors * LANES;
         let blocks = self.co.div_ceil(OCB);
@@ -321,6 +301,56 @@ impl QuantConv {
                 }
             }
         });
+    }
+
+    /// Channels `4g .. 4g + 4` of one image (`ci x h x w`), quantized as the model's
+    /// `QuantizeLinear` does, into `dst`: a padded plane of words holding the four channels of
+    /// one pixel (channels past `ci` and the padding ring at the zero point), then any slack.
+    /// Safety: the CPU must support AVX-512F; `dst` holds at least one padded plane.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn quantize_group(
+        &self,
+        image: &[f32],
+        g: usize,
+        (h, w, pad): (usize, usize, usize),
+        dst: &mut [i32],
+    ) {
+        use std::arch::x86_64::*;
+        let (wp, hw) = (w + 2 * pad, h * w);
+        let zero = self.input.zero as i32;
+        dst.fill(zero * 0x0101_0101);
+        let inv = _mm512_set1_ps(self.input.inv_scale);
+        let (lo, hi, zp) = (_mm512_set1_epi32(0), _mm512_set1_epi32(255), _mm512_set1_epi32(zero));
+        let dst = dst.as_mut_ptr();
+        for r in 0..h {
+            let mut c = 0;
+            while c < w {
+                let lanes = (w - c).min(LANES);
+                let mask: __mmask16 = if lanes == LANES { !0 } else { (1u16 << lanes) - 1 };
+                let mut word = _mm512_set1_epi32(0);
+                for j in 0..GROUP {
+                    let ch = g * GROUP + j;
+                    let q = if ch < self.ci {
+                        let v =
+                            _mm512_maskz_loadu_ps(mask, image.as_ptr().add(ch * hw + r * w + c));
+                        // Round to nearest even (the MXCSR default), like QuantizeLinear.
+                        let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), zp);
+                        _mm512_min_epi32(_mm512_max_epi32(q, lo), hi)
+                    } else {
+                        zp
+                    };
+                    let shifted = match j {
+                        0 => q,
+                        1 => _mm512_slli_epi32::<8>(q),
+                        2 => _mm512_slli_epi32::<16>(q),
+                        _ => _mm512_slli_epi32::<24>(q),
+                    };
+                    word = if j == 0 { shifted } else { _mm512_or_si512(word, shifted) };
+                }
+                _mm512_mask_storeu_epi32(dst.add((r + pad) * wp + pad + c), mask, word);
+                c += LANES;
+            }
+        }
     }
 }
 
