@@ -39,14 +39,19 @@ def med(v):
 
 
 def medians(fs, n):
-    """Interleaved: each repetition runs every f once; returns the median of each."""
+    """Each f in its own block (a warm-up, then n timed runs); returns the median of each.
+    Blocks, not f1 f2 f1 f2: every onnxruntime session has its own intra-op pool, whose threads
+    spin for a while after a run, so alternating two sessions call by call had the idle one's
+    spinning threads compete with the other's run on this 2-core machine (the int8 batch-8 call
+    took 67 ms alternating, 31-33 ms in a block). The rounds take care of the drift."""
+    out = []
     for f in fs:
         f()
-    ts = [[] for _ in fs]
-    for _ in range(n):
-        for k, f in enumerate(fs):
-            s = time.perf_counter(); f(); ts[k].append((time.perf_counter() - s) * 1e3)
-    return [med(t) for t in ts]
+        ts = []
+        for _ in range(n):
+            s = time.perf_counter(); f(); ts.append((time.perf_counter() - s) * 1e3)
+        out.append(med(ts))
+    return out
 
 
 den32, den8 = session(f"models/denoiser_{tier}.onnx"), session(f"models/denoiser_{tier}.int8.onnx")
