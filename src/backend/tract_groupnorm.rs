@@ -116,9 +116,9 @@ impl GroupNormOp {
             let shift =
                 (self.beta[channel] as f64 - mean * self.gamma[channel] as f64 * inv) as f32;
             let affine = Affine { scale, shift, silu: self.silu };
-            // SAFETY: `level` is only `avx512` / `avx2` / `portable-fma` where this CPU has it (the pass is
-            // handed a level `KernelLevel::parse` or `best` accepted, and `fuse_group_norms`
-            // checks it again); each arm is compiled for its instruction set.
+            // SAFETY: `level` is only `avx512` / `avx2` / `portable-fma` where this CPU has it
+            // (the pass is handed a level `KernelLevel::parse` or `best` accepted, and
+            // `fuse_group_norms` checks it again); each arm is compiled for its instruction set.
             match self.level {
                 #[cfg(target_arch = "x86_64")]
                 KernelLevel::Avx512 => unsafe { affine_avx512(xc, yc, affine) },
