@@ -799,6 +799,20 @@ fn forced_kernel_levels_are_checked_and_int8_without_vnni_runs_f32() {
     assert_user_error(&run("neon", &[]), "unknown kernel level \"neon\"");
     let portable = run("portable", &[]);
     assert!(portable.status.success(), "{}", String::from_utf8_lossy(&portable.stderr));
+    // The portable kernels in their aarch64 configuration run where the CPU has AVX2 + FMA and
+    // are refused by name elsewhere.
+    #[cfg(target_arch = "x86_64")]
+    let fma_cpu =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let fma_cpu = false;
+    let portable_fma = run("portable-fma", &[]);
+    if fma_cpu {
+        let err = String::from_utf8_lossy(&portable_fma.stderr);
+        assert!(portable_fma.status.success(), "{err}");
+    } else {
+        assert_user_error(&portable_fma, "kernel level portable-fma needs AVX2 and FMA");
+    }
     let precision = |out: &Output| {
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{err}");
