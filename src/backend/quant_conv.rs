@@ -234,10 +234,11 @@ impl QuantConv {
         // Quantizing reads the whole input, so on one thread it held the others back ahead of
         // every conv; split by channel group, each item writes every word of its part of the
         // buffer (the ring, and after the last group the slack, with the zero point).
+        let hw = h * w;
         let padded = SyncPtr(s.padded.as_mut_ptr());
         super::par::for_each(n * groups, |item| {
             let (b, g) = (item / groups, item % groups);
-            let image = &x[b * self.ci * h * w..(b + 1) * self.ci * h * w];
+            let image = &x[b * self.ci * hw..(b + 1) * self.ci * hw];
             // The last group's item also owns the slack after its plane.
             let words = if g + 1 == groups { len - g * plane } else { plane };
             // SAFETY: item (b, g) writes only words b * len + g * plane .. + `words` of the
@@ -248,7 +249,6 @@ impl QuantConv {
                 self.quantize_group(image, g, (h, w, pad), dst);
             }
         });
-        let hw = h * w;
         let vectors = (h * wp).div_ceil(LANES);
         let out_plane = vectors * LANES;
         let blocks = self.co.div_ceil(OCB);

@@ -149,8 +149,10 @@ pub(crate) fn levels_under_test() -> Vec<KernelLevel> {
         assert!(level != KernelLevel::Tract, "{KERNELS_ENV}=tract forces no kernel to test");
         return vec![level];
     }
-    let (run, skip): (Vec<KernelLevel>, Vec<KernelLevel>) =
-        KernelLevel::ALL[..4].iter().partition(|l| l.supported());
+    let (run, skip): (Vec<KernelLevel>, Vec<KernelLevel>) = KernelLevel::ALL
+        .into_iter()
+        .filter(|&l| l != KernelLevel::Tract)
+        .partition(|l| l.supported());
     for level in skip {
         crate::test_skip::note(&format!(
             "kernel level {} not tested: this CPU cannot run it",
