@@ -4,12 +4,19 @@
 //! Why it exists: tract 0.23.9 runs every `QLinearConv` as an eager u8 im2col, an int8 matmul,
 //! a scalar `QuantizeLinear` before it and a `DequantizeLinear` after it, so the int8 denoiser
 //! ran at 0.45x our f32 direct conv although this CPU multiplies 4x as many int8 values per
-//! instruction. This kernel is the int8 twin of [`super::direct_conv`]'s flat layout: the
-//! input is quantized (the model's scale and zero point) straight into a padded plane whose
+//! instruction. The input is quantized (the model's scale and zero point) into planes whose
 //! 32-bit words hold four consecutive input channels of one pixel, an 8-output-channel x
 //! 3-pixel-vector tile of i32 accumulators takes one `vpdpbusd` per four input channels
-//! (weights broadcast as four s8 in a word), and the sums are dequantized with the bias folded
-//! in on the way out.
+//! (weights broadcast as four s8 in a word), and the sums are dequantized in registers, with
+//! the bias folded in, straight into the NCHW output.
+//!
+//! Row layout: a plane holds the image's rows back to back, `w` words each, with one row of
+//! the zero point above and below for 3x3 kernels but no padding columns. A vector of 16
+//! output pixels may span rows; the taps that look left (right) of a row's first (last)
+//! pixel are zeroed by a load mask instead of reading a padding column, and the zero point's
+//! share they then miss is added back with the bias (a per-channel constant for the first and
+//! for the last column). Padding columns (the flat layout this replaced: `w + 2` words a row)
+//! cost 6 / 12.5 / 25 % more `vpdpbusd`s at widths 32 / 16 / 8, and an i32 scratch pass.
 //!
 //! Semantics: the input quantization is exactly the model's `QuantizeLinear` (u8, round to
 //! nearest, saturating); the weights and the bias are the model's int8 and int32 values; the
@@ -53,8 +60,10 @@ pub struct QuantConv {
     packed: Vec<i32>,
     /// Per output channel: input scale x weight scale (f32 per unit of the i32 sum).
     multiplier: Vec<f32>,
-    /// Per output channel: the bias in f32 minus the zero point's share of the sum.
-    offset: Vec<f32>,
+    /// Per output channel, the bias in f32 minus the zero point's share of the sum, for a
+    /// pixel in the interior, the first column, the last column, and both (`w` = 1): the
+    /// edge columns' left (right) taps are masked out, so less of that share is in the sum.
+    offset: Vec<[f32; 4]>,
 }
 
 impl QuantConv {
@@ -110,14 +119,21 @@ impl QuantConv {
         let blocks = co.div_ceil(OCB);
         let mut packed = vec![0i32; blocks * groups * taps * OCB];
         let mut multiplier = vec![0f32; blocks * OCB];
-        let mut offset = vec![0f32; blocks * OCB];
+        let mut offset = vec![[0f32; 4]; blocks * OCB];
         for o in 0..co {
             let (block, lane) = (o / OCB, o % OCB);
-            let mut sum = 0i64;
+            // Sums of all weights, of the left column's and of the right column's (3x3).
+            let (mut sum, mut left, mut right) = (0i64, 0i64, 0i64);
             for i in 0..ci {
                 for tap in 0..taps {
                     let w = weights[(o * ci + i) * taps + tap];
                     sum += w as i64;
+                    if k == 3 && tap % 3 == 0 {
+                        left += w as i64;
+                    }
+                    if k == 3 && tap % 3 == 2 {
+                        right += w as i64;
+                    }
                     let word =
                         &mut packed[((block * groups + i / GROUP) * taps + tap) * OCB + lane];
                     let shift = 8 * (i % GROUP);
@@ -127,10 +143,13 @@ impl QuantConv {
             let scale = weight_scales[if weight_scales.len() == 1 { 0 } else { o }];
             let m = input_scale as f64 * scale as f64;
             multiplier[o] = m as f32;
-            // The padded ring and the padding channels hold the zero point, so every sum
-            // includes zero * sum(w); it is taken out here, with the bias added.
-            let b = bias.map_or(0, |b| b[o]) as i64;
-            offset[o] = ((b - input.zero as i64 * sum) as f64 * m) as f32;
+            // The padding rows and channels hold the zero point, so an interior pixel's sum
+            // includes zero * sum(w); it is taken out here, with the bias added. At the first
+            // (last) column the left (right) taps read zeros instead, so their share is not in
+            // the sum and stays out of the correction.
+            let (b, zero) = (bias.map_or(0, |b| b[o]) as i64, input.zero as i64);
+            let at = |missing: i64| ((b - zero * (sum - missing)) as f64 * m) as f32;
+            offset[o] = [at(0), at(left), at(right), at(left + right)];
         }
         Some(QuantConv { ci, co, k, input, packed, multiplier, offset })
     }
@@ -199,11 +218,33 @@ thread_local! {
 
 #[derive(Default)]
 struct Scratch {
-    /// The quantized, padded input: `ci / 4` planes of `(h + k - 1) x (w + k - 1)` words of
-    /// four channels, plus slack for the flat grid's last vectors.
+    /// The quantized input: per image, `ci / 4` planes (see [`Rows`]) of words of four
+    /// channels, plus slack for the last vectors' reads.
     padded: Vec<i32>,
-    /// The i32 sums on the padded-width grid, `co` planes of whole vectors.
-    wide: Vec<i32>,
+    /// Per pixel vector of the output: the lanes whose left / right taps are inside the row.
+    masks: Vec<[u16; 2]>,
+}
+
+/// Where things are in one channel group's plane of the row layout.
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    h: usize,
+    w: usize,
+    /// Kernel radius: 1 for 3x3 (a row of the zero point above and below, and one word before
+    /// the top row, which the up-left tap of the first pixel reads), 0 for 1x1.
+    pad: usize,
+}
+
+impl Rows {
+    /// Words of one plane.
+    fn plane(self) -> usize {
+        self.pad + (self.h + 2 * self.pad) * self.w + self.pad
+    }
+
+    /// Where the first image pixel is.
+    fn interior(self) -> usize {
+        self.pad + self.pad * self.w
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -222,19 +263,18 @@ impl QuantConv {
         y: &mut [f32],
         s: &mut Scratch,
     ) {
-        let pad = self.k / 2;
-        let wp = w + 2 * pad;
-        let plane = (h + 2 * pad) * wp;
+        let rows = Rows { h, w, pad: self.k / 2 };
+        let (plane, hw) = (rows.plane(), h * w);
         let groups = self.ci.div_ceil(GROUP);
-        // A vector starting at the last row's pixels reads up to 2 * wp + 2 + 15 words on.
-        let len = groups * plane + 2 * wp + 2 * LANES;
+        let vectors = hw.div_ceil(LANES);
+        // The last vector's taps read up to LANES - 1 + 2 * pad words past the last plane.
+        let len = groups * plane + 2 * LANES;
         if s.padded.len() < n * len {
             s.padded.resize(n * len, 0);
         }
         // Quantizing reads the whole input, so on one thread it held the others back ahead of
         // every conv; split by channel group, each item writes every word of its part of the
-        // buffer (the ring, and after the last group the slack, with the zero point).
-        let hw = h * w;
+        // buffer (the padding, and after the last group the slack, with the zero point).
         let padded = SyncPtr(s.padded.as_mut_ptr());
         super::par::for_each(n * groups, |item| {
             let (b, g) = (item / groups, item % groups);
@@ -246,132 +286,138 @@ impl QuantConv {
             unsafe {
                 let dst =
                     std::slice::from_raw_parts_mut(padded.ptr().add(b * len + g * plane), words);
-                self.quantize_group(image, g, (h, w, pad), dst);
+                self.quantize_group(image, g, rows, dst);
             }
         });
-        let vectors = (h * wp).div_ceil(LANES);
-        let out_plane = vectors * LANES;
+        s.masks.clear();
+        s.masks.extend((0..vectors).map(|v| edge_masks(v * LANES, w)));
         let blocks = self.co.div_ceil(OCB);
-        let wide_image = blocks * OCB * out_plane;
-        if s.wide.len() < n * wide_image {
-            s.wide.resize(n * wide_image, 0);
-        }
         let taps = self.k * self.k;
-        let tap_offsets: [usize; 9] = if self.k == 3 {
-            [0, 1, 2, wp, wp + 1, wp + 2, 2 * wp, 2 * wp + 1, 2 * wp + 2]
-        } else {
-            [0; 9]
-        };
-        let (padded, wide) = (SyncPtr::of(s.padded.as_ptr()), SyncPtr(s.wide.as_mut_ptr()));
-        let out = SyncPtr(y.as_mut_ptr());
+        let tap_offsets: [usize; 9] =
+            [0, 1, 2, w, w + 1, w + 2, 2 * w, 2 * w + 1, 2 * w + 2].map(|o| o * (self.k / 2));
+        let (padded, out) = (SyncPtr::of(s.padded.as_ptr()), SyncPtr(y.as_mut_ptr()));
+        let masks = &s.masks;
         super::par::for_each(n * blocks, |item| {
             let (b, block) = (item / blocks, item % blocks);
-            let wide = wide.ptr().add(b * wide_image + block * OCB * out_plane);
             let tile = QuantTile {
                 x: padded.ptr().add(b * len).cast_const(),
                 plane,
                 groups,
                 w: self.packed.as_ptr().add(block * groups * taps * OCB),
-                out: wide,
-                out_plane,
+                multiplier: &self.multiplier[block * OCB..block * OCB + OCB],
+                offset: &self.offset[block * OCB..block * OCB + OCB],
+                channels: (self.co - block * OCB).min(OCB),
+                out: out.ptr().add((b * self.co + block * OCB) * hw),
+                hw,
             };
             // SAFETY: AVX-512F and VNNI were detected by the caller; the item reads image b's
-            // padded input and writes only its own block's planes of `wide` and channels of
-            // image b in `y`.
+            // quantized input and writes only its own block's channels of image b in `y`.
             unsafe {
                 let mut v = 0;
                 while v + PV <= vectors {
-                    tile.taps::<PV>(&tap_offsets[..taps], v * LANES);
+                    tile.run::<PV>(&tap_offsets[..taps], v, masks);
                     v += PV;
                 }
                 match vectors - v {
-                    2 => tile.taps::<2>(&tap_offsets[..taps], v * LANES),
-                    1 => tile.taps::<1>(&tap_offsets[..taps], v * LANES),
+                    2 => tile.run::<2>(&tap_offsets[..taps], v, masks),
+                    1 => tile.run::<1>(&tap_offsets[..taps], v, masks),
                     _ => {}
-                }
-                for o in block * OCB..(block * OCB + OCB).min(self.co) {
-                    let (m, bias) = (self.multiplier[o], self.offset[o]);
-                    let sums = wide.add((o - block * OCB) * out_plane).cast_const();
-                    let y = out.ptr().add((b * self.co + o) * hw);
-                    for r in 0..h {
-                        for c in 0..w {
-                            *y.add(r * w + c) = *sums.add(r * wp + c) as f32 * m + bias;
-                        }
-                    }
                 }
             }
         });
     }
 
     /// Channels `4g .. 4g + 4` of one image (`ci x h x w`), quantized as the model's
-    /// `QuantizeLinear` does, into `dst`: a padded plane of words holding the four channels of
-    /// one pixel (channels past `ci` and the padding ring at the zero point), then any slack.
-    /// Safety: the CPU must support AVX-512F; `dst` holds at least one padded plane.
+    /// `QuantizeLinear` does, into `dst`: one plane of [`Rows`] (channels past `ci` and the
+    /// padding at the zero point), then any slack, also at the zero point.
+    /// Safety: the CPU must support AVX-512F; `dst` holds at least one plane.
     #[target_feature(enable = "avx512f")]
-    unsafe fn quantize_group(
-        &self,
-        image: &[f32],
-        g: usize,
-        (h, w, pad): (usize, usize, usize),
-        dst: &mut [i32],
-    ) {
+    unsafe fn quantize_group(&self, image: &[f32], g: usize, rows: Rows, dst: &mut [i32]) {
         use std::arch::x86_64::*;
-        let (wp, hw) = (w + 2 * pad, h * w);
+        let hw = rows.h * rows.w;
         let zero = self.input.zero as i32;
-        dst.fill(zero * 0x0101_0101);
+        let (head, rest) = dst.split_at_mut(rows.interior());
+        let (body, tail) = rest.split_at_mut(hw);
+        head.fill(zero * 0x0101_0101);
+        tail.fill(zero * 0x0101_0101);
         let inv = _mm512_set1_ps(self.input.inv_scale);
         let (lo, hi, zp) = (_mm512_set1_epi32(0), _mm512_set1_epi32(255), _mm512_set1_epi32(zero));
-        let dst = dst.as_mut_ptr();
-        for r in 0..h {
-            let mut c = 0;
-            while c < w {
-                let lanes = (w - c).min(LANES);
-                let mask: __mmask16 = if lanes == LANES { !0 } else { (1u16 << lanes) - 1 };
-                let mut word = _mm512_set1_epi32(0);
-                for j in 0..GROUP {
-                    let ch = g * GROUP + j;
-                    let q = if ch < self.ci {
-                        let v =
-                            _mm512_maskz_loadu_ps(mask, image.as_ptr().add(ch * hw + r * w + c));
-                        // Round to nearest even (the MXCSR default), like QuantizeLinear.
-                        let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), zp);
-                        _mm512_min_epi32(_mm512_max_epi32(q, lo), hi)
-                    } else {
-                        zp
-                    };
-                    let shifted = match j {
-                        0 => q,
-                        1 => _mm512_slli_epi32::<8>(q),
-                        2 => _mm512_slli_epi32::<16>(q),
-                        _ => _mm512_slli_epi32::<24>(q),
-                    };
-                    word = if j == 0 { shifted } else { _mm512_or_si512(word, shifted) };
-                }
-                _mm512_mask_storeu_epi32(dst.add((r + pad) * wp + pad + c), mask, word);
-                c += LANES;
+        // The rows are back to back in both layouts, so the image is one run of `hw` values.
+        let mut i = 0;
+        while i < hw {
+            let lanes = (hw - i).min(LANES);
+            let mask: __mmask16 = if lanes == LANES { !0 } else { (1u16 << lanes) - 1 };
+            let mut word = _mm512_set1_epi32(0);
+            for j in 0..GROUP {
+                let ch = g * GROUP + j;
+                let q = if ch < self.ci {
+                    let v = _mm512_maskz_loadu_ps(mask, image.as_ptr().add(ch * hw + i));
+                    // Round to nearest even (the MXCSR default), like QuantizeLinear.
+                    let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), zp);
+                    _mm512_min_epi32(_mm512_max_epi32(q, lo), hi)
+                } else {
+                    zp
+                };
+                let shifted = match j {
+                    0 => q,
+                    1 => _mm512_slli_epi32::<8>(q),
+                    2 => _mm512_slli_epi32::<16>(q),
+                    _ => _mm512_slli_epi32::<24>(q),
+                };
+                word = if j == 0 { shifted } else { _mm512_or_si512(word, shifted) };
             }
+            _mm512_mask_storeu_epi32(body.as_mut_ptr().add(i), mask, word);
+            i += LANES;
         }
     }
 }
 
+/// For the output pixel vector starting at flat index `first` of rows `w` wide: the lanes whose
+/// left neighbour is in the same row (not column 0), and those whose right neighbour is (not
+/// column `w - 1`).
+fn edge_masks(first: usize, w: usize) -> [u16; 2] {
+    let (mut left, mut right) = (0u16, 0u16);
+    for lane in 0..LANES {
+        let column = (first + lane) % w;
+        left |= u16::from(column != 0) << lane;
+        right |= u16::from(column + 1 != w) << lane;
+    }
+    [left, right]
+}
+
 /// One output-channel block's view of the buffers.
 #[cfg(target_arch = "x86_64")]
-struct QuantTile {
+struct QuantTile<'a> {
+    /// The image's quantized planes.
     x: *const i32,
     plane: usize,
     groups: usize,
+    /// The block's packed weights.
     w: *const i32,
-    out: *mut i32,
-    out_plane: usize,
+    /// The block's `OCB` multipliers and offsets (padded past `co`).
+    multiplier: &'a [f32],
+    offset: &'a [[f32; 4]],
+    /// Output channels of the block that exist (the last block may have fewer than `OCB`).
+    channels: usize,
+    /// The block's first output channel of the image in `y`; channels are `hw` apart.
+    out: *mut f32,
+    hw: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
-impl QuantTile {
-    /// `N` pixel vectors starting at flat position `first`, `OCB` output channels, all taps.
+impl QuantTile<'_> {
+    /// `N` pixel vectors from vector `v0` on, `OCB` output channels, all taps (9: a 3x3
+    /// kernel, whose left and right taps are masked by `masks`; 1: a 1x1), dequantized into
+    /// the output.
     #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn taps<const N: usize>(&self, taps: &[usize], first: usize) {
+    unsafe fn run<const N: usize>(&self, taps: &[usize], v0: usize, masks: &[[u16; 2]]) {
         use std::arch::x86_64::*;
+        let first = v0 * LANES;
         let mut acc = [[_mm512_setzero_si512(); N]; OCB];
+        let (mut left, mut right) = ([0u16; N], [0u16; N]);
+        for p in 0..N {
+            [left[p], right[p]] = masks[v0 + p];
+        }
         let t_len = taps.len();
         for g in 0..self.groups {
             let xg = self.x.add(g * self.plane + first);
@@ -379,7 +425,13 @@ impl QuantTile {
             for (t, &tap) in taps.iter().enumerate() {
                 let mut xv = [_mm512_setzero_si512(); N];
                 for (p, xv) in xv.iter_mut().enumerate() {
-                    *xv = _mm512_loadu_si512(xg.add(tap + p * LANES).cast());
+                    let at = xg.add(tap + p * LANES);
+                    // Column 0 of the kernel looks left, column 2 right (3x3 only).
+                    *xv = match (t_len, t % 3) {
+                        (9, 0) => _mm512_maskz_loadu_epi32(left[p], at),
+                        (9, 2) => _mm512_maskz_loadu_epi32(right[p], at),
+                        _ => _mm512_loadu_si512(at.cast()),
+                    };
                 }
                 for (j, row) in acc.iter_mut().enumerate() {
                     let wv = _mm512_set1_epi32(*wg.add(t * OCB + j));
@@ -389,9 +441,22 @@ impl QuantTile {
                 }
             }
         }
-        for (j, row) in acc.iter().enumerate() {
+        for (j, row) in acc.iter().enumerate().take(self.channels) {
+            let m = _mm512_set1_ps(self.multiplier[j]);
+            let [inner, first_col, last_col, both] = self.offset[j].map(|o| _mm512_set1_ps(o));
             for (p, &a) in row.iter().enumerate() {
-                _mm512_storeu_si512(self.out.add(j * self.out_plane + first + p * LANES).cast(), a);
+                // Lanes at the first / last column of a row get the offsets that leave their
+                // masked taps' zero-point share out.
+                let at_first = !left[p];
+                let at_last = !right[p];
+                let mut offset = _mm512_mask_mov_ps(inner, at_first, first_col);
+                offset = _mm512_mask_mov_ps(offset, at_last, last_col);
+                offset = _mm512_mask_mov_ps(offset, at_first & at_last, both);
+                let v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), m), offset);
+                let start = first + p * LANES;
+                let lanes = self.hw.saturating_sub(start).min(LANES);
+                let mask: __mmask16 = if lanes == LANES { !0 } else { (1u16 << lanes) - 1 };
+                _mm512_mask_storeu_ps(self.out.add(j * self.hw + start), mask, v);
             }
         }
     }
@@ -443,8 +508,11 @@ mod tests {
             return;
         }
         // (n, co, ci, h, w): whole and partial channel groups (ci = 5, 7) and blocks (co = 3,
-        // 13), rows of 32, 20, 16, 8, 5 and 4 pixels (masked quantization), batches of 2.
+        // 13), rows of 32, 20, 16, 8, 5, 4 and 1 pixels (vectors spanning rows, partial last
+        // vectors, a pixel both first and last of its row), batches of 2.
         let shapes = [
+            (1, 8, 4, 7, 1),
+            (2, 5, 8, 1, 9),
             (1, 16, 32, 32, 32),
             (2, 13, 7, 16, 16),
             (1, 24, 16, 8, 8),
