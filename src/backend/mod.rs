@@ -2,6 +2,7 @@
 //! (tract on the CPU, CUDA, an analytic test model) is behind them.
 
 pub(crate) mod attention;
+pub(crate) mod attention_bf16;
 pub(crate) mod conv_kernel;
 mod cuda;
 pub(crate) mod direct_conv;

@@ -7,7 +7,8 @@
 //! constant, `Softmax` over the last axis, the probabilities moved, and `EinSum amk,akn->amn` of
 //! the values and the moved probabilities. [`AttentionOp`] reads the `[n, 3, c, l]` tensor
 //! directly, so the three slice copies go too. Anything that differs keeps tract's ops, and so
-//! does everything at kernel level `tract`.
+//! does everything at kernel level `tract`. In the int8 models, where the CPU has AVX-512
+//! BF16, the op runs the bf16-product kernel of [`super::attention_bf16`] instead.
 
 use super::attention::{attend_images, AttentionShape};
 use super::simd::KernelLevel;
@@ -28,6 +29,8 @@ pub struct AttentionOp {
     v: usize,
     scale: f32,
     level: KernelLevel,
+    /// bf16 products ([`super::attention_bf16`]) instead of the level's f32 kernel.
+    bf16: bool,
 }
 
 impl Eq for AttentionOp {}
@@ -39,12 +42,16 @@ impl Op for AttentionOp {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "q/k/v parts {}/{}/{}, scale {}, {} kernels",
+            "q/k/v parts {}/{}/{}, scale {}, {}",
             self.q,
             self.k,
             self.v,
             self.scale,
-            self.level.name()
+            if self.bf16 {
+                "bf16 products".to_string()
+            } else {
+                format!("{} kernels", self.level.name())
+            }
         )])
     }
 
@@ -70,7 +77,12 @@ impl EvalOp for AttentionOp {
             let part =
                 |b: usize, p: usize| &x[(b * parts + p) * c * l..(b * parts + p + 1) * c * l];
             let qkv = |b: usize| [part(b, self.q), part(b, self.k), part(b, self.v)];
-            attend_images(self.level, shape, self.scale, n, qkv, out).map_err(|e| anyhow!(e))?;
+            if self.bf16 {
+                super::attention_bf16::attend_images(shape, self.scale, n, qkv, out)
+            } else {
+                attend_images(self.level, shape, self.scale, n, qkv, out)
+            }
+            .map_err(|e| anyhow!(e))?;
         }
         Ok(tvec!(y.into_tvalue()))
     }
@@ -86,15 +98,23 @@ impl TypedOp for AttentionOp {
     as_op!();
 }
 
-/// Replaces every exported attention block of a freshly typed model by [`AttentionOp`].
-/// Returns how many it replaced (0 at level `tract`).
-pub fn fuse_attention(model: &mut TypedModel, level: KernelLevel) -> TractResult<usize> {
+/// Replaces every exported attention block of a freshly typed model by [`AttentionOp`], with
+/// bf16 products when `bf16` (the caller's choice: int8 models only) and this CPU has AVX-512
+/// BF16 at level avx512. Returns how many it replaced (0 at level `tract`) and whether they
+/// use bf16.
+pub fn fuse_attention(
+    model: &mut TypedModel,
+    level: KernelLevel,
+    bf16: bool,
+) -> TractResult<(usize, bool)> {
     if level == KernelLevel::Tract {
-        return Ok(0);
+        return Ok((0, false));
     }
-    super::tract_opt::replace_matches(model, "attention", |model, id| {
-        Ok(attention_at(model, id, level).map(|(input, op)| (tvec![input], op)))
-    })
+    let bf16 = bf16 && level == KernelLevel::Avx512 && super::attention_bf16::supported();
+    let count = super::tract_opt::replace_matches(model, "attention", |model, id| {
+        Ok(attention_at(model, id, level, bf16).map(|(input, op)| (tvec![input], op)))
+    })?;
+    Ok((count, bf16 && count > 0))
 }
 
 /// The two inputs of `EinSum amk,akn->amn` (a batched matrix product) at `outlet`.
@@ -131,6 +151,7 @@ fn attention_at(
     model: &TypedModel,
     id: usize,
     level: KernelLevel,
+    bf16: bool,
 ) -> Option<(OutletId, AttentionOp)> {
     let (values, moved_probs) = batched_matmul(model, OutletId::new(id, 0))?;
     let (scaled, softmax) = unary::<Softmax>(model, transposed(model, moved_probs)?)?;
@@ -150,5 +171,5 @@ fn attention_at(
     let fits = |d: &TDim| d.to_usize().ok().map(|x| x > 0 && x.is_multiple_of(16));
     let whole = fits(&dims[2])? && fits(&dims[3])?;
     (k_source == source && v_source == source && whole && scale.is_finite())
-        .then_some((source, AttentionOp { q, k, v, scale, level }))
+        .then_some((source, AttentionOp { q, k, v, scale, level, bf16 }))
 }

@@ -22,14 +22,18 @@ use tract_onnx::tract_core::ops::cnn::Conv;
 /// before it: fused GroupNorms ([`super::tract_groupnorm`]), attention
 /// ([`super::tract_attention`]), direct convs ([`super::tract_direct`]) and channel concats
 /// ([`super::tract_concat`]) on every other level, int8 convs ([`super::tract_quant`]) at
-/// avx512 with VNNI. They must come first: declutter rewrites the patterns they match (1x1
-/// convs into einsums, GroupNorm into RmsNorm pieces).
+/// avx512 with VNNI, and in a model with those int8 convs, attention with bf16 products
+/// ([`super::attention_bf16`]) where the CPU has AVX-512 BF16. They must come first: declutter
+/// rewrites the patterns they match (1x1 convs into einsums, GroupNorm into RmsNorm pieces).
 pub fn prepare(mut model: TypedModel, level: KernelLevel) -> TractResult<TypedModel> {
     if level != KernelLevel::Tract {
         let (norms, silus) = super::tract_groupnorm::fuse_group_norms(&mut model, level)?;
         let convs = super::tract_direct::use_direct_convs(&mut model, level)?;
-        let attention = super::tract_attention::fuse_attention(&mut model, level)?;
+        // The int8 convs first: a model with them gets bf16 attention where the CPU has it.
         let int8 = super::tract_quant::use_quant_convs(&mut model, level)?;
+        let (attention, bf16) =
+            super::tract_attention::fuse_attention(&mut model, level, int8 > 0)?;
+        let attention = if bf16 { format!("{attention} (bf16)") } else { attention.to_string() };
         let concats = super::tract_concat::use_channel_concats(&mut model)?;
         log::debug!(
             "{} kernels: {norms} fused GroupNorms ({silus} with their SiLU), {convs} direct \
