@@ -24,6 +24,25 @@ impl ConvShape {
     }
 }
 
+/// A tensor added to a conv's output as it is written: the residual and time-embedding adds
+/// that follow the denoisers' convs, done without a pass of their own.
+#[derive(Debug, Clone, Copy)]
+pub enum Addend<'a> {
+    /// `n x co` values: one per image and output channel, added to its whole plane.
+    PerChannel(&'a [f32]),
+    /// `n x co` output planes: one value per output value.
+    Full(&'a [f32]),
+}
+
+/// Which [`Addend`] a tract op hands its kernel (its second input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddendKind {
+    /// [`Addend::PerChannel`].
+    PerChannel,
+    /// [`Addend::Full`].
+    Full,
+}
+
 /// A packed NCHW convolution that this crate runs itself: f32 in, f32 out, the plane size of
 /// [`ConvShape::out_plane`].
 pub trait ConvKernel: std::fmt::Debug + Send + Sync + 'static {
@@ -45,4 +64,19 @@ pub trait ConvKernel: std::fmt::Debug + Send + Sync + 'static {
         bias: Option<&[f32]>,
         y: &mut [f32],
     ) -> Result<(), String>;
+
+    /// Convolves as [`ConvKernel::run`] with the packed bias, then adds `addend` to every
+    /// output value (rounded once after the conv's own rounding, as a separate add would be).
+    /// Kernels without it refuse.
+    fn run_with_addend(
+        &self,
+        _x: &[f32],
+        _n: usize,
+        _h: usize,
+        _w: usize,
+        _addend: Addend<'_>,
+        _y: &mut [f32],
+    ) -> Result<(), String> {
+        Err(format!("{}: adding to the output is not supported", Self::NAME))
+    }
 }

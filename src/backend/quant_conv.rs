@@ -27,6 +27,7 @@
 // The kernel is x86-64 only; elsewhere its types are type-checked but never run.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
+use super::conv_kernel::Addend;
 #[cfg(target_arch = "x86_64")]
 use super::par::SyncPtr;
 
@@ -164,6 +165,27 @@ impl QuantConv {
         w: usize,
         y: &mut [f32],
     ) -> Result<(), String> {
+        self.run_adding(x, n, h, w, None, y)
+    }
+
+    /// [`QuantConv::run`], then `addend` added to each output value (see [`Addend`]).
+    pub fn run_adding(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        addend: Option<Addend<'_>>,
+        y: &mut [f32],
+    ) -> Result<(), String> {
+        let wanted = match addend {
+            None => None,
+            Some(Addend::PerChannel(a)) => Some((a.len(), n * self.co)),
+            Some(Addend::Full(a)) => Some((a.len(), n * self.co * h * w)),
+        };
+        if let Some((got, want)) = wanted.filter(|(got, want)| got != want) {
+            return Err(format!("int8 conv: an addend of {got} values where {want} belong"));
+        }
         if x.len() != n * self.ci * h * w || y.len() != n * self.co * h * w {
             return Err(format!(
                 "int8 conv: input of {} / output of {} values for n={n} ci={} co={} {h}x{w}",
@@ -178,8 +200,9 @@ impl QuantConv {
         }
         #[cfg(target_arch = "x86_64")]
         SCRATCH.with(|scratch| {
-            // SAFETY: AVX-512F and VNNI were detected above; `images` sizes its buffers.
-            unsafe { self.images(x, n, h, w, y, &mut scratch.borrow_mut()) };
+            // SAFETY: AVX-512F and VNNI were detected above; `images` sizes its buffers, and
+            // the addend's length was checked against the output's.
+            unsafe { self.images(x, n, (h, w), addend, y, &mut scratch.borrow_mut()) };
         });
         Ok(())
     }
@@ -208,6 +231,18 @@ impl super::conv_kernel::ConvKernel for QuantConv {
             }
             None => QuantConv::run(self, x, n, h, w, y),
         }
+    }
+
+    fn run_with_addend(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        addend: Addend<'_>,
+        y: &mut [f32],
+    ) -> Result<(), String> {
+        self.run_adding(x, n, h, w, Some(addend), y)
     }
 }
 
@@ -252,14 +287,15 @@ impl QuantConv {
     /// `n` images: (image, channel group) items quantized into the padded buffer, then (image,
     /// output-channel block) items convolved, both split over the pool of [`super::par`].
     /// Safety: the CPU must support AVX-512F and VNNI; `x` is `n x ci x h x w`, `y`
-    /// `n x co x h x w`.
+    /// `n x co x h x w`, and `addend` holds as many values as its kind needs (`n x co`, or as
+    /// many as `y`).
     #[target_feature(enable = "avx512f,avx512vnni")]
     unsafe fn images(
         &self,
         x: &[f32],
         n: usize,
-        h: usize,
-        w: usize,
+        (h, w): (usize, usize),
+        addend: Option<Addend<'_>>,
         y: &mut [f32],
         s: &mut Scratch,
     ) {
@@ -309,6 +345,16 @@ impl QuantConv {
                 channels: (self.co - block * OCB).min(OCB),
                 out: out.ptr().add((b * self.co + block * OCB) * hw),
                 hw,
+                // The same channels of image b in the addend.
+                addend: match addend {
+                    None => TileAddend::None,
+                    Some(Addend::PerChannel(a)) => {
+                        TileAddend::PerChannel(a.as_ptr().add(b * self.co + block * OCB))
+                    }
+                    Some(Addend::Full(a)) => {
+                        TileAddend::Full(a.as_ptr().add((b * self.co + block * OCB) * hw))
+                    }
+                },
             };
             // SAFETY: AVX-512F and VNNI were detected by the caller; the item reads image b's
             // quantized input and writes only its own block's channels of image b in `y`.
@@ -402,6 +448,18 @@ struct QuantTile<'a> {
     /// The block's first output channel of the image in `y`; channels are `hw` apart.
     out: *mut f32,
     hw: usize,
+    addend: TileAddend,
+}
+
+/// The block's part of an [`Addend`]: the values for its first channel.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum TileAddend {
+    None,
+    /// One value per channel, consecutive.
+    PerChannel(*const f32),
+    /// Planes laid out as the output's.
+    Full(*const f32),
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -441,6 +499,21 @@ impl QuantTile<'_> {
                 }
             }
         }
+        self.store::<N>(&acc, first, &left, &right);
+    }
+
+    /// The tile's sums dequantized (and any addend added) into the output. Kept out of line:
+    /// inlined, its branches made LLVM spill accumulators in the `vpdpbusd` loop (2x slower).
+    #[inline(never)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store<const N: usize>(
+        &self,
+        acc: &[[std::arch::x86_64::__m512i; N]; OCB],
+        first: usize,
+        left: &[u16; N],
+        right: &[u16; N],
+    ) {
+        use std::arch::x86_64::*;
         for (j, row) in acc.iter().enumerate().take(self.channels) {
             let m = _mm512_set1_ps(self.multiplier[j]);
             let [inner, first_col, last_col, both] = self.offset[j].map(|o| _mm512_set1_ps(o));
@@ -452,10 +525,17 @@ impl QuantTile<'_> {
                 let mut offset = _mm512_mask_mov_ps(inner, at_first, first_col);
                 offset = _mm512_mask_mov_ps(offset, at_last, last_col);
                 offset = _mm512_mask_mov_ps(offset, at_first & at_last, both);
-                let v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), m), offset);
+                let mut v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), m), offset);
                 let start = first + p * LANES;
                 let lanes = self.hw.saturating_sub(start).min(LANES);
                 let mask: __mmask16 = if lanes == LANES { !0 } else { (1u16 << lanes) - 1 };
+                v = match self.addend {
+                    TileAddend::None => v,
+                    TileAddend::PerChannel(a) => _mm512_add_ps(v, _mm512_set1_ps(*a.add(j))),
+                    TileAddend::Full(a) => {
+                        _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, a.add(j * self.hw + start)))
+                    }
+                };
                 _mm512_mask_storeu_ps(self.out.add(j * self.hw + start), mask, v);
             }
         }
@@ -562,6 +642,51 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn adds_an_addend_as_a_separate_add_would_bit_for_bit() {
+        if !QuantConv::supported() {
+            crate::test_skip::note("the int8 kernel's addend: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        // Whole and partial blocks (co = 13), a partial last vector (5 x 5), batches of 2.
+        for (n, co, ci, h, w, k) in
+            [(2, 13, 8, 5, 5, 3), (2, 16, 4, 8, 8, 1), (1, 8, 12, 16, 16, 3)]
+        {
+            let x: Vec<f32> = values(n * ci * h * w, 1);
+            let wt: Vec<i8> =
+                values(co * ci * k * k, 2).iter().map(|v| (v * 127.0) as i8).collect();
+            let bias: Vec<i32> = values(co, 3).iter().map(|v| (v * 500.0) as i32).collect();
+            let quant = InputQuant { inv_scale: 100.0, zero: 128 };
+            let conv = QuantConv::new(&wt, &[0.002], Some(&bias), 0.01, quant, co, ci, k)
+                .expect("shapes fit");
+            let mut plain = vec![0f32; n * co * h * w];
+            conv.run(&x, n, h, w, &mut plain).expect("runs");
+            let per_channel = values(n * co, 4);
+            let full = values(n * co * h * w, 5);
+            let plane = h * w;
+            let spread: Vec<f32> = (0..plain.len()).map(|i| per_channel[i / plane]).collect();
+            for (name, addend, added) in [
+                ("per channel", Addend::PerChannel(&per_channel), &spread),
+                ("full", Addend::Full(&full), &full),
+            ] {
+                let [y, y2, y3] = crate::backend::par::on_thread_counts(|| {
+                    let mut y = vec![f32::NAN; n * co * h * w];
+                    conv.run_adding(&x, n, h, w, Some(addend), &mut y).expect("runs");
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                });
+                let case = format!("{name} ({n},{co},{ci},{h},{w}) k{k}");
+                assert!(y == y2 && y == y3, "{case}: thread counts change the bits");
+                for (i, &got) in y.iter().enumerate() {
+                    let want = plain[i] + added[i];
+                    assert_eq!(got, want.to_bits(), "{case} value {i}");
+                }
+            }
+            let mut y = vec![0f32; n * co * h * w];
+            let short = Addend::Full(&full[1..]);
+            assert!(conv.run_adding(&x, n, h, w, Some(short), &mut y).is_err());
         }
     }
 

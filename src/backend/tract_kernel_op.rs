@@ -2,37 +2,49 @@
 //! [`super::quant_conv`] in int8): the kernels differ, the tract plumbing (shapes, output
 //! allocation, the optional run-time bias) does not.
 
-use super::conv_kernel::{ConvKernel, ConvShape};
+use super::conv_kernel::{Addend, AddendKind, ConvKernel, ConvShape};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-/// The tract op wrapping a packed kernel. Inputs `[n, ci, h, w]` f32 and, when the bias is
-/// computed at run time, the bias `[co]` f32; output `[n, co, ho, wo]` f32 (the input plane at
-/// stride 1, halved and rounded up at stride 2).
+/// The tract op wrapping a packed kernel. Inputs `[n, ci, h, w]` f32 and either, when the bias
+/// is computed at run time, the bias `[co]` f32, or, with an addend, the tensor added to the
+/// output (`[n, co, 1, 1]` or `[n, co, ho, wo]`); output `[n, co, ho, wo]` f32 (the input plane
+/// at stride 1, halved and rounded up at stride 2).
 #[derive(Debug)]
 pub struct KernelOp<K: ConvKernel> {
     kernel: Arc<K>,
+    addend: Option<AddendKind>,
 }
 
 impl<K: ConvKernel> KernelOp<K> {
     /// Wraps `kernel`.
     pub fn new(kernel: K) -> Self {
-        KernelOp { kernel: Arc::new(kernel) }
+        KernelOp { kernel: Arc::new(kernel), addend: None }
+    }
+
+    /// What the op adds to its output (its second input), if anything.
+    pub fn addend(&self) -> Option<AddendKind> {
+        self.addend
+    }
+
+    /// The same kernel, adding its second input to the output as `kind`.
+    pub fn adding(&self, kind: AddendKind) -> Self {
+        KernelOp { kernel: Arc::clone(&self.kernel), addend: Some(kind) }
     }
 }
 
 impl<K: ConvKernel> Clone for KernelOp<K> {
     fn clone(&self) -> Self {
-        KernelOp { kernel: Arc::clone(&self.kernel) }
+        KernelOp { kernel: Arc::clone(&self.kernel), addend: self.addend }
     }
 }
 
 /// tract compares ops to merge duplicates; f32 weights have no total equality, so two ops are
-/// equal when they share the packed weights.
+/// equal when they share the packed weights (and add the same kind of tensor).
 impl<K: ConvKernel> PartialEq for KernelOp<K> {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.kernel, &other.kernel)
+        Arc::ptr_eq(&self.kernel, &other.kernel) && self.addend == other.addend
     }
 }
 
@@ -45,7 +57,12 @@ impl<K: ConvKernel> Op for KernelOp<K> {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let ConvShape { ci, co, k, stride } = self.kernel.shape();
-        Ok(vec![format!("{k}x{k} stride {stride}, {ci} -> {co} channels")])
+        let adding = match self.addend {
+            None => "",
+            Some(AddendKind::PerChannel) => ", adding a value per channel",
+            Some(AddendKind::Full) => ", adding a tensor",
+        };
+        Ok(vec![format!("{k}x{k} stride {stride}, {ci} -> {co} channels{adding}")])
     }
 
     op_as_typed_op!();
@@ -63,9 +80,11 @@ impl<K: ConvKernel> EvalOp for KernelOp<K> {
         };
         ensure!(ci == shape.ci, "{name}: {ci} input channels, {} expected", shape.ci);
         let x = x.as_slice().with_context(|| format!("{name}: input is not contiguous"))?;
-        let bias = inputs.get(1).map(|b| b.to_plain_array_view::<f32>()).transpose()?;
-        let bias = match &bias {
-            Some(b) => Some(b.as_slice().with_context(|| format!("{name}: bias not contiguous"))?),
+        let second = inputs.get(1).map(|b| b.to_plain_array_view::<f32>()).transpose()?;
+        let second = match &second {
+            Some(b) => {
+                Some(b.as_slice().with_context(|| format!("{name}: input 1 not contiguous"))?)
+            }
             None => None,
         };
         // SAFETY: f32 has no invalid bit patterns, and `run` writes every value of `y`.
@@ -74,7 +93,18 @@ impl<K: ConvKernel> EvalOp for KernelOp<K> {
         {
             let mut view = y.to_plain_array_view_mut::<f32>()?;
             let out = view.as_slice_mut().with_context(|| format!("{name}: output layout"))?;
-            self.kernel.run(x, n, h, w, bias, out).map_err(|e| anyhow!(e))?;
+            match (self.addend, second) {
+                (None, bias) => self.kernel.run(x, n, h, w, bias, out),
+                (Some(kind), Some(a)) => {
+                    let addend = match kind {
+                        AddendKind::PerChannel => Addend::PerChannel(a),
+                        AddendKind::Full => Addend::Full(a),
+                    };
+                    self.kernel.run_with_addend(x, n, h, w, addend, out)
+                }
+                (Some(_), None) => Err(format!("{name}: the addend input is missing")),
+            }
+            .map_err(|e| anyhow!(e))?;
         }
         Ok(tvec!(y.into_tvalue()))
     }

@@ -31,13 +31,15 @@ pub fn prepare(mut model: TypedModel, level: KernelLevel) -> TractResult<TypedMo
         let convs = super::tract_direct::use_direct_convs(&mut model, level)?;
         // The int8 convs first: a model with them gets bf16 attention where the CPU has it.
         let int8 = super::tract_quant::use_quant_convs(&mut model, level)?;
+        let adds = super::tract_quant::fuse_adds_into_quant_convs(&mut model)?;
         let (attention, bf16) =
             super::tract_attention::fuse_attention(&mut model, level, int8 > 0)?;
         let attention = if bf16 { format!("{attention} (bf16)") } else { attention.to_string() };
         let concats = super::tract_concat::use_channel_concats(&mut model)?;
         log::debug!(
             "{} kernels: {norms} fused GroupNorms ({silus} with their SiLU), {convs} direct \
-             convs, {attention} attention blocks, {int8} int8 convs, {concats} channel concats",
+             convs, {attention} attention blocks, {int8} int8 convs ({adds} adding to their \
+             output), {concats} channel concats",
             level.name()
         );
     }

@@ -5,12 +5,15 @@
 //!
 //! The pass runs before tract's first declutter on a freshly typed model and leaves anything
 //! that differs (the stride-2 convs, a conv whose u8 output has other readers) to tract. It
-//! does nothing on CPUs without AVX-512 VNNI.
+//! does nothing on CPUs without AVX-512 VNNI. A second pass then folds the `Add` that follows
+//! many of these convs (the residual sum, the time embedding per channel) into the conv,
+//! which adds while it writes its output: the same bits, one pass over the activation fewer.
 
+use super::conv_kernel::AddendKind;
 use super::quant_conv::{InputQuant, QuantConv};
 use super::simd::KernelLevel;
 use super::tract_kernel_op::KernelOp;
-use super::tract_match::{constant, floats, integers, producer, unary};
+use super::tract_match::{binary, constant, floats, integers, producer, unary};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::array::{Pad, PadMode};
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
@@ -28,6 +31,55 @@ pub fn use_quant_convs(model: &mut TypedModel, level: KernelLevel) -> TractResul
     super::tract_opt::replace_matches(model, "int8_conv", |model, id| {
         Ok(chain_at(model, id).map(|(input, conv)| (tvec![input], KernelOp::new(conv))))
     })
+}
+
+/// Folds every f32 `Add` of an int8 conv's output (which nothing else reads) and a tensor of
+/// the same batch and channels, either `[n, co, 1, 1]` or the output's shape, into the conv.
+/// Returns how many it folded. Run after [`use_quant_convs`].
+pub fn fuse_adds_into_quant_convs(model: &mut TypedModel) -> TractResult<usize> {
+    super::tract_opt::replace_matches(model, "adding", |model, id| {
+        let Some((a, b)) = binary(model, OutletId::new(id, 0), "Add") else { return Ok(None) };
+        for (conv_out, other) in [(a, b), (b, a)] {
+            if let Some(found) = addend_of(model, conv_out, other) {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    })
+}
+
+/// For `conv_out + other`: the conv's input and the conv adding `other`, when `conv_out` is an
+/// int8 conv's only reader-free output and `other` fits.
+fn addend_of(
+    model: &TypedModel,
+    conv_out: OutletId,
+    other: OutletId,
+) -> Option<(TVec<OutletId>, KernelOp<QuantConv>)> {
+    let (conv_node, op) = producer::<KernelOp<QuantConv>>(model, conv_out)?;
+    if op.addend().is_some()
+        || model.outlet_successors(conv_out).len() != 1
+        || model.output_outlets().ok()?.contains(&conv_out)
+    {
+        return None;
+    }
+    let out = model.outlet_fact(conv_out).ok()?;
+    let add = model.outlet_fact(other).ok()?;
+    if add.datum_type != f32::datum_type() || add.rank() != 4 || out.rank() != 4 {
+        return None;
+    }
+    // Batch and channels must match exactly (no broadcasting over them).
+    if add.shape[0] != out.shape[0] || add.shape[1] != out.shape[1] {
+        return None;
+    }
+    let one = TDim::from(1);
+    let kind = if add.shape[2] == one && add.shape[3] == one {
+        AddendKind::PerChannel
+    } else if add.shape[2] == out.shape[2] && add.shape[3] == out.shape[3] {
+        AddendKind::Full
+    } else {
+        return None;
+    };
+    Some((tvec![conv_node.inputs[0], other], op.adding(kind)))
 }
 
 /// Matches the chain ending at node `id` (the `DequantizeLinearF32`): its f32 input and the
