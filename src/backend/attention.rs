@@ -105,26 +105,7 @@ pub fn attend_images<'a>(
     out: &mut [f32],
 ) -> Result<(), String> {
     let len = shape.channels * shape.pixels;
-    if !shape.fits() {
-        return Err(format!(
-            "attention: {} channels x {} pixels are not whole vectors of 16",
-            shape.channels, shape.pixels
-        ));
-    }
-    for b in 0..n {
-        let [q, k, v] = qkv(b);
-        if [q.len(), k.len(), v.len()].iter().any(|&m| m != len) || out.len() != n * len {
-            return Err(format!(
-                "attention: q/k/v/out of {}/{}/{}/{} values for {n} x {} x {}",
-                q.len(),
-                k.len(),
-                v.len(),
-                out.len(),
-                shape.channels,
-                shape.pixels
-            ));
-        }
-    }
+    check_sizes(shape, n, &qkv, out.len())?;
     let tiles = match Tiles::of(level) {
         Some(t) if level.supported() => t,
         _ => return Err(format!("attention: kernel level {} cannot run here", level.name())),
@@ -157,6 +138,37 @@ pub fn attend_images<'a>(
             unsafe { run_block(level, io, vectors) }
         });
     });
+    Ok(())
+}
+
+/// Errors when `shape` does not [fit](AttentionShape::fits) or a slice of `n` images' `qkv`,
+/// or the output's `out_len`, disagrees with it (shared with [`super::attention_bf16`]).
+pub(crate) fn check_sizes<'a>(
+    shape: AttentionShape,
+    n: usize,
+    qkv: &impl Fn(usize) -> [&'a [f32]; 3],
+    out_len: usize,
+) -> Result<(), String> {
+    let len = shape.channels * shape.pixels;
+    if !shape.fits() {
+        return Err(format!(
+            "attention: {} channels x {} pixels are not whole vectors of 16",
+            shape.channels, shape.pixels
+        ));
+    }
+    for b in 0..n {
+        let [q, k, v] = qkv(b);
+        if [q.len(), k.len(), v.len()].iter().any(|&m| m != len) || out_len != n * len {
+            return Err(format!(
+                "attention: q/k/v/out of {}/{}/{}/{out_len} values for {n} x {} x {}",
+                q.len(),
+                k.len(),
+                v.len(),
+                shape.channels,
+                shape.pixels
+            ));
+        }
+    }
     Ok(())
 }
 

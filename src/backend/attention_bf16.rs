@@ -59,26 +59,7 @@ pub fn attend_images<'a>(
     out: &mut [f32],
 ) -> Result<(), String> {
     let len = shape.channels * shape.pixels;
-    if !shape.fits() {
-        return Err(format!(
-            "attention: {} channels x {} pixels are not whole vectors of 16",
-            shape.channels, shape.pixels
-        ));
-    }
-    for b in 0..n {
-        let [q, k, v] = qkv(b);
-        if [q.len(), k.len(), v.len()].iter().any(|&m| m != len) || out.len() != n * len {
-            return Err(format!(
-                "attention: q/k/v/out of {}/{}/{}/{} values for {n} x {} x {}",
-                q.len(),
-                k.len(),
-                v.len(),
-                out.len(),
-                shape.channels,
-                shape.pixels
-            ));
-        }
-    }
+    super::attention::check_sizes(shape, n, &qkv, out.len())?;
     if !supported() {
         return Err("attention: this CPU has no AVX-512 BF16".into());
     }

@@ -107,21 +107,15 @@ fn int8_models_match_tracts_own_int8_ops() {
             };
             let fixed = prepared.set_symbols(&HashMap::from([(batch, TDim::from(n as i64))]));
             let plan = optimise(fixed.expect("batch")).expect("optimises");
-            let count = plan.nodes().iter().filter(|node| node.op.name() == "QuantConv").count();
-            // Attention blocks with bf16 products (their op's info says so).
-            let bf16 = plan
-                .nodes()
-                .iter()
-                .filter(|node| node.op.name() == "Attention")
-                .filter(|node| node.op.info().is_ok_and(|i| i.concat().contains("bf16")))
-                .count();
-            // int8 convs adding the residual or time-embedding tensor as they write.
-            let adding = plan
-                .nodes()
-                .iter()
-                .filter(|node| node.op.name() == "QuantConv")
-                .filter(|node| node.op.info().is_ok_and(|i| i.concat().contains("adding")))
-                .count();
+            // Nodes of op `name` whose info mentions `word` (all of them for "").
+            let count_of = |name: &str, word: &str| {
+                let nodes = plan.nodes().iter().filter(|node| node.op.name() == name);
+                nodes.filter(|node| node.op.info().is_ok_and(|i| i.concat().contains(word))).count()
+            };
+            let count = count_of("QuantConv", "");
+            // Attention blocks with bf16 products, int8 convs adding the residual or
+            // time-embedding tensor as they write.
+            let (bf16, adding) = (count_of("Attention", "bf16"), count_of("QuantConv", "adding"));
             let out = plan.into_runnable().expect("plan").run(inputs.clone()).expect("runs");
             let out: Vec<f32> =
                 out[0].to_plain_array_view::<f32>().expect("f32").iter().copied().collect();
