@@ -20,6 +20,7 @@ mod tract_kernel_op;
 mod tract_match;
 pub(crate) mod tract_opt;
 mod tract_quant;
+mod tract_upsample;
 mod winograd;
 
 pub use simd::{KernelLevel, KERNELS_ENV};

@@ -25,6 +25,8 @@ use tract_onnx::tract_core::ops::cnn::Conv;
 /// avx512 with VNNI, and in a model with those int8 convs, attention with bf16 products
 /// ([`super::attention_bf16`]) where the CPU has AVX-512 BF16. They must come first: declutter
 /// rewrites the patterns they match (1x1 convs into einsums, GroupNorm into RmsNorm pieces).
+/// After it, the nearest upsamples it lowers `Resize` to are swapped for parallel ones
+/// ([`super::tract_upsample`]).
 pub fn prepare(mut model: TypedModel, level: KernelLevel) -> TractResult<TypedModel> {
     if level != KernelLevel::Tract {
         let (norms, silus) = super::tract_groupnorm::fuse_group_norms(&mut model, level)?;
@@ -43,7 +45,13 @@ pub fn prepare(mut model: TypedModel, level: KernelLevel) -> TractResult<TypedMo
             level.name()
         );
     }
-    model.into_decluttered()
+    let mut model = model.into_decluttered()?;
+    // Declutter is what lowers an ONNX `Resize` to the upsample this replaces.
+    if level != KernelLevel::Tract {
+        let upsamples = super::tract_upsample::use_plane_upsamples(&mut model)?;
+        log::debug!("{} kernels: {upsamples} plane upsamples", level.name());
+    }
+    Ok(model)
 }
 
 /// Environment switch: `1` keeps tract's own ops everywhere (to measure what ours change).
