@@ -708,3 +708,135 @@ mod tests {
         }
     }
 }
+
+/// A benchmark, not a check of speed: `cargo test --release --lib quant_conv::rates --
+/// --ignored --nocapture` prints what the int8 conv sustains over denoiser_m's 60 int8 convs at
+/// batch 8, run back to back on one and on two threads, each reading the previous one's output
+/// (buffers that stay in L3, as a model's do). `examples/dot_rates` gives the instruction's
+/// rate to compare with (64 multiply-adds per `vpdpbusd`). It fails only when the two thread
+/// counts disagree on the bits.
+#[cfg(all(test, target_arch = "x86_64"))]
+mod rates {
+    use super::*;
+
+    /// (input channels, output channels, height = width, kernel size) of denoiser_m's int8
+    /// convs in graph order (its two stride-2 convs stay float in the int8 file).
+    const DENOISER_M: [(usize, usize, usize, usize); 60] = [
+        (3, 64, 32, 3),
+        (64, 64, 32, 3),
+        (64, 64, 32, 3),
+        (64, 64, 32, 3),
+        (64, 64, 32, 3),
+        (64, 128, 16, 3),
+        (128, 128, 16, 3),
+        (64, 128, 16, 1),
+        (128, 384, 16, 1),
+        (128, 128, 16, 1),
+        (128, 128, 16, 3),
+        (128, 128, 16, 3),
+        (128, 384, 16, 1),
+        (128, 128, 16, 1),
+        (128, 128, 8, 3),
+        (128, 128, 8, 3),
+        (128, 128, 8, 3),
+        (128, 128, 8, 3),
+        (128, 128, 8, 3),
+        (128, 128, 8, 3),
+        (128, 384, 8, 1),
+        (128, 128, 8, 1),
+        (128, 128, 8, 3),
+        (128, 128, 8, 3),
+        (256, 128, 8, 3),
+        (128, 128, 8, 3),
+        (256, 128, 8, 1),
+        (256, 128, 8, 3),
+        (128, 128, 8, 3),
+        (256, 128, 8, 1),
+        (256, 128, 8, 3),
+        (128, 128, 8, 3),
+        (256, 128, 8, 1),
+        (128, 128, 16, 3),
+        (256, 128, 16, 3),
+        (128, 128, 16, 3),
+        (256, 128, 16, 1),
+        (128, 384, 16, 1),
+        (128, 128, 16, 1),
+        (256, 128, 16, 3),
+        (128, 128, 16, 3),
+        (256, 128, 16, 1),
+        (128, 384, 16, 1),
+        (128, 128, 16, 1),
+        (192, 128, 16, 3),
+        (128, 128, 16, 3),
+        (192, 128, 16, 1),
+        (128, 384, 16, 1),
+        (128, 128, 16, 1),
+        (128, 128, 32, 3),
+        (192, 64, 32, 3),
+        (64, 64, 32, 3),
+        (192, 64, 32, 1),
+        (128, 64, 32, 3),
+        (64, 64, 32, 3),
+        (128, 64, 32, 1),
+        (128, 64, 32, 3),
+        (64, 64, 32, 3),
+        (128, 64, 32, 1),
+        (64, 3, 32, 3),
+    ];
+
+    #[test]
+    #[ignore = "a benchmark: run it with --ignored --nocapture"]
+    fn denoiser_m_convs_back_to_back() {
+        if !QuantConv::supported() {
+            crate::test_skip::note("the int8 conv benchmark: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let n = 8;
+        let largest = DENOISER_M.iter().map(|&(ci, co, h, _)| n * ci.max(co) * h * h).max();
+        let len = largest.unwrap_or(0);
+        let convs: Vec<_> = DENOISER_M
+            .iter()
+            .map(|&(ci, co, h, k)| {
+                let wt: Vec<i8> = crate::backend::test_values::values(co * ci * k * k, 2)
+                    .iter()
+                    .map(|v| (v * 127.0) as i8)
+                    .collect();
+                let quant = InputQuant { inv_scale: 100.0, zero: 128 };
+                let conv = QuantConv::new(&wt, &[0.002], None, 0.01, quant, co, ci, k);
+                (conv.expect("shapes fit"), ci, co, h)
+            })
+            .collect();
+        let macs: usize =
+            DENOISER_M.iter().map(|&(ci, co, h, k)| n * ci * co * h * h * k * k).sum();
+        let sequence = || {
+            let (mut x, mut y) = (crate::backend::test_values::values(len, 1), vec![0f32; len]);
+            let mut best = f64::MAX;
+            for _ in 0..10 {
+                let start = std::time::Instant::now();
+                for (conv, ci, co, h) in &convs {
+                    let (input, output) = (&x[..n * ci * h * h], &mut y[..n * co * h * h]);
+                    conv.run(input, n, *h, *h, output).expect("runs");
+                    std::mem::swap(&mut x, &mut y);
+                }
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            (best, x.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+        };
+        let (one, bits1) = sequence();
+        // As the runtime runs a model (`CpuThreads`): on one of the pool's threads, which
+        // then shares each conv's items with the other.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool");
+        let pool = std::sync::Arc::new(pool);
+        let (two, bits2) =
+            pool.install(|| crate::backend::par::scope(Some(pool.clone()), sequence));
+        assert!(bits1 == bits2, "two threads changed the bits");
+        for (threads, s) in [(1, one), (2, two)] {
+            println!(
+                "{} int8 convs of denoiser_m, batch 8, {threads} thread(s): {:.2} ms, {:.0} GMAC/s",
+                DENOISER_M.len(),
+                s * 1e3,
+                macs as f64 / s / 1e9
+            );
+        }
+    }
+}
