@@ -710,9 +710,10 @@ mod tests {
 }
 
 /// A benchmark, not a check of speed: `cargo test --release --lib quant_conv::rates --
-/// --ignored --nocapture` prints what the int8 conv sustains over denoiser_m's 60 int8 convs at
-/// batch 8, run back to back on one and on two threads, each reading the previous one's output
-/// (buffers that stay in L3, as a model's do). `examples/dot_rates` gives the instruction's
+/// --ignored --nocapture` prints what the int8 conv sustains on each of denoiser_m's conv
+/// shapes alone (one thread, batch 8), and over its 60 int8 convs run back to back on one and
+/// on two threads, each reading the previous one's output (buffers that stay in L3, as a
+/// model's do). `examples/dot_rates` gives the instruction's
 /// rate to compare with (64 multiply-adds per `vpdpbusd`). It fails only when the two thread
 /// counts disagree on the bits.
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -830,6 +831,25 @@ mod rates {
         let (two, bits2) =
             pool.install(|| crate::backend::par::scope(Some(pool.clone()), sequence));
         assert!(bits1 == bits2, "two threads changed the bits");
+        // Each distinct shape alone on one thread, repeated on the same buffers.
+        let mut seen = Vec::new();
+        for (conv, ci, co, h) in &convs {
+            let k = conv.k;
+            if seen.contains(&(*ci, *co, *h, k)) {
+                continue;
+            }
+            seen.push((*ci, *co, *h, k));
+            let x = crate::backend::test_values::values(n * ci * h * h, 3);
+            let mut y = vec![0f32; n * co * h * h];
+            let mut best = f64::MAX;
+            for _ in 0..10 {
+                let start = std::time::Instant::now();
+                conv.run(&x, n, *h, *h, &mut y).expect("runs");
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            let gmacs = (n * ci * co * h * h * k * k) as f64 / best / 1e9;
+            println!("  {ci:>3} -> {co:>3} channels, {h}x{h}, {k}x{k}: {gmacs:.0} GMAC/s");
+        }
         for (threads, s) in [(1, one), (2, two)] {
             println!(
                 "{} int8 convs of denoiser_m, batch 8, {threads} thread(s): {:.2} ms, {:.0} GMAC/s",
