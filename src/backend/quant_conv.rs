@@ -713,9 +713,9 @@ mod tests {
 /// --ignored --nocapture` prints what the int8 conv sustains on each of denoiser_m's conv
 /// shapes alone (one thread, batch 8), and over its 60 int8 convs run back to back on one and
 /// on two threads, each reading the previous one's output (buffers that stay in L3, as a
-/// model's do). `examples/dot_rates` gives the instruction's
-/// rate to compare with (64 multiply-adds per `vpdpbusd`). It fails only when the two thread
-/// counts disagree on the bits.
+/// model's do). `examples/dot_rates` gives the instruction's rate to compare with (64
+/// multiply-adds per `vpdpbusd`). It fails only when the two thread counts disagree on the
+/// bits.
 #[cfg(all(test, target_arch = "x86_64"))]
 mod rates {
     use super::*;
