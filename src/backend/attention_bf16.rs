@@ -58,13 +58,16 @@ pub fn attend_images<'a>(
     qkv: impl Fn(usize) -> [&'a [f32]; 3] + Sync,
     out: &mut [f32],
 ) -> Result<(), String> {
-    let len = shape.channels * shape.pixels;
     super::attention::check_sizes(shape, n, &qkv, out.len())?;
     if !supported() {
         return Err("attention: this CPU has no AVX-512 BF16".into());
     }
+    // Elsewhere `supported` is false and the error above is returned.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = scale;
     #[cfg(target_arch = "x86_64")]
     PACKED.with(|packed| {
+        let len = shape.channels * shape.pixels;
         let packed = &mut *packed.borrow_mut();
         // Per image: queries and keys as channel pairs, values as pixel pairs.
         let image = 3 * len / 2;
