@@ -126,8 +126,11 @@ pub fn use_plane_upsamples(model: &mut TypedModel) -> TractResult<usize> {
             && rank >= 2
             && up.scales[..rank - 2].iter().all(|&s| s == 1)
             && up.scales[rank - 2..].iter().all(|&s| s >= 1);
-        let op = PlaneUpsample { sh: up.scales[rank.saturating_sub(2)], sw: up.scales[rank - 1] };
-        Ok(eligible.then(|| (node.inputs.iter().copied().collect(), op)))
+        // Built only once `eligible` has checked the rank, so the indexing cannot fail.
+        Ok(eligible.then(|| {
+            let op = PlaneUpsample { sh: up.scales[rank - 2], sw: up.scales[rank - 1] };
+            (node.inputs.iter().copied().collect(), op)
+        }))
     })
 }
 
