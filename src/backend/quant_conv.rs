@@ -804,23 +804,28 @@ mod rates {
                     .collect();
                 let quant = InputQuant { inv_scale: 100.0, zero: 128 };
                 let conv = QuantConv::new(&wt, &[0.002], None, 0.01, quant, co, ci, k);
-                (conv.expect("shapes fit"), ci, co, h)
+                (conv.expect("shapes fit"), ci, co, h, k)
             })
             .collect();
         let macs: usize =
             DENOISER_M.iter().map(|&(ci, co, h, k)| n * ci * co * h * h * k * k).sum();
+        /// The fastest of ten runs of `run`, in seconds.
+        fn best_of_ten(mut run: impl FnMut()) -> f64 {
+            (0..10).fold(f64::MAX, |best, _| {
+                let start = std::time::Instant::now();
+                run();
+                best.min(start.elapsed().as_secs_f64())
+            })
+        }
         let sequence = || {
             let (mut x, mut y) = (crate::backend::test_values::values(len, 1), vec![0f32; len]);
-            let mut best = f64::MAX;
-            for _ in 0..10 {
-                let start = std::time::Instant::now();
-                for (conv, ci, co, h) in &convs {
+            let best = best_of_ten(|| {
+                for (conv, ci, co, h, _) in &convs {
                     let (input, output) = (&x[..n * ci * h * h], &mut y[..n * co * h * h]);
                     conv.run(input, n, *h, *h, output).expect("runs");
                     std::mem::swap(&mut x, &mut y);
                 }
-                best = best.min(start.elapsed().as_secs_f64());
-            }
+            });
             (best, x.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
         };
         let (one, bits1) = sequence();
@@ -833,20 +838,14 @@ mod rates {
         assert!(bits1 == bits2, "two threads changed the bits");
         // Each distinct shape alone on one thread, repeated on the same buffers.
         let mut seen = Vec::new();
-        for (conv, ci, co, h) in &convs {
-            let k = conv.k;
-            if seen.contains(&(*ci, *co, *h, k)) {
+        for &(ref conv, ci, co, h, k) in &convs {
+            if seen.contains(&(ci, co, h, k)) {
                 continue;
             }
-            seen.push((*ci, *co, *h, k));
+            seen.push((ci, co, h, k));
             let x = crate::backend::test_values::values(n * ci * h * h, 3);
             let mut y = vec![0f32; n * co * h * h];
-            let mut best = f64::MAX;
-            for _ in 0..10 {
-                let start = std::time::Instant::now();
-                conv.run(&x, n, *h, *h, &mut y).expect("runs");
-                best = best.min(start.elapsed().as_secs_f64());
-            }
+            let best = best_of_ten(|| conv.run(&x, n, h, h, &mut y).expect("runs"));
             let gmacs = (n * ci * co * h * h * k * k) as f64 / best / 1e9;
             println!("  {ci:>3} -> {co:>3} channels, {h}x{h}, {k}x{k}: {gmacs:.0} GMAC/s");
         }
