@@ -296,10 +296,11 @@ impl Pipeline {
         }
         if plan_frame(&self.costs, budget.seconds, &l).is_none() {
             let v = l.min_votes.max(1);
+            // To the microsecond: one decimal showed a 0.001 ms budget as "0.0 ms".
+            let budget_ms = (budget.seconds * 1e6).round() / 1e3;
             return Err(Error::InvalidConfig(format!(
-                "a budget of {:.1} ms cannot fit even {} DDIM step(s) with {v} vote(s): one step \
-                 takes about {:.1} ms and the classifier {:.1} ms on this backend",
-                budget.seconds * 1e3,
+                "a budget of {budget_ms} ms cannot fit even {} DDIM step(s) with {v} vote(s): one \
+                 step takes about {:.1} ms and the classifier {:.1} ms on this backend",
                 l.min_steps.max(1),
                 self.costs.denoise_s(v as usize).unwrap_or(f64::NAN) * 1e3,
                 self.costs.classify_s(v as usize).unwrap_or(f64::NAN) * 1e3,

@@ -261,8 +261,10 @@ fn run_reads_raw_rgb_frames_from_stdin() {
 
 #[test]
 fn run_refuses_a_budget_that_cannot_fit_one_step() {
-    let out = diffshield(&["run", "--folder", "samples", "--limit", "1", "--budget-ms", "0.5"]);
+    let out = diffshield(&["run", "--folder", "samples", "--limit", "1", "--budget-ms", "0.001"]);
     assert_user_error(&out, "cannot fit even 1 DDIM step");
+    // The budget as given, not rounded to "0.0 ms".
+    assert_user_error(&out, "a budget of 0.001 ms");
     assert_user_error(&diffshield(&["run", "--folder", "samples", "--budget-ms=-3"]), "budget_ms");
 }
 
