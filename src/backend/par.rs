@@ -46,6 +46,11 @@ pub(crate) fn for_each(items: usize, f: impl Fn(usize) + Sync + Send) {
     }
 }
 
+/// Values (f32) per item of the ops that only copy (channel concats, upsamples): 64 KB, small
+/// enough that a batch-1 tensor still splits over the pool, large enough that an item's cost
+/// stays below its copy. One figure for both, so they are tuned together.
+pub(crate) const COPY_ITEM_VALUES: usize = 16 * 1024;
+
 /// A raw pointer that may cross to the pool's threads.
 ///
 /// Soundness rests on the users: every use in this crate hands it to [`for_each`] items that

@@ -14,9 +14,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::TypedConcat;
 
-/// Values per copied chunk (64 KB): small enough that a batch-1 concat still splits over the
-/// pool, large enough that the per-item cost stays below the copy.
-const CHUNK: usize = 16 * 1024;
+/// Values per copied chunk.
+const CHUNK: usize = super::par::COPY_ITEM_VALUES;
 
 /// Concatenation of f32 tensors of rank >= 2 along axis 1; every other axis must agree.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,9 +15,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::NearestUpsample;
 
-/// Output values per work item, at least (whole planes): as [`super::tract_concat`]'s chunks,
-/// small enough that a batch-1 upsample still splits, large enough to outweigh an item's cost.
-const CHUNK: usize = 16 * 1024;
+/// Output values per work item, at least (whole planes).
+const CHUNK: usize = super::par::COPY_ITEM_VALUES;
 
 /// `y[.., i, j] = x[.., i / sh, j / sw]` for f32 tensors of rank >= 2; axes before the last
 /// two are kept.
