@@ -101,11 +101,11 @@ pub fn attend_images<'a>(
     shape: AttentionShape,
     scale: f32,
     n: usize,
-    qkv: impl Fn(usize) -> [&'a [f32]; 3] + Sync,
+    qkv: impl Fn(usize) -> [&'a [f32]; 3],
     out: &mut [f32],
 ) -> Result<(), String> {
     let len = shape.channels * shape.pixels;
-    check_sizes(shape, n, &qkv, out.len())?;
+    let images = checked_images(shape, n, &qkv, out.len())?;
     let tiles = match Tiles::of(level) {
         Some(t) if level.supported() => t,
         _ => return Err(format!("attention: kernel level {} cannot run here", level.name())),
@@ -115,7 +115,7 @@ pub fn attend_images<'a>(
     let out = super::par::SyncPtr(out.as_mut_ptr());
     super::par::for_each(n * blocks, |item| {
         let (b, i0) = (item / blocks, item % blocks * tiles.queries());
-        let [q, k, v] = qkv(b);
+        let [q, k, v] = images[b];
         SCORES.with(|scores| {
             let scores = &mut *scores.borrow_mut();
             scores.resize(l * tiles.queries(), 0.0);
@@ -141,14 +141,16 @@ pub fn attend_images<'a>(
     Ok(())
 }
 
-/// Errors when `shape` does not [fit](AttentionShape::fits) or a slice of `n` images' `qkv`,
-/// or the output's `out_len`, disagrees with it (shared with [`super::attention_bf16`]).
-pub(crate) fn check_sizes<'a>(
+/// The `n` images' `qkv` slices, asked for once: the kernels read through pointers taken from
+/// exactly the slices whose lengths were checked here. Errors when `shape` does not
+/// [fit](AttentionShape::fits) or a slice, or the output's `out_len`, disagrees with it (shared
+/// with [`super::attention_bf16`]).
+pub(crate) fn checked_images<'a>(
     shape: AttentionShape,
     n: usize,
     qkv: &impl Fn(usize) -> [&'a [f32]; 3],
     out_len: usize,
-) -> Result<(), String> {
+) -> Result<Vec<[&'a [f32]; 3]>, String> {
     let len = shape.channels * shape.pixels;
     if !shape.fits() {
         return Err(format!(
@@ -156,8 +158,8 @@ pub(crate) fn check_sizes<'a>(
             shape.channels, shape.pixels
         ));
     }
-    for b in 0..n {
-        let [q, k, v] = qkv(b);
+    let images: Vec<_> = (0..n).map(qkv).collect();
+    for &[q, k, v] in &images {
         if [q.len(), k.len(), v.len()].iter().any(|&m| m != len) || out_len != n * len {
             return Err(format!(
                 "attention: q/k/v/out of {}/{}/{}/{out_len} values for {n} x {} x {}",
@@ -169,7 +171,7 @@ pub(crate) fn check_sizes<'a>(
             ));
         }
     }
-    Ok(())
+    Ok(images)
 }
 
 thread_local! {
@@ -398,6 +400,49 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn asks_for_each_image_once_so_the_checked_slices_are_the_ones_read() {
+        // A caller whose `qkv` changes its answer (here: empty slices after the first n calls)
+        // must not get reads through unchecked slices: each image is asked for exactly once,
+        // before the check, and the kernels read those slices.
+        let (c, l) = (16, 32);
+        let shape = AttentionShape { channels: c, pixels: l };
+        let (q, k, v) = (values(c * l, 1), values(c * l, 2), values(c * l, 3));
+        for level in crate::backend::simd::levels_under_test() {
+            let mut alone = vec![f32::NAN; c * l];
+            attend(level, shape, 0.5, &q, &k, &v, &mut alone).expect("runs");
+            let calls = std::cell::Cell::new(0);
+            let qkv = |_: usize| {
+                calls.set(calls.get() + 1);
+                if calls.get() <= 2 {
+                    [&q[..], &k[..], &v[..]]
+                } else {
+                    [&q[..0], &k[..0], &v[..0]]
+                }
+            };
+            let mut out = vec![f32::NAN; 2 * c * l];
+            attend_images(level, shape, 0.5, 2, qkv, &mut out).expect("runs");
+            assert_eq!(calls.get(), 2, "{}: one call per image", level.name());
+            assert!(out[..c * l] == alone[..] && out[c * l..] == alone[..], "{}", level.name());
+        }
+        if super::super::attention_bf16::supported() {
+            let calls = std::cell::Cell::new(0);
+            let qkv = |_: usize| {
+                calls.set(calls.get() + 1);
+                if calls.get() <= 2 {
+                    [&q[..], &k[..], &v[..]]
+                } else {
+                    [&q[..0], &k[..0], &v[..0]]
+                }
+            };
+            let mut out = vec![f32::NAN; 2 * c * l];
+            super::super::attention_bf16::attend_images(shape, 0.5, 2, qkv, &mut out)
+                .expect("runs");
+            assert_eq!(calls.get(), 2, "bf16: one call per image");
+            assert!(out[..c * l] == out[c * l..], "bf16: both images alike");
         }
     }
 

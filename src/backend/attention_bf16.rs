@@ -55,10 +55,10 @@ pub fn attend_images<'a>(
     shape: AttentionShape,
     scale: f32,
     n: usize,
-    qkv: impl Fn(usize) -> [&'a [f32]; 3] + Sync,
+    qkv: impl Fn(usize) -> [&'a [f32]; 3],
     out: &mut [f32],
 ) -> Result<(), String> {
-    super::attention::check_sizes(shape, n, &qkv, out.len())?;
+    let images = super::attention::checked_images(shape, n, &qkv, out.len())?;
     if !supported() {
         return Err("attention: this CPU has no AVX-512 BF16".into());
     }
@@ -75,7 +75,7 @@ pub fn attend_images<'a>(
         let words = SyncPtr(packed.as_mut_ptr());
         let (c, l) = (shape.channels, shape.pixels);
         super::par::for_each(n, |b| {
-            let [q, k, v] = qkv(b);
+            let [q, k, v] = images[b];
             // SAFETY: AVX-512F and BF16 were detected above; item b writes only its own image's
             // `image` words of the buffer sized above, and c, l are multiples of 16 (`fits`).
             unsafe {

@@ -17,10 +17,11 @@ pub struct ConvShape {
 
 impl ConvShape {
     /// The output plane `(rows, columns)` for an `h x w` input plane: the input plane at
-    /// stride 1, `ceil(h / 2) x ceil(w / 2)` for a 3x3 kernel (padding 1) at stride 2.
+    /// stride 1, `ceil(h / 2) x ceil(w / 2)` for a 3x3 kernel (padding 1) at stride 2; an empty
+    /// plane gives an empty one.
     pub fn out_plane(&self, h: usize, w: usize) -> (usize, usize) {
         let s = self.stride.max(1);
-        (h.saturating_sub(1) / s + 1, w.saturating_sub(1) / s + 1)
+        (h.div_ceil(s), w.div_ceil(s))
     }
 }
 
@@ -78,5 +79,21 @@ pub trait ConvKernel: std::fmt::Debug + Send + Sync + 'static {
         _y: &mut [f32],
     ) -> Result<(), String> {
         Err(format!("{}: adding to the output is not supported", Self::NAME))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConvShape;
+
+    #[test]
+    fn output_planes_follow_the_stride_and_an_empty_plane_stays_empty() {
+        let at = |k, stride| ConvShape { ci: 1, co: 1, k, stride };
+        assert_eq!(at(3, 1).out_plane(5, 4), (5, 4));
+        assert_eq!(at(1, 1).out_plane(1, 1), (1, 1));
+        assert_eq!(at(3, 2).out_plane(5, 4), (3, 2));
+        assert_eq!(at(3, 2).out_plane(1, 1), (1, 1));
+        assert_eq!(at(3, 2).out_plane(0, 7), (0, 4));
+        assert_eq!(at(1, 1).out_plane(3, 0), (3, 0));
     }
 }

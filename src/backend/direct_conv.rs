@@ -276,6 +276,11 @@ impl super::conv_kernel::ConvKernel for DirectConv {
                 self.level.name()
             ));
         }
+        if n * h * w == 0 {
+            // No images or an empty plane: `y` is empty too (checked above), and the tilings
+            // below divide by the image and pixel counts.
+            return Ok(());
+        }
         SCRATCH.with(|scratch| {
             let scratch = &mut *scratch.borrow_mut();
             scratch.bias.clear();
@@ -921,9 +926,9 @@ mod tests {
     fn matches_the_reference_on_row_and_flat_layouts_on_every_level() {
         // (n, co, ci, h, w): rows mode (w a multiple of the vector), flat mode (1x1, and 3x3 at
         // w = 20 and 12), the small-plane mode (3x3 at w < the vector, pixel tiles across
-        // images), partial channel blocks (co = 3, 7, 9, 13, 80), batches of 2 and 3, each for
-        // 3x3 and 1x1 kernels; 3x3 also with Winograd on every plane (odd sizes, partial
-        // tiles, items spanning images).
+        // images), partial channel blocks (co = 3, 7, 9, 13, 80), batches of 2 and 3, planes
+        // one pixel wide or high, each for 3x3 and 1x1 kernels; 3x3 also with Winograd on every
+        // plane (odd sizes, partial tiles, items spanning images).
         let shapes = [
             (1, 7, 6, 5, 12),
             (2, 5, 3, 17, 19),
@@ -937,6 +942,9 @@ mod tests {
             (1, 24, 16, 4, 4),
             (3, 80, 40, 4, 4),
             (2, 64, 33, 8, 8),
+            (2, 5, 3, 1, 1),
+            (1, 4, 3, 1, 19),
+            (2, 3, 2, 6, 1),
         ];
         for (level, k) in levels().into_iter().flat_map(|l| [(l, 3), (l, 1)]) {
             for &(n, co, ci, h, w) in &shapes {
@@ -1041,6 +1049,32 @@ mod tests {
         assert!(strided(1, 2).is_none(), "1x1 convs have no strided kernel");
         assert!(strided(3, 3).is_none(), "3x3 convs have strides 1 and 2 only");
         assert!(strided(1, 1).is_some() && strided(3, 2).is_some());
+    }
+
+    #[test]
+    fn empty_batches_and_planes_are_no_work_on_every_level() {
+        // The tilings divide by image and pixel counts, so none of them may see an empty
+        // input: it returns at once, with an output as empty as the input.
+        for level in levels() {
+            let wt = values(2 * 3 * 9, 1);
+            let convs = [
+                DirectConv::new(&wt, &[0.5], 2, 3, 3, level),
+                DirectConv::new(&wt, &[0.5], 2, 3, 3, level).map(|c| c.with_winograd(&wt, true)),
+                DirectConv::strided(&wt, &[0.5], 2, 3, 3, 2, level),
+                DirectConv::new(&wt[..6], &[0.5], 2, 3, 1, level),
+            ];
+            for conv in convs {
+                let conv = conv.expect("shapes fit");
+                for (n, h, w) in [(0, 4, 4), (1, 0, 4), (2, 4, 0), (2, 0, 0)] {
+                    let (ho, wo) = conv.shape().out_plane(h, w);
+                    let case = format!("{} {:?} n={n} {h}x{w}", level.name(), conv.shape());
+                    assert_eq!(n * ho * wo, 0, "{case}: an empty input makes an empty output");
+                    let x = vec![0.0; n * 3 * h * w];
+                    conv.run(&x, n, h, w, None, &mut []).expect(&case);
+                    assert!(conv.run(&x, n, h, w, None, &mut [0.0]).is_err(), "{case}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -198,6 +198,10 @@ impl QuantConv {
         if !Self::supported() {
             return Err("int8 conv: this CPU has no AVX-512 VNNI".into());
         }
+        if n * h * w == 0 {
+            // No images or an empty plane: `y` is empty too (checked above).
+            return Ok(());
+        }
         #[cfg(target_arch = "x86_64")]
         SCRATCH.with(|scratch| {
             // SAFETY: AVX-512F and VNNI were detected above; `images` sizes its buffers, and
@@ -382,12 +386,19 @@ impl QuantConv {
         use std::arch::x86_64::*;
         let hw = rows.h * rows.w;
         let zero = self.input.zero as i32;
+        // Four zero-point bytes; `zero * 0x0101_0101` overflows i32 from a zero point of 128.
+        let zero_word = i32::from_ne_bytes([self.input.zero; GROUP]);
         let (head, rest) = dst.split_at_mut(rows.interior());
         let (body, tail) = rest.split_at_mut(hw);
-        head.fill(zero * 0x0101_0101);
-        tail.fill(zero * 0x0101_0101);
+        head.fill(zero_word);
+        tail.fill(zero_word);
         let inv = _mm512_set1_ps(self.input.inv_scale);
         let (lo, hi, zp) = (_mm512_set1_epi32(0), _mm512_set1_epi32(255), _mm512_set1_epi32(zero));
+        // Scaled values are held to +-2^10 before the conversion, which turns anything past
+        // i32 (a huge activation, an infinity) into i32::MIN and so would quantize +inf to 0;
+        // inside that range the rounding is untouched, outside it the clamp to 0..=255 below
+        // saturates. A NaN becomes 0.0, the zero point, as in tract's QuantizeLinear.
+        let (below, above) = (_mm512_set1_ps(-1024.0), _mm512_set1_ps(1024.0));
         // The rows are back to back in both layouts, so the image is one run of `hw` values.
         let mut i = 0;
         while i < hw {
@@ -399,7 +410,10 @@ impl QuantConv {
                 let q = if ch < self.ci {
                     let v = _mm512_maskz_loadu_ps(mask, image.as_ptr().add(ch * hw + i));
                     // Round to nearest even (the MXCSR default), like QuantizeLinear.
-                    let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), zp);
+                    let scaled = _mm512_mul_ps(v, inv);
+                    let number = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(scaled, scaled);
+                    let scaled = _mm512_min_ps(_mm512_maskz_max_ps(number, scaled, below), above);
+                    let q = _mm512_add_epi32(_mm512_cvtps_epi32(scaled), zp);
                     _mm512_min_epi32(_mm512_max_epi32(q, lo), hi)
                 } else {
                     zp
@@ -562,7 +576,10 @@ mod tests {
         (co, k): (usize, usize),
     ) -> Vec<f64> {
         let q = |v: f32| {
-            let r = (v * quant.inv_scale).round_ties_even() as i64 + quant.zero as i64;
+            // `as` saturates an infinity at i64::MAX (a NaN is 0), so the zero point is added
+            // saturating too.
+            let r =
+                ((v * quant.inv_scale).round_ties_even() as i64).saturating_add(quant.zero as i64);
             (r.clamp(0, 255) - quant.zero as i64) as f64
         };
         let xq: Vec<f64> = x.iter().map(|&v| q(v)).collect();
@@ -687,6 +704,56 @@ mod tests {
             let mut y = vec![0f32; n * co * h * w];
             let short = Addend::Full(&full[1..]);
             assert!(conv.run_adding(&x, n, h, w, Some(short), &mut y).is_err());
+        }
+    }
+
+    #[test]
+    fn saturates_huge_and_infinite_inputs_and_takes_a_high_zero_point() {
+        if !QuantConv::supported() {
+            crate::test_skip::note("the int8 kernel's saturation: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        // Past i32 the conversion alone gives i32::MIN, which would quantize +inf to 0 (and a
+        // NaN to 0 rather than the zero point); a zero point of 128 or more overflowed the
+        // padding word's i32 arithmetic (debug builds).
+        let (n, co, ci, h, w) = (1, 8, 5, 4, 4);
+        let mut x: Vec<f32> = values(n * ci * h * w, 1);
+        let extremes =
+            [f32::INFINITY, 1e30, 3e9, -3e9, -1e30, f32::NEG_INFINITY, f32::MAX, f32::NAN];
+        for (i, &v) in extremes.iter().enumerate() {
+            x[i * 11] = v;
+        }
+        for (k, zero) in [(1, 200), (3, 128), (3, 255)] {
+            let wt: Vec<i8> =
+                values(co * ci * k * k, 2).iter().map(|v| (v * 127.0) as i8).collect();
+            let quant = InputQuant { inv_scale: 100.0, zero };
+            let conv = QuantConv::new(&wt, &[0.002], None, 0.01, quant, co, ci, k).expect("fits");
+            let mut y = vec![f32::NAN; n * co * h * w];
+            conv.run(&x, n, h, w, &mut y).expect("runs");
+            let want = reference(&x, (ci, h, w), &wt, &[0.002], &[0; 8], 0.01, quant, (co, k));
+            for (i, (&g, &r)) in y.iter().zip(&want).enumerate() {
+                let case = format!("k{k} zero {zero} value {i}");
+                assert!((g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()), "{case}: {g} vs {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn empty_batches_and_planes_are_no_work() {
+        let quant = InputQuant { inv_scale: 10.0, zero: 3 };
+        for k in [1, 3] {
+            let conv = QuantConv::new(&vec![1; 2 * 3 * k * k], &[1.0], None, 0.1, quant, 2, 3, k)
+                .expect("fits");
+            for (n, h, w) in [(0, 4, 4), (1, 0, 4), (2, 4, 0)] {
+                let x = vec![0.0; n * 3 * h * w];
+                let result = conv.run(&x, n, h, w, &mut []);
+                if QuantConv::supported() {
+                    result.expect("no work is not an error");
+                } else {
+                    assert!(result.is_err(), "without VNNI even no work is refused");
+                }
+                assert!(conv.run(&x, n, h, w, &mut [0.0]).is_err(), "k{k} n={n} {h}x{w}");
+            }
         }
     }
 

@@ -66,7 +66,8 @@ impl EvalOp for GroupNormOp {
         let channels = self.gamma.len();
         ensure!(shape.len() >= 2 && shape[1] == channels, "GroupNorm: input {shape:?}");
         let x = x.as_slice().context("GroupNorm: input is not contiguous")?;
-        // SAFETY: f32 has no invalid bit patterns, and `run` writes every value of `y`.
+        // SAFETY: `run` writes every value of `y` (one item per (image, group), each writing
+        // all of its group) before the tensor is read.
         let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         {
             let mut view = y.to_plain_array_view_mut::<f32>()?;
@@ -92,6 +93,10 @@ impl GroupNormOp {
     fn run(&self, x: &[f32], y: &mut [f32], n: usize, plane: usize) {
         let per_group = self.gamma.len() / self.groups;
         let len = per_group * plane;
+        if len == 0 {
+            // Empty planes: nothing to normalise, and no item size to divide by.
+            return;
+        }
         let items = (n * self.groups).min(x.len() / len).min(y.len() / len);
         let out = super::par::SyncPtr(y.as_mut_ptr());
         super::par::for_each(items, |index| {
@@ -326,41 +331,57 @@ mod tests {
 
     #[test]
     fn normalises_each_group_applies_the_channel_affine_and_the_silu_on_every_level() {
-        // 2 images, 4 channels in 2 groups, 20 pixels (a vector and a tail on every level).
-        let plane = 20;
-        let x: Vec<f32> = (0..2 * 4 * plane).map(|i| ((i * 7) % 11) as f32 - 3.0).collect();
-        for level in crate::backend::simd::levels_under_test() {
-            for silu in [false, true] {
-                let op = GroupNormOp {
-                    groups: 2,
-                    eps: 1e-5,
-                    gamma: vec![1.0, 2.0, 0.5, -1.0],
-                    beta: vec![0.0, 1.0, -1.0, 0.25],
-                    silu,
-                    level,
-                };
-                let [a, b, c] = super::super::par::on_thread_counts(|| {
-                    let mut y = vec![0f32; x.len()];
-                    op.run(&x, &mut y, 2, plane);
-                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                });
-                let case = format!("{}, silu {silu}", level.name());
-                assert!(a == b && a == c, "{case}: thread counts change the bits");
-                let len = 2 * plane;
-                for (i, g) in x.chunks(len).enumerate() {
-                    let mean = g.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-                    let var =
-                        g.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
-                    for (j, &v) in g.iter().enumerate() {
-                        let ch = (i % 2) * 2 + j / plane;
-                        let y = (v as f64 - mean) / (var + 1e-5).sqrt() * op.gamma[ch] as f64
-                            + op.beta[ch] as f64;
-                        let want = if silu { y / (1.0 + (-y).exp()) } else { y };
-                        let got = f32::from_bits(a[i * len + j]) as f64;
-                        assert!((got - want).abs() < 1e-5, "{case}: {i}/{j}: {got} vs {want}");
+        // 2 images, 4 channels in 2 groups; planes of 20 pixels (a vector and a tail on every
+        // level) and of 3 (shorter than any vector: the tail alone).
+        for plane in [20, 3] {
+            let x: Vec<f32> = (0..2 * 4 * plane).map(|i| ((i * 7) % 11) as f32 - 3.0).collect();
+            for level in crate::backend::simd::levels_under_test() {
+                for silu in [false, true] {
+                    let op = GroupNormOp {
+                        groups: 2,
+                        eps: 1e-5,
+                        gamma: vec![1.0, 2.0, 0.5, -1.0],
+                        beta: vec![0.0, 1.0, -1.0, 0.25],
+                        silu,
+                        level,
+                    };
+                    let [a, b, c] = super::super::par::on_thread_counts(|| {
+                        let mut y = vec![0f32; x.len()];
+                        op.run(&x, &mut y, 2, plane);
+                        y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    });
+                    let case = format!("{} plane {plane}, silu {silu}", level.name());
+                    assert!(a == b && a == c, "{case}: thread counts change the bits");
+                    let len = 2 * plane;
+                    for (i, g) in x.chunks(len).enumerate() {
+                        let mean = g.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+                        let var =
+                            g.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
+                        for (j, &v) in g.iter().enumerate() {
+                            let ch = (i % 2) * 2 + j / plane;
+                            let y = (v as f64 - mean) / (var + 1e-5).sqrt() * op.gamma[ch] as f64
+                                + op.beta[ch] as f64;
+                            let want = if silu { y / (1.0 + (-y).exp()) } else { y };
+                            let got = f32::from_bits(a[i * len + j]) as f64;
+                            assert!((got - want).abs() < 1e-5, "{case}: {i}/{j}: {got} vs {want}");
+                        }
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn empty_planes_are_no_work() {
+        let op = GroupNormOp {
+            groups: 2,
+            eps: 1e-5,
+            gamma: vec![1.0; 4],
+            beta: vec![0.0; 4],
+            silu: true,
+            level: KernelLevel::Portable,
+        };
+        op.run(&[], &mut [], 2, 0);
+        op.run(&[], &mut [], 0, 16);
     }
 }

@@ -87,8 +87,9 @@ impl<K: ConvKernel> EvalOp for KernelOp<K> {
             }
             None => None,
         };
-        // SAFETY: f32 has no invalid bit patterns, and `run` writes every value of `y`.
         let (ho, wo) = shape.out_plane(h, w);
+        // SAFETY: `run` writes every value of `y` when it returns Ok (an empty input makes an
+        // empty `y`); on an error `y` is dropped unread.
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, shape.co, ho, wo])? };
         {
             let mut view = y.to_plain_array_view_mut::<f32>()?;

@@ -56,7 +56,8 @@ impl EvalOp for PlaneUpsample {
         let (plane, out_plane) = (h * w, h * self.sh * w * self.sw);
         let planes = xs.len().checked_div(plane).unwrap_or(0);
         let per_item = (CHUNK / out_plane.max(1)).max(1);
-        // SAFETY: f32 has no invalid bit patterns, and the items below write every value.
+        // SAFETY: the items below write every value before the tensor is read (an empty
+        // plane makes an empty tensor).
         let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         if out_plane > 0 {
             let mut view = y.to_plain_array_view_mut::<f32>()?;
