@@ -218,18 +218,28 @@ unsafe fn run_block(level: KernelLevel, io: Io, vectors: usize) {
 }
 
 #[cfg(target_arch = "x86_64")]
+/// [`block`] on AVX-512's tile: 8 rows x `N` of 3 query vectors.
+/// Safety: the CPU supports AVX-512F; `io` as [`attend_images`] builds it at this level (score
+/// rows of 3 vectors), with `N <= 3` and `io.i0 + 16 * N <= io.l`.
 #[target_feature(enable = "avx512f")]
 unsafe fn avx512<const N: usize>(io: Io) {
     block::<Avx512, 8, N>(io, 3)
 }
 
 #[cfg(target_arch = "x86_64")]
+/// [`block`] on AVX2's tile: 4 rows x `N` of 2 query vectors.
+/// Safety: the CPU supports AVX2 and FMA; `io` as [`attend_images`] builds it at this level
+/// (score rows of 2 vectors), with `N <= 2` and `io.i0 + 8 * N <= io.l`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2<const N: usize>(io: Io) {
     block::<Avx2, 4, N>(io, 2)
 }
 
 #[cfg(target_arch = "x86_64")]
+/// [`block`] on [`PortableFma`] vectors, compiled for AVX2 + FMA: 4 rows x `N` of
+/// [`PORTABLE_FMA_QV`] query vectors.
+/// Safety: the CPU supports AVX2 and FMA; `io` as [`attend_images`] builds it at this level,
+/// with `N <= PORTABLE_FMA_QV` and `io.i0 + 8 * N <= io.l`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn portable_fma<const N: usize>(io: Io) {
     block::<PortableFma, 4, N>(io, PORTABLE_FMA_QV)
@@ -237,6 +247,10 @@ unsafe fn portable_fma<const N: usize>(io: Io) {
 
 /// Queries `i0 .. i0 + N * LANES`: scores, softmax, output, on `TR`-row tiles; `qv` query
 /// vectors make one row of the scores.
+/// Safety: runs inside a function compiled for `S` on a CPU that has it; `io` as
+/// [`attend_images`] builds it, with `io.scores` holding `io.l` rows of `qv * S::LANES`,
+/// `N <= qv`, `io.i0 + N * S::LANES <= io.l` and `TR` dividing `io.c` and `io.l`; no other
+/// thread touches `io.scores` or these queries' columns of `io.out`.
 #[inline(always)]
 unsafe fn block<S: Simd, const TR: usize, const N: usize>(io: Io, qv: usize) {
     let (c, l) = (io.c, io.l);
@@ -269,6 +283,7 @@ unsafe fn block<S: Simd, const TR: usize, const N: usize>(io: Io, qv: usize) {
 
 /// `st[j0 + r][..N * LANES] = scale * sum_d k[d][j0 + r] * q[d][i0 + ..]` for the tile's `TR`
 /// keys.
+/// Safety: as [`block`], with `j0 + TR <= io.l` and `row_len` the score rows' length.
 #[inline(always)]
 unsafe fn score_tile<S: Simd, const TR: usize, const N: usize>(io: Io, j0: usize, row_len: usize) {
     let (c, l, i0) = (io.c, io.l, io.i0);
@@ -296,6 +311,7 @@ unsafe fn score_tile<S: Simd, const TR: usize, const N: usize>(io: Io, j0: usize
 }
 
 /// `out[ch0 + r][i0 + ..N * LANES] = inv * sum_j v[ch0 + r][j] * st[j][..]` for `TR` channels.
+/// Safety: as [`block`], with `ch0 + TR <= io.c` and `row_len` the score rows' length.
 #[inline(always)]
 unsafe fn value_tile<S: Simd, const TR: usize, const N: usize>(
     io: Io,

@@ -160,6 +160,7 @@ fn bh(words: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512bh {
 
 /// `lo` and `hi` rounded to bf16 (nearest even) and packed lane by lane into words with `lo` in
 /// the low half, as `vdpbf16ps` reads pairs. Inputs are finite.
+/// Safety: AVX-512F (no memory is touched).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn bf16_pairs(
@@ -252,6 +253,8 @@ unsafe fn block<const N: usize>(io: Io) {
 }
 
 /// Scores of keys `j0 .. j0 + TR` for the block's queries, scaled, into the score rows.
+/// Safety: AVX-512F and BF16; `io` as [`attend_images`] builds it, `N <= QV`,
+/// `io.i0 + 16 * N <= io.l`, `j0 + TR <= io.l` and `row_len` is `QV * LANES`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn score_tile<const N: usize>(io: Io, j0: usize, row_len: usize) {
@@ -284,6 +287,9 @@ unsafe fn score_tile<const N: usize>(io: Io, j0: usize, row_len: usize) {
 }
 
 /// Output channels `ch0 .. ch0 + TR` of the block's queries: the weighted values times `inv`.
+/// Safety: AVX-512F and BF16; `io` as [`attend_images`] builds it, `N <= QV`,
+/// `io.i0 + 16 * N <= io.l`, `ch0 + TR <= io.c` and `row_len` is `QV * LANES`; no other thread
+/// writes these queries' columns of `io.out`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn value_tile<const N: usize>(

@@ -406,18 +406,29 @@ impl DirectConv {
         });
     }
 
+    /// [`DirectConv::block`] on AVX-512's tile: 8 output channels x 3 pixel vectors.
+    /// Safety: the CPU supports AVX-512F; `self` is packed for the avx512 level, and `pass`,
+    /// `b`, `block` are as [`DirectConv::images`] makes them (one item per image and block).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn block_avx512(&self, pass: &Pass, b: usize, block: usize) {
         self.block::<Avx512, 8, 3>(pass, b, block)
     }
 
+    /// [`DirectConv::block`] on AVX2's tile: 4 output channels x 2 pixel vectors.
+    /// Safety: the CPU supports AVX2 and FMA; `self` is packed for the avx2 level, and `pass`,
+    /// `b`, `block` are as [`DirectConv::images`] makes them (one item per image and block).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn block_avx2(&self, pass: &Pass, b: usize, block: usize) {
         self.block::<Avx2, 4, 2>(pass, b, block)
     }
 
+    /// [`DirectConv::block`] on [`PortableFma`] vectors, compiled for AVX2 + FMA: 4 output
+    /// channels x 2 pixel vectors.
+    /// Safety: the CPU supports AVX2 and FMA; `self` is packed for the portable-fma level, and
+    /// `pass`, `b`, `block` are as [`DirectConv::images`] makes them (one item per image and
+    /// block).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn block_portable_fma(&self, pass: &Pass, b: usize, block: usize) {
@@ -638,6 +649,10 @@ struct ChannelTile {
 }
 
 impl ChannelTile {
+    /// [`ChannelTile::pixels`] on AVX-512's tile: 64 output channels (4 vectors) x 6 pixels.
+    /// Safety: the CPU supports AVX-512F; `self` is a 64-channel block and `taps`, `pixels`,
+    /// `run` are as [`DirectConv::small`] makes them (runs of whole 6-pixel tiles, one item
+    /// each).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn pixels_avx512(
@@ -649,6 +664,11 @@ impl ChannelTile {
         self.pixels::<Avx512, 4, 6>(taps, pixels, run)
     }
 
+    /// [`ChannelTile::pixels`] on AVX-512's narrow tile: [`NARROW_SCB`] output channels (2
+    /// vectors) x 6 pixels.
+    /// Safety: the CPU supports AVX-512F; `self` is a [`NARROW_SCB`]-channel block and `taps`,
+    /// `pixels`, `run` are as [`DirectConv::small`] makes them (runs of whole 6-pixel tiles, one
+    /// item each).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn pixels_avx512_narrow(
@@ -660,12 +680,21 @@ impl ChannelTile {
         self.pixels::<Avx512, { NARROW_SCB / 16 }, 6>(taps, pixels, run)
     }
 
+    /// [`ChannelTile::pixels`] on AVX2's tile: 16 output channels (2 vectors) x 4 pixels.
+    /// Safety: the CPU supports AVX2 and FMA; `self` is a 16-channel block and `taps`, `pixels`,
+    /// `run` are as [`DirectConv::small`] makes them (runs of whole 4-pixel tiles, one item
+    /// each).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn pixels_avx2(&self, taps: &[usize; 9], pixels: &[usize], run: std::ops::Range<usize>) {
         self.pixels::<Avx2, 2, 4>(taps, pixels, run)
     }
 
+    /// [`ChannelTile::pixels`] on [`PortableFma`] vectors, compiled for AVX2 + FMA: 16 output
+    /// channels (2 vectors) x 4 pixels.
+    /// Safety: the CPU supports AVX2 and FMA; `self` is a 16-channel block and `taps`, `pixels`,
+    /// `run` are as [`DirectConv::small`] makes them (runs of whole 4-pixel tiles, one item
+    /// each).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn pixels_portable_fma(
@@ -715,6 +744,9 @@ impl ChannelTile {
     /// pixel tile of a run (`lead`) also prefetches the next chunk's weights (same size, right
     /// after this one in memory) into L2: at batch 1 the weights are the traffic that limits
     /// these convs.
+    /// Safety: as [`ChannelTile::pixels`]: `V * S::LANES` is the block's width (the `scb` of
+    /// its weights and bias), `pixels` starts with `N` padded offsets, `inputs.end <= self.ci`,
+    /// and rows `first .. first + N` of the block's columns of `self.out` are this item's alone.
     #[inline(always)]
     unsafe fn run<S: Simd, const V: usize, const N: usize>(
         &self,
@@ -834,6 +866,8 @@ pub(super) struct Tile {
 
 impl Tile {
     /// [`Tile::run`] with the tap offsets of a `k x k` kernel (3 or 1).
+    /// Safety: as [`Tile::run`] for these taps: for k = 3, each input vector is readable up to
+    /// `2 * self.wp + 2` values past its offset.
     #[inline(always)]
     unsafe fn taps<S: Simd, const OCB: usize, const N: usize>(
         &self,

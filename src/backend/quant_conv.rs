@@ -481,6 +481,9 @@ impl QuantTile<'_> {
     /// `N` pixel vectors from vector `v0` on, `OCB` output channels, all taps (9: a 3x3
     /// kernel, whose left and right taps are masked by `masks`; 1: a 1x1), dequantized into
     /// the output.
+    /// Safety: the CPU must support AVX-512F and VNNI; `self` as [`QuantConv::images`] builds
+    /// it, `taps` its 9 or 1 offsets, and vectors `v0 .. v0 + N` start inside the plane (`masks`
+    /// has one entry per vector); no other thread writes the block's output channels.
     #[target_feature(enable = "avx512f,avx512vnni")]
     unsafe fn run<const N: usize>(&self, taps: &[usize], v0: usize, masks: &[[u16; 2]]) {
         use std::arch::x86_64::*;
@@ -518,6 +521,9 @@ impl QuantTile<'_> {
 
     /// The tile's sums dequantized (and any addend added) into the output. Kept out of line:
     /// inlined, its branches made LLVM spill accumulators in the `vpdpbusd` loop (2x slower).
+    /// Safety: the CPU must support AVX-512F; `first + (N - 1) * LANES < self.hw`; `self.out`
+    /// and a `Full` addend hold `self.channels` planes of `hw` values (a `PerChannel` one
+    /// `self.channels` values), and no other thread writes these output vectors.
     #[inline(never)]
     #[target_feature(enable = "avx512f")]
     unsafe fn store<const N: usize>(

@@ -202,6 +202,8 @@ const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
 /// `e^r` on the reduced argument, by [`EXP_POLY`].
+/// Safety: as every [`Simd`] operation: runs inside a function compiled for `S` on a CPU that
+/// has it.
 #[inline(always)]
 unsafe fn exp_poly<S: Simd>(r: S::V) -> S::V {
     let mut y = S::splat(EXP_POLY[0]);
@@ -520,14 +522,20 @@ mod tests {
         assert!(portable < 4e-7, "portable: largest relative error {portable:e}");
         #[cfg(target_arch = "x86_64")]
         {
+            /// `Avx2::exp` of the first vector of `x` into `y`.
+            /// Safety: the CPU supports AVX2 and FMA; `x` and `y` hold at least 8 values.
             #[target_feature(enable = "avx2,fma")]
             unsafe fn avx2(x: &[f32], y: &mut [f32]) {
                 Avx2::store(y.as_mut_ptr(), Avx2::exp(Avx2::load(x.as_ptr())))
             }
+            /// `Avx512::exp` of the first vector of `x` into `y`.
+            /// Safety: the CPU supports AVX-512F; `x` and `y` hold at least 16 values.
             #[target_feature(enable = "avx512f")]
             unsafe fn avx512(x: &[f32], y: &mut [f32]) {
                 Avx512::store(y.as_mut_ptr(), Avx512::exp(Avx512::load(x.as_ptr())))
             }
+            /// `PortableFma::exp` of the first vector of `x` into `y`, compiled for AVX2 + FMA.
+            /// Safety: the CPU supports AVX2 and FMA; `x` and `y` hold at least 8 values.
             #[target_feature(enable = "avx2,fma")]
             unsafe fn portable_fma(x: &[f32], y: &mut [f32]) {
                 PortableFma::store(y.as_mut_ptr(), PortableFma::exp(PortableFma::load(x.as_ptr())))
@@ -584,14 +592,20 @@ mod tests {
         check_interleave::<Portable>(|a, b, o| unsafe { run::<Portable>(a, b, o) });
         #[cfg(target_arch = "x86_64")]
         {
+            /// `run` on `Avx2`.
+            /// Safety: the CPU supports AVX2 and FMA; `a` and `b` hold at least 8 values, `o` 32.
             #[target_feature(enable = "avx2,fma")]
             unsafe fn avx2(a: &[f32], b: &[f32], o: &mut [f32]) {
                 run::<Avx2>(a, b, o)
             }
+            /// `run` on `Avx512`.
+            /// Safety: the CPU supports AVX-512F; `a` and `b` hold at least 16 values, `o` 64.
             #[target_feature(enable = "avx512f")]
             unsafe fn avx512(a: &[f32], b: &[f32], o: &mut [f32]) {
                 run::<Avx512>(a, b, o)
             }
+            /// `run` on `PortableFma`, compiled for AVX2 + FMA.
+            /// Safety: the CPU supports AVX2 and FMA; `a` and `b` hold at least 8 values, `o` 32.
             #[target_feature(enable = "avx2,fma")]
             unsafe fn portable_fma(a: &[f32], b: &[f32], o: &mut [f32]) {
                 run::<PortableFma>(a, b, o)

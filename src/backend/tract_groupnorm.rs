@@ -142,18 +142,24 @@ struct Affine {
     silu: bool,
 }
 
+/// [`affine_lanes`] on AVX-512 vectors.
+/// Safety: the CPU supports AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn affine_avx512(xs: &[f32], ys: &mut [f32], a: Affine) {
     affine_lanes::<Avx512>(xs, ys, a)
 }
 
+/// [`affine_lanes`] on AVX2 vectors.
+/// Safety: the CPU supports AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn affine_avx2(xs: &[f32], ys: &mut [f32], a: Affine) {
     affine_lanes::<Avx2>(xs, ys, a)
 }
 
+/// [`affine_lanes`] on [`PortableFma`] vectors, compiled for AVX2 + FMA.
+/// Safety: the CPU supports AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn affine_portable_fma(xs: &[f32], ys: &mut [f32], a: Affine) {
@@ -181,6 +187,7 @@ unsafe fn affine_lanes<S: Simd>(xs: &[f32], ys: &mut [f32], a: Affine) {
 
 /// `v * sigmoid(v) = v / (1 + e^-v)`, with `-v` held to at most 87 (where [`Simd::exp`] is
 /// accurate; below v = -87 the result is under 1e-35 either way).
+/// Safety: as [`affine_lanes`]: the CPU runs `S` and the caller is compiled for it.
 #[inline(always)]
 unsafe fn silu<S: Simd>(v: S::V) -> S::V {
     let e = S::exp(S::sub(S::zero(), S::max(v, S::splat(-87.0))));
@@ -199,6 +206,8 @@ fn moments(xs: &[f32]) -> (f64, f64) {
     moments_lanes(xs)
 }
 
+/// [`moments_lanes`] compiled for AVX-512F (its sums on 16-lane vectors).
+/// Safety: the CPU supports AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn moments_avx512(xs: &[f32]) -> (f64, f64) {

@@ -231,12 +231,18 @@ fn item_count(rows: usize, tw: usize, lanes: usize, threads: usize) -> usize {
 }
 
 impl Chunk<'_> {
+    /// [`Chunk::run`] on AVX-512's tile: 8 output channels x 3 tile vectors.
+    /// Safety: the CPU supports AVX-512F; `self` as [`conv`] builds it at the avx512 level
+    /// (`weights.ocb` 8, tiles in whole vectors of 16).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn avx512(&self, buffers: &mut Buffers) {
         self.run::<Avx512, 8, 3>(buffers)
     }
 
+    /// [`Chunk::run`] on AVX2's tile: 4 output channels x 2 tile vectors.
+    /// Safety: the CPU supports AVX2 and FMA; `self` as [`conv`] builds it at the avx2 level
+    /// (`weights.ocb` 4, tiles in whole vectors of 8).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2(&self, buffers: &mut Buffers) {
@@ -244,10 +250,16 @@ impl Chunk<'_> {
     }
 
     /// The direct conv's portable tile (no instruction-set requirement).
+    /// Safety: `self` as [`conv`] builds it at the portable level (`weights.ocb` the direct
+    /// conv's `PORTABLE_OCB`, tiles in whole vectors of 8).
     unsafe fn portable(&self, buffers: &mut Buffers) {
         self.run::<Portable, { super::direct_conv::PORTABLE_OCB }, 2>(buffers)
     }
 
+    /// [`Chunk::run`] on [`PortableFma`] vectors, compiled for AVX2 + FMA (the direct conv's
+    /// portable-fma tile).
+    /// Safety: the CPU supports AVX2 and FMA; `self` as [`conv`] builds it at the portable-fma
+    /// level (`weights.ocb` the direct conv's `PORTABLE_FMA_OCB`, tiles in whole vectors of 8).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn portable_fma(&self, buffers: &mut Buffers) {
@@ -476,6 +488,9 @@ impl Product {
     /// Tile vectors `first .. first + N` of output-channel block `block` of product `k`: the
     /// direct conv's 1x1 register tile, with the sums starting from zero (the bias is added on
     /// the way out).
+    /// Safety: as [`Product::run`]; `OCB` is the weights' `ocb`, `block < self.blocks`,
+    /// `first + N <= self.vectors`, and `self`'s pointers are the item's buffers as
+    /// [`Chunk::run`] sizes them.
     #[inline(always)]
     unsafe fn tile<S: Simd, const OCB: usize, const N: usize>(
         &self,
