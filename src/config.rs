@@ -153,7 +153,8 @@ impl DefenseConfig {
             return Err(bad("not a regular file".into()));
         }
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let mut config: Self = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut config: Self =
+            toml::from_str(&text).map_err(|e| bad(crate::files::toml_error(&text, &e)))?;
         if let Some(m) = config.models.as_mut().filter(|m| m.is_relative()) {
             *m = path.parent().unwrap_or(Path::new("")).join(&*m);
         }

@@ -352,13 +352,7 @@ impl Defense {
     ) -> std::result::Result<StreamOutcome, StreamFailure> {
         let seed = self.seed();
         let refused = |error: Error| StreamFailure { error, partial: None };
-        if let Some(rate) = options.rate_hz {
-            if !(rate.is_finite() && rate > 0.0) {
-                return Err(refused(Error::InvalidConfig(format!(
-                    "frame rate {rate} Hz must be finite and greater than 0"
-                ))));
-            }
-        }
+        crate::stream::check_rate(options.rate_hz).map_err(refused)?;
         let queue = Arc::new(FrameQueue::new(options.queue).map_err(refused)?);
         let producer = spawn_producer(source, options.rate_hz, options.limit, Arc::clone(&queue))
             .map_err(refused)?;

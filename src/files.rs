@@ -1,6 +1,7 @@
 //! File output that never leaves a partial file: everything the library writes (reports, caches,
-//! plots, PNGs) goes through [`write_atomically`] or [`write_atomically_with`]; and the digests
-//! that outputs quote of their inputs ([`sha256_file`]).
+//! plots, PNGs) goes through [`write_atomically`] or [`write_atomically_with`]; inputs read
+//! whole go through [`read_input`], which opens regular files only; and the digests that
+//! outputs quote of their inputs ([`sha256_file`]).
 
 use crate::error::{Error, Result};
 use std::fs::{self, File};
@@ -70,17 +71,23 @@ fn resolved_output(role: &str, path: &Path) -> Result<PathBuf> {
     Ok(fs::canonicalize(&full).unwrap_or(full))
 }
 
-/// Checks, before any work starts, that every output `(role, path)` can be written: not a
-/// folder, in an existing folder that takes a new file, and neither one of the `inputs` nor
-/// another output. A bad `--out` is then found in a second, not after an hour of attack.
+/// Checks, before any work starts, that every output `(role, path)` can be written: a file
+/// name (not a folder, no trailing slash), in an existing folder that takes a new file, not an
+/// existing special file (a device or a FIFO, which the atomic rename would replace), and
+/// neither one of the `inputs` nor another output. A bad `--out` is then found in a second,
+/// not after an hour of attack.
 pub fn check_outputs(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Result<()> {
     let inputs: Vec<PathBuf> = inputs.iter().filter_map(|p| fs::canonicalize(p).ok()).collect();
     let mut seen: Vec<(&str, PathBuf)> = Vec::new();
     for &(role, path) in outputs {
         let bad =
             |reason: String| Error::InvalidConfig(format!("{role} {}: {reason}", path.display()));
-        if path.is_dir() {
+        if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
             return Err(bad("is a folder; give a file name".into()));
+        }
+        if let Some(meta) = fs::metadata(path).ok().filter(|m| !m.is_file()) {
+            let kind = file_kind(&meta.file_type());
+            return Err(bad(format!("exists and is {kind}, which the output would replace")));
         }
         let full = resolved_output(role, path)?;
         if inputs.contains(&full) {
@@ -150,12 +157,95 @@ fn write_and_sync(tmp: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> Result<
 }
 
 /// SHA-256 of a whole file, as `sha256:` and 64 hex digits (what model cards and RobustBench
-/// entries quote).
+/// entries quote). A regular file only (see [`check_regular_file`]), streamed.
 pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::Digest;
-    let bytes = fs::read(path).map_err(io_err(path))?;
-    let digest = sha2::Sha256::digest(&bytes);
+    check_regular_file(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut file = File::open(path).map_err(io_err(path))?;
+    std::io::copy(&mut file, &mut hasher).map_err(io_err(path))?;
+    let digest = hasher.finalize();
     Ok(format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+/// Refuses anything but a regular file (links followed) as an input: a FIFO blocks its reader
+/// until a writer comes, which may be never, and a device such as /dev/zero never ends. The
+/// error names the path and what it is.
+pub fn check_regular_file(path: &Path) -> Result<()> {
+    let meta = fs::metadata(path).map_err(io_err(path))?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    let kind = file_kind(&meta.file_type());
+    Err(Error::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a regular file ({kind})"),
+        ),
+    })
+}
+
+/// What a file that is not a regular file is, in words.
+fn file_kind(t: &fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a folder"
+    } else {
+        "a special file"
+    }
+}
+
+/// The whole of an input file, after [`check_regular_file`].
+pub fn read_input(path: &Path) -> Result<Vec<u8>> {
+    check_regular_file(path)?;
+    fs::read(path).map_err(io_err(path))
+}
+
+/// What went wrong, without the path, for errors that name the path themselves.
+pub(crate) fn reason(e: &Error) -> String {
+    match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            "file not found".into()
+        }
+        Error::Io { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// A TOML parse error on one line: where it is and what, without the parser's multi-line
+/// caret picture (errors are one line each, see docs/reliability.md).
+pub(crate) fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {}", e.message().trim())
+        }
+        None => e.message().trim().to_string(),
+    }
+}
+
+/// The whole of an input text file (UTF-8), after [`check_regular_file`].
+pub fn read_input_to_string(path: &Path) -> Result<String> {
+    check_regular_file(path)?;
+    fs::read_to_string(path).map_err(io_err(path))
 }
 
 #[cfg(test)]
@@ -194,10 +284,48 @@ mod tests {
         assert!(err(&[("--out", &out), ("--markdown", &dir.join("./r.json"))]).contains("--out"));
         assert!(err(&[("--out", &dir)]).contains("folder"));
         assert!(err(&[("--out", &dir.join("no/such/r.json"))]).contains("folder"));
+        assert!(err(&[("--out", &dir.join("new/"))]).contains("folder"));
+        #[cfg(unix)]
+        assert!(err(&[("--out", Path::new("/dev/null"))]).contains("a character device"));
         let lock = OutputLock::acquire(&out).unwrap();
         assert!(OutputLock::acquire(&out).unwrap_err().to_string().contains("another run"));
         drop(lock);
         assert!(OutputLock::acquire(&out).is_ok());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn inputs_are_read_from_regular_files_only() {
+        let dir = std::env::temp_dir().join(format!("diffshield-inputs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("abc.txt");
+        fs::write(&file, b"abc").unwrap();
+        assert_eq!(read_input(&file).unwrap(), b"abc");
+        assert_eq!(read_input_to_string(&file).unwrap(), "abc");
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_file(&file).unwrap(), format!("sha256:{abc}"));
+        let mut special = vec![(dir.clone(), "a folder")];
+        #[cfg(unix)]
+        {
+            // A FIFO with no writer would block a reader forever; /dev/zero never ends.
+            let fifo = dir.join("fifo");
+            let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+            assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", fifo.display());
+            special.push((fifo, "a FIFO"));
+            special.push((PathBuf::from("/dev/zero"), "a character device"));
+        }
+        for (path, kind) in &special {
+            let errors = [
+                read_input(path).map(|_| ()),
+                read_input_to_string(path).map(|_| ()),
+                sha256_file(path).map(|_| ()),
+            ];
+            for e in errors {
+                let e = e.expect_err("refused").to_string();
+                assert!(e.contains(&format!("not a regular file ({kind})")), "{e}");
+            }
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -114,19 +114,25 @@ impl Manifest {
     /// Reads `DIR/models.toml`.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("models.toml");
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound {
-                format!(
-                    "; point --models (config key `models`, or {}) at the folder holding it",
-                    crate::config::MODELS_ENV
-                )
-            } else {
-                String::new()
+        let text = crate::files::read_input_to_string(&path).map_err(|e| {
+            let hint = match &e {
+                Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                    format!(
+                        "; point --models (config key `models`, or {}) at the folder holding it",
+                        crate::config::MODELS_ENV
+                    )
+                }
+                _ => String::new(),
             };
-            Error::Manifest { path: path.clone(), reason: format!("{e}{hint}") }
+            Error::Manifest {
+                path: path.clone(),
+                reason: format!("{}{hint}", crate::files::reason(&e)),
+            }
         })?;
-        let mut m: Manifest = toml::from_str(&text)
-            .map_err(|e| Error::Manifest { path: path.clone(), reason: e.to_string() })?;
+        let mut m: Manifest = toml::from_str(&text).map_err(|e| Error::Manifest {
+            path: path.clone(),
+            reason: crate::files::toml_error(&text, &e),
+        })?;
         m.dir = dir.to_path_buf();
         m.check(&path)?;
         Ok(m)

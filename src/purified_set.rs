@@ -117,21 +117,49 @@ pub fn purify_set(
     if spec.shard_images == 0 {
         return Err(bad("shard size must be at least 1 image"));
     }
+    let inside_out = std::fs::canonicalize(&spec.out)
+        .ok()
+        .zip(std::fs::canonicalize(&spec.source).ok())
+        .is_some_and(|(out, source)| source.starts_with(out));
+    if inside_out {
+        return Err(bad(format!(
+            "the source {} is inside the output folder {}, whose files the run writes and keeps",
+            spec.source.display(),
+            spec.out.display()
+        )));
+    }
     let set = read_source(&spec.source, spec.limit)?;
     let mut config = spec.defense.clone();
     config.votes = spec.draws;
     crate::backend::resolve_precision(&mut config);
     config.validate()?;
+    // Everything that can refuse these settings runs before the first file is made, so a
+    // failed start leaves no folder or manifest behind (which a corrected rerun would then
+    // refuse as made with other settings).
+    let wanted = manifest_for(spec, &config, set.len())?;
+    let manifest_path = spec.out.join("manifest.json");
+    if manifest_path.exists() {
+        crate::files::check_regular_file(&manifest_path)?;
+    }
+    let asked_seed = config.seed;
+    let mut pipeline: Option<Pipeline> = None;
+    if !manifest_path.exists() {
+        // A fresh set: its models load now (a truncated file, a missing backend, too many
+        // threads), with the seed the manifest will record.
+        config.seed = Some(config.resolve_seed()?);
+        pipeline = Some(Pipeline::from_config(&config)?);
+    }
     std::fs::create_dir_all(&spec.out)
         .map_err(|source| Error::Io { path: spec.out.clone(), source })?;
-    let manifest_path = spec.out.join("manifest.json");
     let _lock = OutputLock::acquire(&manifest_path)?;
-    let wanted = manifest_for(spec, &config, set.len())?;
     let manifest = match std::fs::read(&manifest_path) {
-        Ok(bytes) => resumed(&manifest_path, &bytes, wanted, config.seed)?,
+        Ok(bytes) => resumed(&manifest_path, &bytes, wanted, asked_seed)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut m = wanted;
-            m.seed = config.resolve_seed()?;
+            m.seed = match config.seed {
+                Some(seed) => seed,
+                None => config.resolve_seed()?,
+            };
             let json = serde_json::to_vec_pretty(&m)
                 .map_err(|e| Error::Backend(format!("manifest: {e}")))?;
             write_atomically(&manifest_path, &json)?;
@@ -139,8 +167,11 @@ pub fn purify_set(
         }
         Err(source) => return Err(Error::Io { path: manifest_path, source }),
     };
+    if config.seed != Some(manifest.seed) {
+        // Another run wrote the manifest first: its seed rules, so the pipeline is rebuilt.
+        pipeline = None;
+    }
     config.seed = Some(manifest.seed);
-    let mut pipeline: Option<Pipeline> = None;
     let batch = config.batch.max(1);
     for k in 0..manifest.shards() {
         let path = spec.out.join(format!("shard_{k:05}.bin"));

@@ -631,15 +631,19 @@ impl Drop for CloseOnDrop {
 /// in every case (also on a panic).
 ///
 /// The thread's result is the number of frames pushed, or the source's error (frames pushed
-/// before it stay queued); [`Error::InvalidConfig`] where `rate_hz` is not finite and > 0.
-/// Starting the thread is refused with [`Error::InvalidConfig`] when the OS will not (a process
-/// at its thread limit); the queue is then closed.
+/// before it stay queued). Refused with [`Error::InvalidConfig`], the queue then closed: a
+/// `rate_hz` that is not finite or below [`MIN_RATE_HZ`] (before the thread starts), and a
+/// thread the OS will not start (a process at its thread limit).
 pub fn spawn_producer(
     mut source: Box<dyn FrameSource>,
     rate_hz: Option<f64>,
     limit: Option<u64>,
     queue: Arc<FrameQueue>,
 ) -> Result<JoinHandle<Result<u64>>> {
+    if let Err(e) = check_rate(rate_hz) {
+        queue.close();
+        return Err(e);
+    }
     let closer = CloseOnDrop(Arc::clone(&queue));
     thread::Builder::new()
         .name("diffshield-frames".into())
@@ -655,6 +659,23 @@ pub fn spawn_producer(
         })
 }
 
+/// Slowest frame rate a stream takes: one frame a day (Hz). Slower is a typo (`--rate 1e-9`
+/// would wait 31 years for its second frame), not a camera.
+pub const MIN_RATE_HZ: f64 = 1.0 / 86_400.0;
+
+/// Refuses a rate that is not finite or below [`MIN_RATE_HZ`].
+pub(crate) fn check_rate(rate_hz: Option<f64>) -> Result<()> {
+    match rate_hz {
+        Some(rate) if !(rate.is_finite() && rate >= MIN_RATE_HZ) => {
+            Err(Error::InvalidConfig(format!(
+                "frame rate {rate} Hz must be finite and at least {MIN_RATE_HZ:.3e} Hz (one \
+                 frame a day)"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Whether a source's error concerns one frame (a file that does not decode, bad pixels), so
 /// that the stream can go on without it, rather than the source itself (a folder that cannot
 /// be listed, a raw stream cut mid-frame, a broken CIFAR file).
@@ -668,13 +689,7 @@ fn produce(
     limit: Option<u64>,
     queue: &FrameQueue,
 ) -> Result<u64> {
-    if let Some(rate) = rate_hz {
-        if !(rate.is_finite() && rate > 0.0) {
-            return Err(Error::InvalidConfig(format!(
-                "frame rate {rate} Hz must be finite and greater than 0"
-            )));
-        }
-    }
+    check_rate(rate_hz)?;
     let start = Instant::now();
     let mut produced = 0u64;
     while limit.is_none_or(|l| produced < l) && !queue.is_closed() {

@@ -52,6 +52,11 @@ fn closed_and_full_stdout() {
         ["eval", "--data", s(&b4), "--no-purify"].map(String::from).to_vec(),
         vec!["tune".into(), "--print-grid".into()],
         square(&b4, "2", &["--json"]),
+        ["purify-set", "--data", s(&b4), "--out", s(&d.join("ps")), "--draws", "1", "--seed", "1"]
+            .into_iter()
+            .chain(F)
+            .map(String::from)
+            .collect(),
     ];
     for args in &cases {
         let full = std::fs::File::options().write(true).open("/dev/full").unwrap();
@@ -260,13 +265,127 @@ fn special_files_are_refused_without_blocking() {
         ],
         vec!["classify", s(&fifo)],
         vec!["classify", "samples/02_cat.png", "--config", s(&fifo)],
+        vec!["tune", "--data", "samples/02_cat.png", "--out", s(&tune_out), "--grid", s(&fifo)],
     ];
+    let attack_fifo = square(&fifo, "2", &[]);
+    let attack_zero = square(Path::new("/dev/zero"), "2", &[]);
+    let mut jobs: Vec<Vec<&str>> = jobs;
+    jobs.push(attack_fifo.iter().map(String::as_str).collect());
+    jobs.push(attack_zero.iter().map(String::as_str).collect());
+    // Files the run finds by itself: the models' manifest, a purified set's manifest.
+    let models = common::models_copy(&d, "m", |m| m);
+    std::fs::remove_file(models.join("models.toml")).unwrap();
+    assert!(Command::new("mkfifo").arg(models.join("models.toml")).status().unwrap().success());
+    jobs.push(vec!["classify", "samples/02_cat.png", "--models", s(&models)]);
+    let set = d.join("set");
+    std::fs::create_dir_all(&set).unwrap();
+    assert!(Command::new("mkfifo").arg(set.join("manifest.json")).status().unwrap().success());
+    let b4 = synthetic_cifar(&d, "b4.bin", 4, 0);
+    let purify = ["purify-set", "--data", s(&b4), "--out", s(&set), "--draws", "1"];
+    jobs.push(purify.into_iter().chain(F).collect());
     for args in jobs {
         let t = Instant::now();
         let out = ds(&args);
         assert_refused(&out, "not a regular file");
         assert!(t.elapsed() < Duration::from_secs(20), "{args:?} blocked");
     }
+}
+
+#[test]
+fn outputs_never_replace_inputs_or_special_files() {
+    let d = scratch("keep");
+    let b4 = synthetic_cifar(&d, "b4.bin", 4, 0);
+    let config = d.join("cfg.toml");
+    std::fs::write(&config, "seed = 1\n").unwrap();
+    let models = common::models_copy(&d, "m", |m| m);
+    let manifest = models.join("models.toml");
+    let kept = |path: &Path, before: &[u8]| {
+        assert_eq!(std::fs::read(path).unwrap(), before, "{} was replaced", path.display())
+    };
+    let (config_text, manifest_text) =
+        (std::fs::read(&config).unwrap(), std::fs::read(&manifest).unwrap());
+    let with = |extra: &[&str]| {
+        let mut a = square(&b4, "2", extra);
+        a.extend(["--models".to_string(), s(&models).to_string()]);
+        ds_owned(&a)
+    };
+    assert_refused(&with(&["--config", s(&config), "--junit", s(&config)]), "input");
+    assert_refused(&with(&["--markdown", s(&manifest)]), "input");
+    kept(&config, &config_text);
+    kept(&manifest, &manifest_text);
+    let fifo = d.join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert_refused(&with(&["--markdown", s(&fifo)]), "a FIFO");
+    assert_refused(&with(&["--out", s(&d.join("new/"))]), "folder");
+    // tune: a grid file where the sweep writes its table.
+    let out = d.join("t");
+    std::fs::create_dir_all(&out).unwrap();
+    let grid = out.join("tune.csv");
+    std::fs::write(&grid, "t_star = [20]\n").unwrap();
+    let tune = ["tune", "--data", s(&b4), "--out", s(&out), "--grid", s(&grid), "--attack", "none"];
+    assert_refused(&ds(&tune), "would replace the input");
+    assert_eq!(std::fs::read_to_string(&grid).unwrap(), "t_star = [20]\n");
+    // purify-set: a source inside the output folder would be taken for a finished shard.
+    let px = d.join("px");
+    std::fs::create_dir_all(&px).unwrap();
+    std::fs::copy(&b4, px.join("shard_00000.bin")).unwrap();
+    let shard = px.join("shard_00000.bin");
+    let inside = ["purify-set", "--data", s(&shard), "--out", s(&px), "--draws", "1"];
+    assert_refused(&ds(&inside.into_iter().chain(F).collect::<Vec<_>>()), "inside the output");
+}
+
+#[test]
+fn a_failed_start_leaves_no_output_folder() {
+    let d = scratch("nostart");
+    let b4 = synthetic_cifar(&d, "b4.bin", 4, 0);
+    let truncated = d.join("cut.bin");
+    std::fs::write(&truncated, &std::fs::read(&b4).unwrap()[..5000]).unwrap();
+    let out = d.join("o");
+    let purify = |extra: &[&str]| {
+        let mut a = vec!["purify-set", "--data", s(&b4), "--out", s(&out), "--draws", "1"];
+        a.extend_from_slice(extra);
+        ds(&a)
+    };
+    assert_refused(&purify(&["--t-star", "5000"]), "T*");
+    assert_refused(&purify(&["--denoiser", "zz"]), "zz");
+    let models = common::models_copy(&d, "m", |m| m);
+    let onnx = models.join("denoiser_s.onnx");
+    let bytes = std::fs::read(&onnx).unwrap();
+    // A link to the shipped file: replaced, never written through.
+    std::fs::remove_file(&onnx).unwrap();
+    std::fs::write(&onnx, &bytes[..bytes.len() / 2]).unwrap();
+    assert_refused(&purify(&["--models", s(&models), "--t-star", "20", "--stride", "20"]), "model");
+    assert!(!out.exists(), "a failed purify-set left {}", out.display());
+    let tune = |data: &Path, extra: &[&str]| {
+        let mut a = vec!["tune", "--data", s(data), "--out", s(&out), "--attack", "none"];
+        a.extend_from_slice(extra);
+        ds(&a)
+    };
+    assert_refused(&tune(&truncated, &[]), "cut.bin");
+    assert_refused(&tune(&b4, &["--warmup", "99999999999"]), "--warmup");
+    assert!(!out.exists(), "a failed tune left {}", out.display());
+}
+
+#[test]
+fn unbounded_options_are_refused_before_any_work() {
+    let d = scratch("unbounded");
+    let b4 = synthetic_cifar(&d, "b4.bin", 4, 0);
+    let t = Instant::now();
+    let check = |extra: &[&str]| {
+        let mut a = vec!["device-check", "--vectors", "tests/vectors"];
+        a.extend_from_slice(extra);
+        ds(&a)
+    };
+    assert_refused(&check(&["--batches", "1,99999999"]), "--batches");
+    assert_refused(&check(&["--speed-frames", "99999999999"]), "--speed-frames");
+    assert_refused(&check(&["--speed-batch", "0"]), "--speed-batch");
+    assert_refused(&check(&["--expect-acc", "5"]), "--expect-acc");
+    assert_refused(&check(&["--data", s(&d.join("missing.bin"))]), "missing.bin");
+    let rate = ["run", "--data", s(&b4), "--rate", "1e-9", "--votes", "1"];
+    assert_refused(&ds(&rate.into_iter().chain(F).collect::<Vec<_>>()), "one frame a day");
+    let grad = ["gradcheck", "--data", s(&b4), "--images", "1", "--coords", "99999999"];
+    assert_refused(&ds(&grad), "--coords");
+    assert!(t.elapsed() < Duration::from_secs(60), "refusals took {:?}", t.elapsed());
 }
 
 /// `attack` on a synthetic file: Square on the bare classifier, two queries: fast and twin-free.

@@ -486,8 +486,7 @@ impl AttackReport {
 
     /// Reads a report written by [`crate::attack::suite::run_suite`].
     pub fn read(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let text = crate::files::read_input_to_string(path)?;
         serde_json::from_str(&text).map_err(|e| {
             Error::InvalidConfig(format!(
                 "--resume: {} is not an attack report of this version: {e}",

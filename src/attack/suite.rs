@@ -69,6 +69,9 @@ pub struct SuiteOutputs {
     pub junit: Option<PathBuf>,
     /// The JUnit thresholds.
     pub min_acc: Thresholds,
+    /// Files the run reads besides the data and the models (a config file): like those, no
+    /// output may replace them.
+    pub inputs: Vec<PathBuf>,
 }
 
 /// JUnit thresholds: a fraction for every cell and/or per mode.
@@ -178,17 +181,20 @@ pub fn run_suite(
     .into_iter()
     .filter_map(|(role, p)| p.map(|p| (role, p)))
     .collect();
-    let mut inputs: Vec<&std::path::Path> = vec![suite.data.as_path()];
+    let manifest_file = config.models_dir()?.join("models.toml");
+    let mut inputs: Vec<&std::path::Path> = vec![suite.data.as_path(), manifest_file.as_path()];
     inputs.extend(model_files.iter().map(|(_, p)| p.as_path()));
+    inputs.extend(outputs.inputs.iter().map(PathBuf::as_path));
     crate::files::check_outputs(&named, &inputs)?;
     let _lock = outputs.report.as_deref().map(crate::files::OutputLock::acquire).transpose()?;
     if let (Some(path), true) = (&outputs.report, outputs.resume) {
-        if !path.is_file() {
+        if !path.exists() {
             return Err(Error::InvalidConfig(format!(
                 "--resume: {} does not exist; run without --resume to start it",
                 path.display()
             )));
         }
+        crate::files::check_regular_file(path)?;
     }
     let mut fingerprints = std::collections::BTreeMap::new();
     fingerprints.insert("data".to_string(), crate::files::sha256_file(&suite.data)?);

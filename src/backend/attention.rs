@@ -419,11 +419,26 @@ mod tests {
         }
     }
 
+    /// `qkv` of two images that answers with empty slices after its first two calls, counting
+    /// them in `calls`.
+    fn changing<'a>(
+        calls: &'a std::cell::Cell<usize>,
+        [q, k, v]: [&'a [f32]; 3],
+    ) -> impl Fn(usize) -> [&'a [f32]; 3] + 'a {
+        move |_| {
+            calls.set(calls.get() + 1);
+            if calls.get() <= 2 {
+                [q, k, v]
+            } else {
+                [&q[..0], &k[..0], &v[..0]]
+            }
+        }
+    }
+
     #[test]
     fn asks_for_each_image_once_so_the_checked_slices_are_the_ones_read() {
-        // A caller whose `qkv` changes its answer (here: empty slices after the first n calls)
-        // must not get reads through unchecked slices: each image is asked for exactly once,
-        // before the check, and the kernels read those slices.
+        // A caller whose `qkv` changes its answer must not get reads through unchecked slices:
+        // each image is asked for exactly once, before the check, and the kernels read those.
         let (c, l) = (16, 32);
         let shape = AttentionShape { channels: c, pixels: l };
         let (q, k, v) = (values(c * l, 1), values(c * l, 2), values(c * l, 3));
@@ -431,30 +446,16 @@ mod tests {
             let mut alone = vec![f32::NAN; c * l];
             attend(level, shape, 0.5, &q, &k, &v, &mut alone).expect("runs");
             let calls = std::cell::Cell::new(0);
-            let qkv = |_: usize| {
-                calls.set(calls.get() + 1);
-                if calls.get() <= 2 {
-                    [&q[..], &k[..], &v[..]]
-                } else {
-                    [&q[..0], &k[..0], &v[..0]]
-                }
-            };
             let mut out = vec![f32::NAN; 2 * c * l];
+            let qkv = changing(&calls, [&q, &k, &v]);
             attend_images(level, shape, 0.5, 2, qkv, &mut out).expect("runs");
             assert_eq!(calls.get(), 2, "{}: one call per image", level.name());
             assert!(out[..c * l] == alone[..] && out[c * l..] == alone[..], "{}", level.name());
         }
         if super::super::attention_bf16::supported() {
             let calls = std::cell::Cell::new(0);
-            let qkv = |_: usize| {
-                calls.set(calls.get() + 1);
-                if calls.get() <= 2 {
-                    [&q[..], &k[..], &v[..]]
-                } else {
-                    [&q[..0], &k[..0], &v[..0]]
-                }
-            };
             let mut out = vec![f32::NAN; 2 * c * l];
+            let qkv = changing(&calls, [&q, &k, &v]);
             super::super::attention_bf16::attend_images(shape, 0.5, 2, qkv, &mut out)
                 .expect("runs");
             assert_eq!(calls.get(), 2, "bf16: one call per image");

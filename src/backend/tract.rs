@@ -161,9 +161,7 @@ impl BatchedModel {
         let load_err = |reason: String| Error::ModelLoad { path: path.to_path_buf(), reason };
         let mismatch =
             |reason: String| Error::ManifestMismatch { path: path.to_path_buf(), reason };
-        if !path.is_file() {
-            return Err(load_err("file not found".into()));
-        }
+        crate::files::check_regular_file(path).map_err(|e| load_err(crate::files::reason(&e)))?;
         let model = tract_onnx::onnx()
             .model_for_path(path)
             .map_err(|e| load_err(format!("not a valid ONNX model ({e})")))?;

@@ -360,6 +360,7 @@ fn purify_set(
         defense: args.resolve()?,
     };
     use anyhow::Context as _;
+    use std::io::Write as _;
     let start = std::time::Instant::now();
     let mut done = 0usize;
     let manifest = diffshield::purified_set::purify_set(&spec, &mut |s| {
@@ -374,14 +375,20 @@ fn purify_set(
         );
     })
     .with_context(|| format!("purifying {} into {}", data.display(), out.display()))?;
-    println!(
+    // Written, not println!: a closed or full stdout is an error to report (or, closed early
+    // by a reader, a quiet end), never a panic.
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
         "{}: {} images x {} draws, denoiser {}, seed {}",
         out.display(),
         manifest.images,
         manifest.draws,
         manifest.denoiser,
         manifest.seed
-    );
+    )
+    .and_then(|()| stdout.flush())
+    .map_err(|source| diffshield::Error::Io { path: "stdout".into(), source })?;
     Ok(())
 }
 

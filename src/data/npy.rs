@@ -17,7 +17,7 @@ pub struct Npy {
 /// other than `<f4`, `<f8`, `<i8`, a size that disagrees with the shape).
 pub fn read_npy(path: &Path) -> Result<Npy> {
     let bad = |reason: String| Error::Pixels { what: path.display().to_string(), reason };
-    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let bytes = crate::files::read_input(path)?;
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("not an .npy file".into()));
     }

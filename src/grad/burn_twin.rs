@@ -92,7 +92,7 @@ impl TwinSource {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })
+    crate::files::read_input(path)
 }
 
 /// `model` (freshly made, its parameters unset) with the weights of `onnx`, the bytes of `path`

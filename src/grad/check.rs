@@ -76,9 +76,11 @@ pub fn check_gradient(
             x.shape()
         )));
     }
-    if !(h > 0.0 && h.is_finite()) || coords == 0 {
+    if !(h > 0.0 && h.is_finite()) || coords == 0 || coords > x.len() {
         return Err(Error::InvalidConfig(format!(
-            "gradient check needs h > 0 and at least one coordinate (h={h}, coords={coords})"
+            "gradient check needs h > 0 and 1..={} coordinates, the input's values (h={h}, \
+             coords={coords})",
+            x.len()
         )));
     }
     let flat: Vec<f32> = analytic.iter().copied().collect();

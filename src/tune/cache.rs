@@ -29,7 +29,7 @@ pub fn path_for(out: &Path, key: &str) -> PathBuf {
 /// will be overwritten).
 pub fn load(out: &Path, key: &str) -> Option<PointResult> {
     let path = path_for(out, key);
-    let text = std::fs::read_to_string(&path).ok()?;
+    let text = crate::files::read_input_to_string(&path).ok()?;
     let r: PointResult = match serde_json::from_str(&text) {
         Ok(r) => r,
         Err(e) => {

@@ -384,11 +384,15 @@ impl Grid {
     /// file in errors.
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Grid> {
         let err = |reason: String| Error::ConfigFile { path: origin.to_path_buf(), reason };
-        let value: toml::Table = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let value: toml::Table =
+            toml::from_str(text).map_err(|e| err(crate::files::toml_error(text, &e)))?;
         let grids = if value.contains_key("grid") {
-            toml::from_str::<GridFile>(text).map_err(|e| err(e.to_string()))?.grid
+            toml::from_str::<GridFile>(text)
+                .map_err(|e| err(crate::files::toml_error(text, &e)))?
+                .grid
         } else {
-            vec![toml::from_str::<GridAxes>(text).map_err(|e| err(e.to_string()))?]
+            vec![toml::from_str::<GridAxes>(text)
+                .map_err(|e| err(crate::files::toml_error(text, &e)))?]
         };
         if grids.is_empty() {
             return Err(err("the file names no grid".into()));
@@ -401,8 +405,10 @@ impl Grid {
 
     /// Reads a grid file.
     pub fn from_file(path: &Path) -> Result<Grid> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::ConfigFile { path: path.into(), reason: e.to_string() })?;
+        let text = crate::files::read_input_to_string(path).map_err(|e| Error::ConfigFile {
+            path: path.into(),
+            reason: crate::files::reason(&e),
+        })?;
         Self::from_toml_str(&text, path)
     }
 

@@ -203,6 +203,9 @@ impl fmt::Display for LatencyClock {
     }
 }
 
+/// Most untimed warm-up frames per point.
+pub const MAX_WARMUP: usize = 1000;
+
 /// Everything about how a point is measured (all of it but `clock` is part of the cache key).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeasureSettings {
@@ -228,6 +231,9 @@ impl MeasureSettings {
         let bad = |m: &str| Err(Error::InvalidConfig(format!("tune: {m}")));
         if self.clean_images == 0 {
             return bad("--images must be at least 1 (they are also the latency samples)");
+        }
+        if self.warmup > MAX_WARMUP {
+            return bad(&format!("--warmup must be at most {MAX_WARMUP} frames"));
         }
         if self.attack.kind.is_some() {
             if self.attack.images == 0 {
@@ -463,19 +469,47 @@ pub struct TuneOutcome {
     pub files: Option<OutputFiles>,
 }
 
-/// The output folder is checked before anything is measured: a folder (made if missing) that
-/// takes a new file and is not the data file.
-fn check_out_folder(out: &Path, data: &Path) -> Result<()> {
+/// The names a sweep writes in its output folder (the cache is a folder of its own).
+pub const OUTPUT_NAMES: [&str; 6] =
+    ["tune.csv", "pareto.md", "pareto.svg", "depth.svg", "summary.json", cache::CACHE_DIR];
+
+/// Refuses `inputs` that a sweep into `out` would replace: a file at one of
+/// [`OUTPUT_NAMES`] in `out`, or inside its cache folder. [`run`] checks the data file and the
+/// models' manifest; a caller with more inputs (a grid or config file) checks those too.
+pub fn check_inputs_kept(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let Ok(out) = std::fs::canonicalize(out) else {
+        // No folder yet, so nothing inside it.
+        return Ok(());
+    };
+    for input in inputs {
+        let Ok(full) = std::fs::canonicalize(input) else { continue };
+        let clash = OUTPUT_NAMES.iter().any(|name| full == out.join(name))
+            || full.starts_with(out.join(cache::CACHE_DIR));
+        if clash {
+            return Err(Error::InvalidConfig(format!(
+                "tune --out {}: would replace the input {}; move it or write elsewhere",
+                out.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The output folder is checked before anything is measured, after everything else: a folder
+/// (made if missing) that takes a new file, is not the data file and replaces no input.
+fn check_out_folder(out: &Path, data: &Path, manifest: &Path) -> Result<()> {
     let bad =
         |reason: String| Error::InvalidConfig(format!("tune --out {}: {reason}", out.display()));
     if out.exists() && !out.is_dir() {
         return Err(bad("exists and is not a folder".into()));
     }
-    crate::files::create_dir(out)?;
     let same = std::fs::canonicalize(out).ok() == std::fs::canonicalize(data).ok();
     if same {
         return Err(bad("is the data file".into()));
     }
+    check_inputs_kept(out, &[data, manifest])?;
+    crate::files::create_dir(out)?;
     let probe = out.join(format!(".probe-{}", std::process::id()));
     std::fs::File::create(&probe).map_err(|e| bad(format!("cannot be written ({e})")))?;
     let _ = std::fs::remove_file(&probe);
@@ -505,14 +539,17 @@ pub fn run(
     settings.base.seed.get_or_insert(FIXED_SEED);
     let settings = &settings;
     settings.validate()?;
-    if !dry_run {
-        check_out_folder(out, &settings.data)?;
-    }
     let points = grid.points()?;
     if points.is_empty() {
         return Err(Error::InvalidConfig("tune: the grid has no points".into()));
     }
     check_points(&points, &settings.base)?;
+    if !dry_run {
+        // The data must open before the output folder is made: a failed start leaves nothing.
+        crate::data::cifar::open_records(&settings.data)?;
+        let manifest = settings.base.models_dir()?.join("models.toml");
+        check_out_folder(out, &settings.data, &manifest)?;
+    }
     let keys: Vec<String> = points.iter().map(|p| cache_key(p, settings)).collect();
     let total = points.len();
     let mut results = Vec::with_capacity(total);

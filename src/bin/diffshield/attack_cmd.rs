@@ -222,6 +222,7 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
         markdown: args.markdown.clone(),
         junit: args.junit.clone(),
         min_acc: Thresholds::parse(&args.min_acc)?,
+        inputs: args.defense.config.iter().cloned().collect(),
     };
     let mut bar = None;
     let outcome = run_suite(&config, &suite, &outputs, &mut |p| {

@@ -56,6 +56,23 @@ type Outcome = anyhow::Result<(serde_json::Value, Option<String>)>;
 /// say) is reported as failed with its error and the next one still runs: a GPU lease is short,
 /// so one run must say everything it can.
 pub fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
+    // The user's input is checked before the first check runs: a bad option or data file is
+    // a usage error (exit 2), not a failed check after minutes of others.
+    device_check::check_options(&args.batches, args.speed_frames, args.speed_batch)?;
+    let bad = |what: String| diffshield::Error::InvalidConfig(what);
+    if !(args.max_eps_rel.is_finite() && args.max_eps_rel >= 0.0) {
+        return Err(bad(format!("--max-eps-rel must be >= 0, got {}", args.max_eps_rel)).into());
+    }
+    if let Some(want) = args.expect_acc.filter(|a| !(0.0..=1.0).contains(a)) {
+        return Err(bad(format!("--expect-acc is a fraction in [0, 1], got {want}")).into());
+    }
+    if args.data.is_some() && args.images == 0 {
+        return Err(bad("--images 0 checks no image".into()).into());
+    }
+    let set = match &args.data {
+        Some(data) => Some(diffshield::data::cifar::read_cifar_bin(data, Some(args.images))?),
+        None => None,
+    };
     let mut config = args.defense.resolve()?;
     config.seed.get_or_insert(0);
     let mut out = std::io::stdout().lock();
@@ -94,9 +111,8 @@ pub fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
         ))
     };
     report(&mut out, "golden", golden())?;
-    if let Some(data) = &args.data {
+    if let Some(set) = &set {
         let accuracy = || -> Outcome {
-            let set = diffshield::data::cifar::read_cifar_bin(data, Some(args.images))?;
             let mut defense = diffshield::Defense::from_config(&diffshield::DefenseConfig {
                 votes: 1,
                 ..config.clone()

@@ -67,6 +67,16 @@ fn validate(args: &GradcheckArgs) -> anyhow::Result<()> {
         )
         .into());
     }
+    // Each coordinate costs two purifications; more than the images' values (CIFAR-10 records)
+    // cannot be picked, and would otherwise only be refused after the models load.
+    let values = args.images.saturating_mul(diffshield::data::cifar::CIFAR_IMAGE_BYTES);
+    if args.coords > values {
+        return Err(diffshield::Error::InvalidConfig(format!(
+            "--coords {} is more than the {values} values of {} image(s)",
+            args.coords, args.images
+        ))
+        .into());
+    }
     Ok(())
 }
 

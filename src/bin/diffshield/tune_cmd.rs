@@ -170,6 +170,9 @@ pub fn tune(args: &TuneArgs) -> anyhow::Result<()> {
             );
         }
     };
+    let inputs: Vec<&std::path::Path> =
+        args.grid.iter().chain(&args.config).map(std::path::PathBuf::as_path).collect();
+    tune::check_inputs_kept(&args.out, &inputs)?;
     let outcome = tune::run(&grid, &settings, &args.out, args.dry_run, &mut report)?;
     let summary = outcome.summary(&settings);
     use std::io::Write;
