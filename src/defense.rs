@@ -353,6 +353,9 @@ impl Defense {
         let seed = self.seed();
         let refused = |error: Error| StreamFailure { error, partial: None };
         crate::stream::check_rate(options.rate_hz).map_err(refused)?;
+        if options.limit == Some(0) {
+            return Err(refused(Error::InvalidConfig("--limit 0 classifies no frame".into())));
+        }
         let queue = Arc::new(FrameQueue::new(options.queue).map_err(refused)?);
         let producer = spawn_producer(source, options.rate_hz, options.limit, Arc::clone(&queue))
             .map_err(refused)?;

@@ -117,6 +117,9 @@ pub fn purify_set(
     if spec.shard_images == 0 {
         return Err(bad("shard size must be at least 1 image"));
     }
+    if spec.limit == Some(0) {
+        return Err(bad("--limit 0 purifies no image"));
+    }
     let inside_out = std::fs::canonicalize(&spec.out)
         .ok()
         .zip(std::fs::canonicalize(&spec.source).ok())

@@ -493,6 +493,13 @@ fn empty_runs_are_refused() {
     assert_refused(&ds(&["eval", "--data", s(&data), "--limit", "0"]), "no images");
     assert_refused(&ds_owned(&square(&data, "0", &[])), "--limit 0");
     assert_refused(&ds(&["classify", s(&data), "--limit", "0"]), "no images");
+    assert_refused(&ds(&["run", "--data", s(&data), "--limit", "0"]), "--limit 0");
+    let out = d.join("ps");
+    let purify = ["purify-set", "--data", s(&data), "--out", s(&out), "--limit", "0"];
+    assert_refused(&ds(&purify), "--limit 0");
+    assert!(!out.exists());
+    let pgd = ["attack", "--data", s(&data), "--limit", "2", "--threat", "linf:8/255"];
+    assert_refused(&ds(&[&pgd[..], &["--step-size", "2"]].concat()), "--step-size");
     // A refused stream prints no summary.
     let out = Command::new(DS)
         .args(["run", "--raw", "32x32", "--rate", "0"])

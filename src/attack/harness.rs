@@ -146,9 +146,10 @@ impl AttackSpec {
             }
         }
         if let Some(s) = self.step_size {
-            if !(s.is_finite() && s > 0.0) {
+            // Pixels are in [0, 1]: a larger step only jumps from one clip to the other.
+            if !(s.is_finite() && s > 0.0 && s <= 1.0) {
                 return Err(Error::InvalidConfig(format!(
-                    "--step-size must be a positive number, got {s}"
+                    "--step-size must be in (0, 1] pixel units, got {s}"
                 )));
             }
         }
