@@ -64,7 +64,7 @@ pub fn attend_images<'a>(
     }
     // Elsewhere `supported` is false and the error above is returned.
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = scale;
+    let _ = (scale, images);
     #[cfg(target_arch = "x86_64")]
     PACKED.with(|packed| {
         let len = shape.channels * shape.pixels;
