@@ -148,11 +148,10 @@ impl DefenseConfig {
     /// working directory.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bad = |reason: String| Error::ConfigFile { path: path.into(), reason };
-        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-        if !meta.is_file() {
-            return Err(bad("not a regular file".into()));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let text = crate::files::read_input_to_string(path).map_err(|e| match e {
+            Error::Io { source, .. } => bad(source.to_string()),
+            other => other,
+        })?;
         let mut config: Self =
             toml::from_str(&text).map_err(|e| bad(crate::files::toml_error(&text, &e)))?;
         if let Some(m) = config.models.as_mut().filter(|m| m.is_relative()) {

@@ -352,7 +352,6 @@ impl Defense {
     ) -> std::result::Result<StreamOutcome, StreamFailure> {
         let seed = self.seed();
         let refused = |error: Error| StreamFailure { error, partial: None };
-        crate::stream::check_rate(options.rate_hz).map_err(refused)?;
         if options.limit == Some(0) {
             return Err(refused(Error::InvalidConfig("--limit 0 classifies no frame".into())));
         }

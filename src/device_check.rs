@@ -23,14 +23,28 @@ pub const MAX_SPEED_FRAMES: usize = 100_000;
 
 /// Refuses, before any check runs, option values no check can run with: batch sizes outside
 /// 1..=[`crate::config::MAX_BATCH`], more than [`MAX_SPEED_FRAMES`] timed frames, a speed
-/// batch outside that range when frames are timed. ([`batches`] and [`speed`] check again.)
+/// batch outside that range when frames are timed. ([`batches`] and [`speed`] check their
+/// own part again.)
 pub fn check_options(sizes: &[usize], speed_frames: usize, speed_batch: usize) -> Result<()> {
+    check_batches(sizes)?;
+    check_speed(speed_frames, speed_batch)
+}
+
+/// Batch sizes must be listed and in 1..=[`crate::config::MAX_BATCH`].
+fn check_batches(sizes: &[usize]) -> Result<()> {
     let max = crate::config::MAX_BATCH;
     if sizes.is_empty() || sizes.iter().any(|&n| n == 0 || n > max) {
         return Err(Error::InvalidConfig(format!(
             "--batches must list batch sizes in 1..={max}, got {sizes:?}"
         )));
     }
+    Ok(())
+}
+
+/// At most [`MAX_SPEED_FRAMES`] timed frames, and a speed batch in 1..=
+/// [`crate::config::MAX_BATCH`] when frames are timed.
+fn check_speed(speed_frames: usize, speed_batch: usize) -> Result<()> {
+    let max = crate::config::MAX_BATCH;
     if speed_frames > MAX_SPEED_FRAMES {
         return Err(Error::InvalidConfig(format!(
             "--speed-frames must be at most {MAX_SPEED_FRAMES}, got {speed_frames}"
@@ -210,7 +224,7 @@ pub struct Batches {
 /// Runs `sizes.max()` frames at every batch size of `sizes` (one pipeline call each) with a
 /// fixed seed and compares the first `min(sizes)` frames.
 pub fn batches(config: &DefenseConfig, sizes: &[usize]) -> Result<Batches> {
-    check_options(sizes, 0, 1)?;
+    check_batches(sizes)?;
     let mut config = config.clone();
     config.seed.get_or_insert(0);
     config.votes = 1;
@@ -250,7 +264,7 @@ pub struct Speed {
 
 /// Times `frames` single frames and 3 calls of `batch` frames, one vote each.
 pub fn speed(config: &DefenseConfig, frames_n: usize, batch: usize) -> Result<Speed> {
-    check_options(&[1], frames_n, batch)?;
+    check_speed(frames_n, batch)?;
     let mut config = config.clone();
     config.seed.get_or_insert(0);
     config.votes = 1;

@@ -82,10 +82,13 @@ pub fn check_outputs(outputs: &[(&str, &Path)], inputs: &[&Path]) -> Result<()> 
     for &(role, path) in outputs {
         let bad =
             |reason: String| Error::InvalidConfig(format!("{role} {}: {reason}", path.display()));
-        if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
+        let existing = fs::metadata(path).ok();
+        if existing.as_ref().is_some_and(fs::Metadata::is_dir)
+            || path.as_os_str().to_string_lossy().ends_with('/')
+        {
             return Err(bad("is a folder; give a file name".into()));
         }
-        if let Some(meta) = fs::metadata(path).ok().filter(|m| !m.is_file()) {
+        if let Some(meta) = existing.filter(|m| !m.is_file()) {
             let kind = file_kind(&meta.file_type());
             return Err(bad(format!("exists and is {kind}, which the output would replace")));
         }

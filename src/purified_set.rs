@@ -141,12 +141,11 @@ pub fn purify_set(
     // refuse as made with other settings).
     let wanted = manifest_for(spec, &config, set.len())?;
     let manifest_path = spec.out.join("manifest.json");
-    if manifest_path.exists() {
-        crate::files::check_regular_file(&manifest_path)?;
-    }
     let asked_seed = config.seed;
     let mut pipeline: Option<Pipeline> = None;
-    if !manifest_path.exists() {
+    if manifest_path.exists() {
+        crate::files::check_regular_file(&manifest_path)?;
+    } else {
         // A fresh set: its models load now (a truncated file, a missing backend, too many
         // threads), with the seed the manifest will record.
         config.seed = Some(config.resolve_seed()?);

@@ -664,7 +664,7 @@ pub fn spawn_producer(
 pub const MIN_RATE_HZ: f64 = 1.0 / 86_400.0;
 
 /// Refuses a rate that is not finite or below [`MIN_RATE_HZ`].
-pub(crate) fn check_rate(rate_hz: Option<f64>) -> Result<()> {
+fn check_rate(rate_hz: Option<f64>) -> Result<()> {
     match rate_hz {
         Some(rate) if !(rate.is_finite() && rate >= MIN_RATE_HZ) => {
             Err(Error::InvalidConfig(format!(
@@ -689,7 +689,6 @@ fn produce(
     limit: Option<u64>,
     queue: &FrameQueue,
 ) -> Result<u64> {
-    check_rate(rate_hz)?;
     let start = Instant::now();
     let mut produced = 0u64;
     while limit.is_none_or(|l| produced < l) && !queue.is_closed() {

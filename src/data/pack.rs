@@ -27,11 +27,7 @@ pub fn is_jpeg_pack(path: &Path) -> bool {
 /// read); [`Error::Cifar`] naming the record and its byte offset where the framing is cut
 /// short, a label is above 9, a JPEG does not decode or is not 32x32.
 pub fn read_jpeg_pack(path: &Path, split: u8, limit: Option<usize>) -> Result<CifarSet> {
-    let meta = std::fs::metadata(path).map_err(|source| Error::Io { path: path.into(), source })?;
-    if !meta.is_file() {
-        return Err(pack_err(path, "not a regular file".into()));
-    }
-    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let bytes = crate::files::read_input(path)?;
     let mut labels = Vec::new();
     let mut pixels = Vec::new();
     let mut pos = 0usize;
