@@ -780,6 +780,27 @@ fn an_unavailable_gradient_device_is_refused() {
     assert_user_error(&attack("wgpu"), "--features wgpu");
 }
 
+/// The on/off switches take 0 or 1: `off` read as "not 0" would measure the path it meant to
+/// turn off, so any other value is a named user error before any work.
+#[test]
+fn measurement_switches_refuse_values_other_than_0_and_1() {
+    let d = scratch("switches");
+    let data = synthetic_cifar(&d, "d.bin", 2, 4);
+    let run = |name: &str, value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_diffshield"))
+            .args(["eval", "--data", data.to_str().unwrap(), "--votes", "1", "--stride", "70"])
+            .env(name, value)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("binary runs")
+    };
+    for name in ["DIFFSHIELD_TRACT_ONLY", "DIFFSHIELD_WINOGRAD", "DIFFSHIELD_TRACT_THREADS"] {
+        assert_user_error(&run(name, "off"), &format!("{name}=\"off\": use 0 or 1"));
+        let on = run(name, "0");
+        assert!(on.status.success(), "{name}=0: {}", String::from_utf8_lossy(&on.stderr));
+    }
+}
+
 /// Kernel levels from the environment: a level the CPU lacks or a typo is a named user error;
 /// int8 where our VNNI kernel cannot run says it is slower than f32 there (forced avx2 here,
 /// where the CPU has AVX2; otherwise the test says it did not run that case).

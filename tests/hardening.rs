@@ -547,6 +547,16 @@ fn progress_is_logged_when_stderr_is_not_a_terminal() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("purified: 3/3"), "{}", stderr(&out));
+    // A value that is no number of seconds is named, once, and the default pace kept.
+    let out = Command::new(DS)
+        .args(["eval", "--data", s(&data)])
+        .args(F)
+        .env("DIFFSHIELD_PROGRESS_EVERY_S", "5s")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let warning = "ignoring DIFFSHIELD_PROGRESS_EVERY_S=\"5s\" (not a number of seconds)";
+    assert_eq!(stderr(&out).matches(warning).count(), 1, "{}", stderr(&out));
 }
 
 /// A folder of `total` copies of a sample, every 97th cut short (corrupt); returns the count

@@ -130,7 +130,7 @@ pub struct DirectConv {
 pub const WINOGRAD_ENV: &str = "DIFFSHIELD_WINOGRAD";
 
 fn winograd_enabled() -> bool {
-    std::env::var(WINOGRAD_ENV).map(|v| v != "0").unwrap_or(true)
+    super::switches::enabled(WINOGRAD_ENV, true)
 }
 
 impl DirectConv {

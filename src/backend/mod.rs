@@ -11,6 +11,7 @@ mod own_kernels_tests;
 pub(crate) mod par;
 pub(crate) mod quant_conv;
 pub(crate) mod simd;
+mod switches;
 pub mod tract;
 mod tract_attention;
 mod tract_concat;

@@ -103,8 +103,12 @@ impl KernelLevel {
     }
 
     /// The level of this process: [`KERNELS_ENV`] when set, `tract` when the older
-    /// `DIFFSHIELD_TRACT_ONLY` is `1`, else [`KernelLevel::best`].
+    /// `DIFFSHIELD_TRACT_ONLY` is `1`, else [`KernelLevel::best`]. Errors on an unknown level,
+    /// one this CPU cannot run, or a value other than `0` / `1` in any of the switches
+    /// (`DIFFSHIELD_TRACT_ONLY`, `DIFFSHIELD_WINOGRAD`, `DIFFSHIELD_TRACT_THREADS`).
     pub fn from_env() -> Result<KernelLevel, String> {
+        // Called wherever a CPU model is loaded, so a bad value in any switch stops it there.
+        super::switches::check()?;
         match std::env::var(KERNELS_ENV) {
             Ok(name) => {
                 KernelLevel::parse(name.trim()).map_err(|e| format!("{KERNELS_ENV}={name}: {e}"))

@@ -64,7 +64,9 @@ impl CpuThreads {
                 ))
             })?;
         let pool = std::sync::Arc::new(pool);
-        let tract = if tract_threads_enabled() {
+        let tract_threads =
+            super::switches::switch(TRACT_THREADS_ENV, true).map_err(Error::InvalidConfig)?;
+        let tract = if tract_threads {
             Executor::MultiThread(pool.clone())
         } else {
             Executor::SingleThread
@@ -91,10 +93,6 @@ impl CpuThreads {
 /// Environment switch: `0` keeps tract's own ops on the calling thread while this crate's
 /// kernels use the pipeline's threads (to measure what tract's threading adds).
 pub const TRACT_THREADS_ENV: &str = "DIFFSHIELD_TRACT_THREADS";
-
-fn tract_threads_enabled() -> bool {
-    std::env::var(TRACT_THREADS_ENV).map(|v| v != "0").unwrap_or(true)
-}
 
 /// Largest batch one CPU plan runs; larger batches run in chunks. This bounds the plan cache
 /// to this many plans (an attack's shrinking active set would otherwise build one per size),

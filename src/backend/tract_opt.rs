@@ -60,7 +60,7 @@ pub const TRACT_ONLY_ENV: &str = "DIFFSHIELD_TRACT_ONLY";
 /// Whether the runtime uses this crate's kernels in this process: true unless
 /// [`TRACT_ONLY_ENV`] is `1`.
 pub fn own_kernels_enabled() -> bool {
-    std::env::var(TRACT_ONLY_ENV).map(|v| v != "1").unwrap_or(true)
+    !super::switches::enabled(TRACT_ONLY_ENV, false)
 }
 
 /// Split batched convs into per-sample convs. Call on a *typed* model whose

@@ -9,6 +9,28 @@ use std::time::{Duration, Instant};
 /// sets another, in seconds).
 pub const LOG_EVERY: Duration = Duration::from_secs(30);
 
+/// The interval of the progress lines: `DIFFSHIELD_PROGRESS_EVERY_S` seconds when that is a
+/// number of seconds, else [`LOG_EVERY`], with a warning naming a value that is not one (it
+/// only paces the log, so it does not stop the job).
+fn log_every() -> Duration {
+    const NAME: &str = "DIFFSHIELD_PROGRESS_EVERY_S";
+    let Ok(value) = std::env::var(NAME) else { return LOG_EVERY };
+    match value.trim().parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+        Some(every) => every,
+        None => {
+            // Once a process: a job may show several progress displays.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                log::warn!(
+                    "ignoring {NAME}={value:?} (not a number of seconds): progress every {} s",
+                    LOG_EVERY.as_secs()
+                )
+            });
+            LOG_EVERY
+        }
+    }
+}
+
 /// A progress display for `len` steps of `what`.
 pub struct Progress {
     bar: Option<ProgressBar>,
@@ -32,11 +54,7 @@ impl Progress {
             bar
         });
         let now = Instant::now();
-        let every = std::env::var("DIFFSHIELD_PROGRESS_EVERY_S")
-            .ok()
-            .and_then(|s| s.parse::<f64>().ok())
-            .and_then(|s| Duration::try_from_secs_f64(s).ok())
-            .unwrap_or(LOG_EVERY);
+        let every = log_every();
         let (what, len) = (what.to_string(), len as u64);
         Self { bar, what, len, pos: 0, started: now, logged: now, every }
     }
