@@ -233,6 +233,31 @@ impl Manifest {
         }
     }
 
+    /// The model files a run of `config` uses, by role (`classifier`, `defended_classifier`
+    /// where the manifest has one, `denoiser`), at its precision: what its results depend on.
+    pub fn files_of(
+        &self,
+        config: &crate::config::DefenseConfig,
+    ) -> Result<Vec<(String, PathBuf)>> {
+        let c = &self.classifier;
+        let d = self.denoiser(&config.denoiser)?;
+        let what = format!("denoiser {}", config.denoiser);
+        let precision = config.precision;
+        let mut files = vec![
+            (
+                "classifier".into(),
+                self.file_at("classifier", &c.file, c.int8_file.as_deref(), precision)?,
+            ),
+            ("denoiser".into(), self.file_at(&what, &d.file, d.int8_file.as_deref(), precision)?),
+        ];
+        if let Some(dc) = &self.defended_classifier {
+            let path =
+                self.file_at("defended classifier", &dc.file, dc.int8_file.as_deref(), precision)?;
+            files.insert(1, ("defended_classifier".into(), path));
+        }
+        Ok(files)
+    }
+
     /// The diffusion schedule (f64).
     pub fn schedule(&self) -> Result<Schedule> {
         Schedule::linear(self.schedule.steps, self.schedule.beta_start, self.schedule.beta_end)

@@ -255,10 +255,38 @@ fn cache_skips_finished_points_and_extends_with_new_ones() {
     let dry = tune::run(&grid, &other, &out, true, &mut |_| {}).unwrap();
     assert_eq!((dry.measured, dry.cached), (0, 0));
     assert_eq!(dry.pending, vec!["s T*10 1steps eta1 v1 t1".to_string()]);
-    assert_ne!(
-        tune::cache_key(&grid.points().unwrap()[0], &s),
-        tune::cache_key(&grid.points().unwrap()[0], &other)
-    );
+    let point = &grid.points().unwrap()[0];
+    assert_ne!(tune::cache_key(point, &s, ""), tune::cache_key(point, &other, ""));
+
+    // The files' contents are part of the key: the data rewritten in place at the same size,
+    // or a model file replaced (here the denoiser by the classifier's bytes), is measured
+    // again; restored, the cached point is found again.
+    let pending = |s: &MeasureSettings| {
+        let dry = tune::run(&grid, s, &out, true, &mut |_| {}).unwrap();
+        (dry.cached, dry.pending.len())
+    };
+    assert_eq!(pending(&s), (1, 0));
+    let original = std::fs::read(&data).unwrap();
+    let mut changed = original.clone();
+    changed[1] ^= 1;
+    std::fs::write(&data, &changed).unwrap();
+    assert_eq!(pending(&s), (0, 1), "a rewritten data file read from the cache");
+    std::fs::write(&data, &original).unwrap();
+    assert_eq!(pending(&s), (1, 0));
+    let models = common::models_copy(&dir, "models", |m| m);
+    let mut copied = s.clone();
+    copied.base.models = Some(models.clone());
+    assert_eq!(pending(&copied), (1, 0), "the same files in another folder are the same key");
+    let denoiser = models.join("denoiser_s.onnx");
+    std::fs::remove_file(&denoiser).unwrap();
+    std::fs::copy(common::models_dir().join("classifier.onnx"), &denoiser).unwrap();
+    assert_eq!(pending(&copied), (0, 1), "a replaced denoiser read from the cache");
+    // So is the kernel level the latencies were measured at.
+    use diffshield::backend::KernelLevel;
+    let points = grid.points().unwrap();
+    let at = |level| tune::input_fingerprints(&points, &s, level).unwrap();
+    assert_ne!(at(KernelLevel::Portable), at(KernelLevel::Tract));
+    assert_eq!(at(KernelLevel::Portable), at(KernelLevel::Portable));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -171,7 +171,7 @@ pub fn run_suite(
         return Err(Error::InvalidConfig("--resume needs the report file (--out)".into()));
     }
     let manifest = Manifest::load(&config.models_dir()?)?;
-    let model_files = model_files(&manifest, &config)?;
+    let model_files = manifest.files_of(&config)?;
     // Every output is checked (and the report locked) before the first image is attacked.
     let named: Vec<(&str, &std::path::Path)> = [
         ("--out", outputs.report.as_deref()),
@@ -439,32 +439,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-/// The model files a run uses, by role (`classifier`, `defended_classifier` where the manifest
-/// has one, `denoiser`), at its precision.
-fn model_files(manifest: &Manifest, config: &DefenseConfig) -> Result<Vec<(String, PathBuf)>> {
-    let c = &manifest.classifier;
-    let d = manifest.denoiser(&config.denoiser)?;
-    let what = format!("denoiser {}", config.denoiser);
-    let precision = config.precision;
-    let mut files = vec![
-        (
-            "classifier".into(),
-            manifest.file_at("classifier", &c.file, c.int8_file.as_deref(), precision)?,
-        ),
-        ("denoiser".into(), manifest.file_at(&what, &d.file, d.int8_file.as_deref(), precision)?),
-    ];
-    if let Some(dc) = &manifest.defended_classifier {
-        let path = manifest.file_at(
-            "defended classifier",
-            &dc.file,
-            dc.int8_file.as_deref(),
-            precision,
-        )?;
-        files.insert(1, ("defended_classifier".into(), path));
-    }
-    Ok(files)
 }
 
 #[cfg(test)]

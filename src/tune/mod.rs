@@ -250,23 +250,24 @@ impl MeasureSettings {
         self.base.validate()
     }
 
-    /// A canonical text form: data file (name and size), image counts, attack, and every key
-    /// of the base configuration that the grid does not set (as sorted JSON, so a key added to
-    /// `DefenseConfig` later becomes part of the cache key by itself).
+    /// A canonical text form: data file name, image counts, attack, and every key of the base
+    /// configuration that the grid does not set (as sorted JSON, so a key added to
+    /// `DefenseConfig` later becomes part of the cache key by itself). The files' contents are
+    /// in the key through [`input_fingerprints`].
     pub fn canonical(&self) -> String {
         let name = self.data.file_name().map(|n| n.to_string_lossy().into_owned());
-        let size = std::fs::metadata(&self.data).map(|m| m.len()).unwrap_or(0);
         // Sorted explicitly: serde_json keeps insertion order if any crate enables preserve_order.
         let base: std::collections::BTreeMap<String, serde_json::Value> =
             match serde_json::to_value(&self.base) {
-                Ok(serde_json::Value::Object(map)) => {
-                    map.into_iter().filter(|(k, _)| !GRID_SET_KEYS.contains(&k.as_str())).collect()
-                }
+                Ok(serde_json::Value::Object(map)) => map
+                    .into_iter()
+                    .filter(|(k, _)| !KEYS_NOT_IN_BASE.contains(&k.as_str()))
+                    .collect(),
                 _ => Default::default(),
             };
         let base = serde_json::to_string(&base).unwrap_or_default();
         format!(
-            "data={}:{size};images={};warmup={};{};base={}",
+            "data={};images={};warmup={};{};base={}",
             name.unwrap_or_default(),
             self.clean_images,
             self.warmup,
@@ -276,8 +277,11 @@ impl MeasureSettings {
     }
 }
 
-/// Configuration keys a grid point sets (so they are not part of the base in a cache key).
-const GRID_SET_KEYS: [&str; 10] = [
+/// Configuration keys left out of the base in a cache key: those a grid point sets, and the
+/// models folder, whose files are in the key by content ([`input_fingerprints`]), so a cache
+/// stays valid for the same models in another folder.
+const KEYS_NOT_IN_BASE: [&str; 11] = [
+    "models",
     "denoiser",
     "t_star",
     "stride",
@@ -398,9 +402,46 @@ impl PointResult {
     }
 }
 
-/// The cache key of `point` under `settings`.
-pub fn cache_key(point: &GridPoint, settings: &MeasureSettings) -> String {
-    format!("v{}|{}|{}", cache::CACHE_VERSION, point.canonical(), settings.canonical())
+/// The cache key of `point` under `settings`, with `inputs` from [`input_fingerprints`].
+pub fn cache_key(point: &GridPoint, settings: &MeasureSettings, inputs: &str) -> String {
+    let (version, point) = (cache::CACHE_VERSION, point.canonical());
+    format!("v{version}|{point}|{}|{inputs}", settings.canonical())
+}
+
+/// Per point, what its numbers depend on beyond the settings' text: the SHA-256 of the data
+/// file, of the models' manifest and of each model file the point runs, and the CPU kernel level (forcing another one
+/// changes the latency). Part of the cache key, so that a data file rewritten in place, a
+/// retrained model or another kernel level is measured again instead of being read from the
+/// cache. Each file is hashed once.
+/// `level` is the one the sweep runs at ([`crate::backend::KernelLevel::from_env`]).
+pub fn input_fingerprints(
+    points: &[GridPoint],
+    settings: &MeasureSettings,
+    level: crate::backend::KernelLevel,
+) -> Result<Vec<String>> {
+    let manifest = crate::manifest::Manifest::load(&settings.base.models_dir()?)?;
+    let mut digests = std::collections::HashMap::<PathBuf, String>::new();
+    let mut digest = |path: &Path| -> Result<String> {
+        if let Some(d) = digests.get(path) {
+            return Ok(d.clone());
+        }
+        let d = crate::files::sha256_file(path)?;
+        digests.insert(path.to_path_buf(), d.clone());
+        Ok(d)
+    };
+    let data = digest(&settings.data)?;
+    // The manifest holds the diffusion schedule and each denoiser's trained range.
+    let manifest_file = digest(&manifest.path_of("models.toml"))?;
+    points
+        .iter()
+        .map(|p| {
+            let mut text = format!("data={data};kernels={};manifest={manifest_file}", level.name());
+            for (role, path) in manifest.files_of(&p.config(&settings.base))? {
+                text.push_str(&format!(";{role}={}", digest(&path)?));
+            }
+            Ok(text)
+        })
+        .collect()
 }
 
 /// Builds every point's DDIM plan against the manifest, so a T* outside a denoiser's trained
@@ -550,7 +591,10 @@ pub fn run(
         let manifest = settings.base.models_dir()?.join("models.toml");
         check_out_folder(out, &settings.data, &manifest)?;
     }
-    let keys: Vec<String> = points.iter().map(|p| cache_key(p, settings)).collect();
+    let level = crate::backend::KernelLevel::from_env().map_err(Error::InvalidConfig)?;
+    let inputs = input_fingerprints(&points, settings, level)?;
+    let keys: Vec<String> =
+        points.iter().zip(&inputs).map(|(p, inputs)| cache_key(p, settings, inputs)).collect();
     let total = points.len();
     let mut results = Vec::with_capacity(total);
     let mut missing = Vec::new();
