@@ -529,6 +529,8 @@ fn messages_name_the_problem_once() {
     let d = scratch("misc");
     let data = synthetic_cifar(&d, "d.bin", 2, 0);
     assert_refused(&ds_owned(&square(&data, "2", &["--threat", "linf:8/255"])), "twice");
+    // A loss that no chosen attack ascends would be recorded as if it had been used.
+    assert_refused(&ds_owned(&square(&data, "2", &["--loss", "dlr"])), "no chosen attack takes");
     assert_refused(&ds(&["run", "--folder", "samples/02_cat.png"]), "not a folder");
     let out = ds(&["run", "--watch", "--data", s(&data)]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));

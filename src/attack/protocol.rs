@@ -4,6 +4,7 @@
 
 use super::gradients::AttackMode;
 use super::harness::AttackSpec;
+use super::AttackKind;
 use super::{Norm, ThreatModel};
 use crate::error::{Error, Result};
 use crate::grad::Loss;
@@ -111,10 +112,32 @@ pub fn override_step_size(attacks: &mut [AttackSpec], step_size: f64) {
     }
 }
 
+/// Sets the loss of every PGD and APGD (square and aa-rand choose their own). Returns how
+/// many attacks it set: 0 means the loss would not be used.
+pub fn override_loss(attacks: &mut [AttackSpec], loss: Loss) -> usize {
+    let ascending = |a: &&mut AttackSpec| matches!(a.kind, AttackKind::Pgd | AttackKind::Apgd);
+    attacks.iter_mut().filter(ascending).map(|a| a.loss = Some(loss)).count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::attack::AttackKind;
+
+    #[test]
+    fn a_loss_overrides_pgd_and_apgd_only() {
+        let mut strict = Protocol::Strict.preset().attacks;
+        assert_eq!(override_loss(&mut strict, Loss::Dlr), 2, "PGD-200 and the one-step PGD");
+        let losses: Vec<_> = strict.iter().map(|a| a.loss).collect();
+        assert_eq!(losses, [None, Some(Loss::Dlr), Some(Loss::Dlr)], "aa-rand keeps CE + DLR");
+        let mut mixed = vec![AttackSpec::square(10), AttackSpec::apgd(5, Loss::CrossEntropy)];
+        assert_eq!(override_loss(&mut mixed, Loss::Margin), 1);
+        assert_eq!((mixed[0].loss, mixed[1].loss), (None, Some(Loss::Margin)));
+        assert_eq!(
+            override_loss(&mut [AttackSpec::square(10), AttackSpec::aa_rand(5)], Loss::Dlr),
+            0
+        );
+    }
 
     #[test]
     fn strict_is_the_documented_protocol_and_overrides_keep_the_one_step_attack() {

@@ -83,9 +83,10 @@ pub struct AttackArgs {
     /// Evaluation runs with fresh noise per adversarial image [default: 5].
     #[arg(long)]
     runs: Option<u32>,
-    /// Loss PGD and APGD ascend (aa-rand runs both CE and DLR).
-    #[arg(long, value_enum, default_value = "ce")]
-    loss: LossArg,
+    /// Loss PGD and APGD ascend, also a preset's [default: ce, or the preset's] (square has its
+    /// own margin loss, aa-rand runs both CE and DLR).
+    #[arg(long, value_enum)]
+    loss: Option<LossArg>,
     /// Start PGD at the clean image instead of a random point of the ball.
     #[arg(long)]
     no_random_start: bool,
@@ -161,11 +162,11 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
     };
     twice(threats.iter().map(|t| format!("--threat {t}")).collect())?;
     twice(modes.iter().map(|m| format!("--mode {m}")).collect())?;
-    let loss = match args.loss {
+    let loss = args.loss.map(|l| match l {
         LossArg::Ce => Loss::CrossEntropy,
         LossArg::Margin => Loss::Margin,
         LossArg::Dlr => Loss::Dlr,
-    };
+    });
     let step_size = args.step_size.as_deref().map(parse_fraction).transpose()?;
     let mut attacks: Vec<AttackSpec> = if !args.attack.is_empty() {
         let steps = args.pgd_steps.unwrap_or(20);
@@ -182,7 +183,7 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
                     kind,
                     steps,
                     step_size,
-                    loss,
+                    Loss::CrossEntropy,
                     args.queries,
                     !args.no_random_start,
                 )
@@ -191,13 +192,23 @@ pub fn attack(args: &AttackArgs) -> anyhow::Result<()> {
     } else if let Some(p) = &preset {
         p.attacks.clone()
     } else {
-        vec![AttackSpec::pgd(args.pgd_steps.unwrap_or(20), step_size, loss, !args.no_random_start)]
+        let steps = args.pgd_steps.unwrap_or(20);
+        vec![AttackSpec::pgd(steps, step_size, Loss::CrossEntropy, !args.no_random_start)]
     };
     if let Some(steps) = args.pgd_steps {
         protocol::override_steps(&mut attacks, steps);
     }
     if let Some(size) = step_size {
         protocol::override_step_size(&mut attacks, size);
+    }
+    // A loss no chosen attack ascends would be recorded in the report as if it had been used.
+    if loss.is_some_and(|l| protocol::override_loss(&mut attacks, l) == 0) {
+        return Err(diffshield::Error::InvalidConfig(
+            "--loss: no chosen attack takes a loss (square has its own margin loss, aa-rand \
+             runs both CE and DLR); add --attack pgd or apgd"
+                .into(),
+        )
+        .into());
     }
     let suite = Suite {
         data: args.data.clone(),
