@@ -11,7 +11,14 @@ pub enum Error {
     #[error(
         "T*={t_star} is outside the denoiser's trained range {min}..={max} (models/models.toml)"
     )]
-    TStarOutOfRange { t_star: u32, min: u32, max: u32 },
+    TStarOutOfRange {
+        /// The T* asked for (diffusion steps, 1..=schedule length).
+        t_star: u32,
+        /// The smallest T* the denoiser was trained on.
+        min: u32,
+        /// The largest T* the denoiser was trained on.
+        max: u32,
+    },
     /// A DDIM plan that cannot be built (stride 0, non-decreasing list, ...).
     #[error("invalid DDIM plan: {0}")]
     InvalidPlan(String),
@@ -20,28 +27,68 @@ pub enum Error {
     InvalidConfig(String),
     /// A configuration file that cannot be read or parsed.
     #[error("config file {path}: {reason}")]
-    ConfigFile { path: PathBuf, reason: String },
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The model manifest (models/models.toml) is missing, unparsable or inconsistent.
     #[error("model manifest {path}: {reason}")]
-    Manifest { path: PathBuf, reason: String },
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An ONNX file whose inputs/outputs disagree with its manifest entry.
     #[error("model {path} does not match its manifest entry: {reason}")]
-    ManifestMismatch { path: PathBuf, reason: String },
+    ManifestMismatch {
+        /// The ONNX file.
+        path: PathBuf,
+        /// Which input or output disagrees, and how.
+        reason: String,
+    },
     /// A model file that is missing, truncated or not loadable.
     #[error("cannot load model {path}: {reason}")]
-    ModelLoad { path: PathBuf, reason: String },
+    ModelLoad {
+        /// The model file.
+        path: PathBuf,
+        /// Why it cannot be loaded.
+        reason: String,
+    },
     /// An image file that cannot be decoded.
     #[error("cannot decode image {path}: {reason}")]
-    Image { path: PathBuf, reason: String },
+    Image {
+        /// The image file (or a description of an in-memory frame).
+        path: PathBuf,
+        /// The decoder's or the size check's message.
+        reason: String,
+    },
     /// A CIFAR-10 binary file whose size or content is wrong.
     #[error("CIFAR-10 file {path}: {reason}")]
-    Cifar { path: PathBuf, reason: String },
+    Cifar {
+        /// The data file.
+        path: PathBuf,
+        /// What is wrong with its size or content.
+        reason: String,
+    },
     /// Input tensor with a wrong shape.
     #[error("bad input shape: expected {expected}, got {got}")]
-    Shape { expected: String, got: String },
+    Shape {
+        /// The shape wanted, e.g. `[n, 3, 32, 32]`.
+        expected: String,
+        /// The shape given.
+        got: String,
+    },
     /// Input pixels that are NaN/infinite or outside \[0,1\].
     #[error("bad pixel values in {what}: {reason}")]
-    Pixels { what: String, reason: String },
+    Pixels {
+        /// Which input holds them.
+        what: String,
+        /// The first bad value and where it is.
+        reason: String,
+    },
     /// A requested backend that this build or machine does not have.
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),
@@ -51,7 +98,9 @@ pub enum Error {
     /// An I/O error on a named path.
     #[error("{path}: {source}")]
     Io {
+        /// The path the operation was on.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },

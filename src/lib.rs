@@ -71,6 +71,10 @@
 //!
 //! `diffshield = { version = "0.1", default-features = false }` is the runtime alone.
 
+// Every public item says what it holds (units included) to the camera apps that embed it; the
+// lint keeps it so under `cargo clippy -- -D warnings`.
+#![warn(missing_docs)]
+
 pub mod attack;
 pub mod backend;
 pub mod budget;

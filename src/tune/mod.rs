@@ -465,11 +465,32 @@ pub fn check_points(points: &[GridPoint], base: &DefenseConfig) -> Result<Vec<Ve
 #[derive(Debug, Clone)]
 pub enum Progress<'a> {
     /// Point `index` of `total` starts being measured.
-    Measuring { index: usize, total: usize, point: &'a GridPoint },
+    Measuring {
+        /// Which point of the grid (0-based).
+        index: usize,
+        /// Points in the grid.
+        total: usize,
+        /// The point.
+        point: &'a GridPoint,
+    },
     /// Point `index` of `total` was found in the cache.
-    Cached { index: usize, total: usize, point: &'a GridPoint },
+    Cached {
+        /// Which point of the grid (0-based).
+        index: usize,
+        /// Points in the grid.
+        total: usize,
+        /// The point.
+        point: &'a GridPoint,
+    },
     /// Point `index` finished.
-    Done { index: usize, total: usize, result: &'a PointResult },
+    Done {
+        /// Which point of the grid (0-based).
+        index: usize,
+        /// Points in the grid.
+        total: usize,
+        /// What was measured.
+        result: &'a PointResult,
+    },
 }
 
 /// Files a sweep writes besides the per-point cache.
