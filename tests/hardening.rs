@@ -541,24 +541,22 @@ fn messages_name_the_problem_once() {
 fn progress_is_logged_when_stderr_is_not_a_terminal() {
     let d = scratch("progress");
     let data = synthetic_cifar(&d, "d.bin", 3, 0);
-    let out = Command::new(DS)
-        .args(["eval", "--data", s(&data)])
-        .args(F)
-        .env("DIFFSHIELD_PROGRESS_EVERY_S", "0")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("purified: 3/3"), "{}", stderr(&out));
+    let every = |seconds: &str| {
+        let out = Command::new(DS)
+            .args(["eval", "--data", s(&data)])
+            .args(F)
+            .env("DIFFSHIELD_PROGRESS_EVERY_S", seconds)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let err = every("0");
+    assert!(err.contains("purified: 3/3"), "{err}");
     // A value that is no number of seconds is named, once, and the default pace kept.
-    let out = Command::new(DS)
-        .args(["eval", "--data", s(&data)])
-        .args(F)
-        .env("DIFFSHIELD_PROGRESS_EVERY_S", "5s")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let err = every("5s");
     let warning = "ignoring DIFFSHIELD_PROGRESS_EVERY_S=\"5s\" (not a number of seconds)";
-    assert_eq!(stderr(&out).matches(warning).count(), 1, "{}", stderr(&out));
+    assert_eq!(err.matches(warning).count(), 1, "{err}");
 }
 
 /// A folder of `total` copies of a sample, every 97th cut short (corrupt); returns the count

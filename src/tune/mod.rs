@@ -409,11 +409,11 @@ pub fn cache_key(point: &GridPoint, settings: &MeasureSettings, inputs: &str) ->
 }
 
 /// Per point, what its numbers depend on beyond the settings' text: the SHA-256 of the data
-/// file, of the models' manifest and of each model file the point runs, and the CPU kernel level (forcing another one
-/// changes the latency). Part of the cache key, so that a data file rewritten in place, a
-/// retrained model or another kernel level is measured again instead of being read from the
-/// cache. Each file is hashed once.
-/// `level` is the one the sweep runs at ([`crate::backend::KernelLevel::from_env`]).
+/// file, of the models' manifest and of each model file the point runs, and the CPU kernel
+/// `level` the sweep runs at ([`crate::backend::KernelLevel::from_env`]; another level changes
+/// the latency). Part of the cache key, so that a data file rewritten in place, a retrained
+/// model or another kernel level is measured again instead of being read from the cache. Each
+/// file is hashed once.
 pub fn input_fingerprints(
     points: &[GridPoint],
     settings: &MeasureSettings,
