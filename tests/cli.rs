@@ -599,6 +599,10 @@ fn device_check_runs_every_check_on_the_cpu() {
         ["engine", "placement", "placement", "golden", "accuracy", "batches", "speed", "summary"]
     );
     assert_eq!(lines[0]["engine"], "cpu");
+    // What the speed figures belong to: this CPU, and the kernel level it ran.
+    assert_eq!(lines[0]["cpu"], diffshield::backend::cpu_name());
+    let level = diffshield::backend::KernelLevel::from_env().unwrap();
+    assert_eq!(lines[0]["kernels"], level.name());
     assert!(lines[3]["max_eps_rel"].as_f64().unwrap() < 1e-3, "{}", lines[3]);
     assert_eq!(lines[7]["passed"], true);
     // A check that fails fails the command.

@@ -24,7 +24,7 @@ mod tract_quant;
 mod tract_upsample;
 mod winograd;
 
-pub use simd::{KernelLevel, KERNELS_ENV};
+pub use simd::{cpu_name, KernelLevel, KERNELS_ENV};
 
 use crate::error::Result;
 use ndarray::{Array2, Array4, ArrayView4};

@@ -119,6 +119,28 @@ impl KernelLevel {
     }
 }
 
+/// This machine's CPU as the operating system names it: Linux's `model name` (x86), else its
+/// `CPU implementer` and `CPU part` (ARM), else the architecture (`aarch64`). Reports and
+/// tune's cache keys quote it, since latencies belong to the CPU they were measured on.
+pub fn cpu_name() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines().find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            (k.trim() == key).then(|| v.trim().to_string())
+        })
+    };
+    if let Some(name) = field("model name").filter(|n| !n.is_empty()) {
+        return name;
+    }
+    match (field("CPU implementer"), field("CPU part")) {
+        (Some(implementer), Some(part)) => {
+            format!("{} implementer {implementer} part {part}", std::env::consts::ARCH)
+        }
+        _ => std::env::consts::ARCH.to_string(),
+    }
+}
+
 /// True on x86-64 CPUs that run AVX-512 at half the rate per instruction: AMD's Zen 4 (family
 /// 0x19, the only family of that number with AVX-512; Zen 3 has none) executes each 512-bit FMA
 /// as two 256-bit halves, so its AVX-512 level has AVX2's arithmetic rate and Winograd's saved

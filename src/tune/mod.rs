@@ -409,11 +409,12 @@ pub fn cache_key(point: &GridPoint, settings: &MeasureSettings, inputs: &str) ->
 }
 
 /// Per point, what its numbers depend on beyond the settings' text: the SHA-256 of the data
-/// file, of the models' manifest and of each model file the point runs, and the CPU kernel
-/// `level` the sweep runs at ([`crate::backend::KernelLevel::from_env`]; another level changes
-/// the latency). Part of the cache key, so that a data file rewritten in place, a retrained
-/// model or another kernel level is measured again instead of being read from the cache. Each
-/// file is hashed once.
+/// file, of the models' manifest and of each model file the point runs, the CPU
+/// ([`crate::backend::cpu_name`]) and the kernel `level` the sweep runs at
+/// ([`crate::backend::KernelLevel::from_env`]): another CPU or level changes the latency. Part
+/// of the cache key, so that a data file rewritten in place, a retrained model, a cache folder
+/// copied to another machine or another kernel level is measured again instead of being read
+/// from the cache. Each file is hashed once.
 pub fn input_fingerprints(
     points: &[GridPoint],
     settings: &MeasureSettings,
@@ -432,10 +433,12 @@ pub fn input_fingerprints(
     let data = digest(&settings.data)?;
     // The manifest holds the diffusion schedule and each denoiser's trained range.
     let manifest_file = digest(&manifest.path_of("models.toml"))?;
+    let (cpu, kernels) = (crate::backend::cpu_name(), level.name());
     points
         .iter()
         .map(|p| {
-            let mut text = format!("data={data};kernels={};manifest={manifest_file}", level.name());
+            let mut text =
+                format!("data={data};cpu={cpu};kernels={kernels};manifest={manifest_file}");
             for (role, path) in manifest.files_of(&p.config(&settings.base))? {
                 text.push_str(&format!(";{role}={}", digest(&path)?));
             }

@@ -78,7 +78,20 @@ pub fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let mut failed = Vec::new();
     let engine = diffshield::backend::engine(&config)?;
-    line(&mut out, json!({"check": "engine", "engine": engine.name()}))?;
+    // The CPU and, on the CPU engine, the kernel level: what the speed figures belong to.
+    let kernels = match engine {
+        diffshield::backend::tract::Engine::Cpu(_) => Some(
+            diffshield::backend::KernelLevel::from_env()
+                .map_err(diffshield::Error::InvalidConfig)?
+                .name(),
+        ),
+        _ => None,
+    };
+    let cpu = diffshield::backend::cpu_name();
+    line(
+        &mut out,
+        json!({"check": "engine", "engine": engine.name(), "cpu": cpu, "kernels": kernels}),
+    )?;
     let manifest = Manifest::load(&config.models_dir()?)?;
     let mut report =
         |out: &mut std::io::StdoutLock, name: &str, r: Outcome| -> anyhow::Result<()> {
