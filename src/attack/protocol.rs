@@ -122,7 +122,6 @@ pub fn override_loss(attacks: &mut [AttackSpec], loss: Loss) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attack::AttackKind;
 
     #[test]
     fn a_loss_overrides_pgd_and_apgd_only() {

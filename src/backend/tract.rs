@@ -50,6 +50,9 @@ impl CpuThreads {
                 MAX_THREADS_PER_CORE * cores
             )));
         }
+        // Checked at any thread count, before threads start: a bad value is refused alike.
+        let tract_threads =
+            super::switches::switch(TRACT_THREADS_ENV, true).map_err(Error::InvalidConfig)?;
         if threads == 1 {
             return Ok(Self::single());
         }
@@ -64,8 +67,6 @@ impl CpuThreads {
                 ))
             })?;
         let pool = std::sync::Arc::new(pool);
-        let tract_threads =
-            super::switches::switch(TRACT_THREADS_ENV, true).map_err(Error::InvalidConfig)?;
         let tract = if tract_threads {
             Executor::MultiThread(pool.clone())
         } else {
