@@ -115,8 +115,12 @@ pub fn override_step_size(attacks: &mut [AttackSpec], step_size: f64) {
 /// Sets the loss of every PGD and APGD (square and aa-rand choose their own). Returns how
 /// many attacks it set: 0 means the loss would not be used.
 pub fn override_loss(attacks: &mut [AttackSpec], loss: Loss) -> usize {
-    let ascending = |a: &&mut AttackSpec| matches!(a.kind, AttackKind::Pgd | AttackKind::Apgd);
-    attacks.iter_mut().filter(ascending).map(|a| a.loss = Some(loss)).count()
+    let mut set = 0;
+    for a in attacks.iter_mut().filter(|a| matches!(a.kind, AttackKind::Pgd | AttackKind::Apgd)) {
+        a.loss = Some(loss);
+        set += 1;
+    }
+    set
 }
 
 #[cfg(test)]

@@ -14,14 +14,11 @@ const SWITCHES: [(&str, bool); 3] = [
 /// The value of switch `name`: `default` when unset, `0` / `1` (spaces around them allowed),
 /// else an error naming the variable, its value and the two accepted ones.
 pub(crate) fn switch(name: &str, default: bool) -> Result<bool, String> {
-    match std::env::var(name) {
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Ok(v) if v.trim() == "0" => Ok(false),
-        Ok(v) if v.trim() == "1" => Ok(true),
-        Ok(v) => Err(format!("{name}={v:?}: use 0 or 1 (or leave it unset)")),
-        Err(std::env::VarError::NotUnicode(v)) => {
-            Err(format!("{name}={v:?}: use 0 or 1 (or leave it unset)"))
-        }
+    let Some(value) = std::env::var_os(name) else { return Ok(default) };
+    match value.to_str().map(str::trim) {
+        Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        _ => Err(format!("{name}={value:?}: use 0 or 1 (or leave it unset)")),
     }
 }
 
