@@ -171,7 +171,7 @@ impl DefenseConfig {
             return Ok(PathBuf::from(m));
         }
         let built = Path::new(BUILT_MODELS_DIR);
-        if built.join("models.toml").is_file() {
+        if crate::manifest::Manifest::path_in(built).is_file() {
             return Ok(built.to_path_buf());
         }
         Err(Error::InvalidConfig(format!(

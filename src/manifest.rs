@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
+/// The manifest's file name inside a models folder.
+pub const MANIFEST_FILE: &str = "models.toml";
+
 /// The whole manifest, with the folder it was read from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,9 +114,14 @@ impl DenoiserEntry {
 }
 
 impl Manifest {
+    /// The manifest file of the models folder `dir` (`DIR/models.toml`).
+    pub fn path_in(dir: &Path) -> PathBuf {
+        dir.join(MANIFEST_FILE)
+    }
+
     /// Reads `DIR/models.toml`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join("models.toml");
+        let path = Self::path_in(dir);
         let text = crate::files::read_input_to_string(&path).map_err(|e| {
             let hint = match &e {
                 Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
@@ -207,6 +215,11 @@ impl Manifest {
     /// The folder the manifest was read from.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The file this manifest was read from.
+    pub fn file(&self) -> PathBuf {
+        Self::path_in(&self.dir)
     }
 
     /// Absolute path of a file named in the manifest.

@@ -120,7 +120,8 @@ votes = [1, 3]
     let pts = Grid::default_grid().points().unwrap();
     assert!(pts.len() >= 20, "{}", pts.len());
     let base = DefenseConfig { models: Some(common::models_dir()), ..Default::default() };
-    tune::check_points(&pts, &base).unwrap();
+    let manifest = diffshield::manifest::Manifest::load(&common::models_dir()).unwrap();
+    tune::check_points(&pts, &base, &manifest).unwrap();
 }
 
 #[test]
@@ -284,7 +285,8 @@ fn cache_skips_finished_points_and_extends_with_new_ones() {
     // So is the kernel level the latencies were measured at.
     use diffshield::backend::KernelLevel;
     let points = grid.points().unwrap();
-    let at = |level| tune::input_fingerprints(&points, &s, level).unwrap();
+    let manifest = diffshield::manifest::Manifest::load(&common::models_dir()).unwrap();
+    let at = |level| tune::input_fingerprints(&points, &s, &manifest, level).unwrap();
     assert_ne!(at(KernelLevel::Portable), at(KernelLevel::Tract));
     assert_eq!(at(KernelLevel::Portable), at(KernelLevel::Portable));
     let _ = std::fs::remove_dir_all(&dir);

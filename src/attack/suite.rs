@@ -181,7 +181,7 @@ pub fn run_suite(
     .into_iter()
     .filter_map(|(role, p)| p.map(|p| (role, p)))
     .collect();
-    let manifest_file = config.models_dir()?.join("models.toml");
+    let manifest_file = manifest.file();
     let mut inputs: Vec<&std::path::Path> = vec![suite.data.as_path(), manifest_file.as_path()];
     inputs.extend(model_files.iter().map(|(_, p)| p.as_path()));
     inputs.extend(outputs.inputs.iter().map(PathBuf::as_path));

@@ -23,6 +23,7 @@ use crate::attack::{AttackKind, ThreatModel};
 use crate::config::DefenseConfig;
 use crate::data::cifar::read_cifar_bin;
 use crate::error::{Error, Result};
+use crate::manifest::Manifest;
 use crate::schedule::DdimPlan;
 use grid::{Grid, GridPoint};
 use serde::{Deserialize, Serialize};
@@ -418,9 +419,9 @@ pub fn cache_key(point: &GridPoint, settings: &MeasureSettings, inputs: &str) ->
 pub fn input_fingerprints(
     points: &[GridPoint],
     settings: &MeasureSettings,
+    manifest: &Manifest,
     level: crate::backend::KernelLevel,
 ) -> Result<Vec<String>> {
-    let manifest = crate::manifest::Manifest::load(&settings.base.models_dir()?)?;
     let mut digests = std::collections::HashMap::<PathBuf, String>::new();
     let mut digest = |path: &Path| -> Result<String> {
         if let Some(d) = digests.get(path) {
@@ -432,7 +433,7 @@ pub fn input_fingerprints(
     };
     let data = digest(&settings.data)?;
     // The manifest holds the diffusion schedule and each denoiser's trained range.
-    let manifest_file = digest(&manifest.path_of("models.toml"))?;
+    let manifest_file = digest(&manifest.file())?;
     let (cpu, kernels) = (crate::backend::cpu_name(), level.name());
     points
         .iter()
@@ -449,8 +450,11 @@ pub fn input_fingerprints(
 
 /// Builds every point's DDIM plan against the manifest, so a T* outside a denoiser's trained
 /// range or an unknown tier is refused before anything is measured. Returns the timesteps.
-pub fn check_points(points: &[GridPoint], base: &DefenseConfig) -> Result<Vec<Vec<u32>>> {
-    let manifest = crate::manifest::Manifest::load(&base.models_dir()?)?;
+pub fn check_points(
+    points: &[GridPoint],
+    base: &DefenseConfig,
+    manifest: &Manifest,
+) -> Result<Vec<Vec<u32>>> {
     let schedule = manifest.schedule()?;
     points
         .iter()
@@ -608,15 +612,15 @@ pub fn run(
     if points.is_empty() {
         return Err(Error::InvalidConfig("tune: the grid has no points".into()));
     }
-    check_points(&points, &settings.base)?;
+    let manifest = Manifest::load(&settings.base.models_dir()?)?;
+    check_points(&points, &settings.base, &manifest)?;
     if !dry_run {
         // The data must open before the output folder is made: a failed start leaves nothing.
         crate::data::cifar::open_records(&settings.data)?;
-        let manifest = settings.base.models_dir()?.join("models.toml");
-        check_out_folder(out, &settings.data, &manifest)?;
+        check_out_folder(out, &settings.data, &manifest.file())?;
     }
     let level = crate::backend::KernelLevel::from_env().map_err(Error::InvalidConfig)?;
-    let inputs = input_fingerprints(&points, settings, level)?;
+    let inputs = input_fingerprints(&points, settings, &manifest, level)?;
     let keys: Vec<String> =
         points.iter().zip(&inputs).map(|(p, inputs)| cache_key(p, settings, inputs)).collect();
     let total = points.len();
