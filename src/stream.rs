@@ -116,9 +116,9 @@ impl FolderSource {
     /// Without `watch`, `folder` may also be a single image file (taken as is, like
     /// [`collect_image_paths`]); with `watch` it must be a folder and may be empty.
     ///
-    /// Errors: [`Error::Io`] where the path is missing or unreadable; [`Error::Image`] where,
-    /// without `watch`, the folder holds no image; [`Error::InvalidConfig`] where `watch` is
-    /// asked for a path that is not a folder.
+    /// Errors: [`Error::Io`] where the path is missing or unreadable, or (kind
+    /// `InvalidInput`) where, without `watch`, the folder holds no image;
+    /// [`Error::InvalidConfig`] where `watch` is asked for a path that is not a folder.
     pub fn new(folder: impl Into<PathBuf>, watch: bool) -> Result<Self> {
         let folder = folder.into();
         let paths = if watch {

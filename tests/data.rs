@@ -337,8 +337,10 @@ fn collect_image_paths_lists_folders_and_keeps_files() {
     std::fs::write(empty.join("readme.txt"), b"x").unwrap();
     assert_err_mentions(
         collect_image_paths(&[imgs.clone(), empty.clone()]),
-        &["no PNG/JPEG/PPM images in folder", &empty.display().to_string()],
+        &["no PNG/JPEG/PPM images in this folder", ".jpeg", &empty.display().to_string()],
     );
+    let e = collect_image_paths(std::slice::from_ref(&empty)).unwrap_err();
+    assert!(!e.to_string().contains("decode"), "nothing was decoded: {e}");
 
     // Missing path.
     let missing = dir.join("nope");

@@ -364,8 +364,8 @@ pub fn list_folder_images(dir: &Path) -> Result<Vec<PathBuf>> {
 /// of [`IMAGE_EXTENSIONS`] (any case), not recursing into sub-folders and skipping hidden
 /// names (starting with `.`), sorted by file name.
 ///
-/// Errors: [`Error::Io`] (kind `NotFound` for a missing path) where an input cannot be read;
-/// [`Error::Image`] naming a folder that holds no such image.
+/// Errors: [`Error::Io`] naming the path: kind `NotFound` for a missing path, `InvalidInput`
+/// for a folder that holds no such image (nothing in it to decode, so not [`Error::Image`]).
 pub fn collect_image_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for input in inputs {
@@ -376,7 +376,15 @@ pub fn collect_image_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         }
         let found = list_folder_images(input)?;
         if found.is_empty() {
-            return Err(image_err(input, "no PNG/JPEG/PPM images in folder"));
+            let reason = format!(
+                "no PNG/JPEG/PPM images in this folder (files ending in .{}, any case; \
+                 sub-folders are not searched)",
+                IMAGE_EXTENSIONS.join(", .")
+            );
+            return Err(io_err(
+                input,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, reason),
+            ));
         }
         out.extend(found);
     }
