@@ -167,7 +167,10 @@ fn cifar_records_come_in_file_order_with_labels() {
     let bad = dir.join("bad.bin");
     std::fs::write(&bad, &bytes[..3073 + 10]).unwrap();
     let msg = CifarSource::open(&bad).unwrap_err().to_string();
-    assert!(msg.contains("not a multiple"), "{msg}");
+    assert!(
+        msg.contains("not a multiple") && msg.contains("(1 whole record and 10 bytes"),
+        "{msg}"
+    );
     let mut wrong = cifar_record(0, 0);
     wrong.extend(cifar_record(12, 0));
     std::fs::write(&bad, &wrong).unwrap();

@@ -74,15 +74,16 @@ pub(crate) fn open_records(path: &Path) -> Result<(File, u64)> {
         ));
     }
     if !size.is_multiple_of(record) {
-        return Err(cifar_err(
-            path,
+        return Err(cifar_err(path, {
+            let (whole, left) = (size / record, size % record);
+            let noun = |n: u64, one: &str, many: &str| if n == 1 { one } else { many }.to_owned();
             format!(
                 "size {size} bytes is not a multiple of the record size {record} bytes \
-                 ({} whole records and {} bytes left over)",
-                size / record,
-                size % record
-            ),
-        ));
+                     ({whole} whole {} and {left} {} left over)",
+                noun(whole, "record", "records"),
+                noun(left, "byte", "bytes")
+            )
+        }));
     }
     Ok((file, size / record))
 }
