@@ -388,6 +388,25 @@ fn unbounded_options_are_refused_before_any_work() {
     assert!(t.elapsed() < Duration::from_secs(60), "refusals took {:?}", t.elapsed());
 }
 
+#[test]
+fn negative_values_reach_the_range_checks() {
+    // clap read `-5` as an unknown flag and suggested `-- -5`, which makes it an input path.
+    let d = scratch("negative");
+    let b4 = synthetic_cifar(&d, "b4.bin", 4, 0);
+    let dog = "samples/00_dog.png";
+    assert_refused(&ds(&["classify", dog, "--budget-ms", "-5"]), "budget_ms must be a positive");
+    assert_refused(&ds(&["classify", dog, "--eta", "-1"]), "eta must be in [0, 1]");
+    assert_refused(&ds(&["classify", dog, "--t-star", "-5"]), "-5 is not in 0..=");
+    assert_refused(&ds(&["run", "--data", s(&b4), "--rate", "-2"]), "frame rate -2 Hz");
+    let attack = ["attack", "--data", s(&b4), "--step-size", "-0.1"];
+    assert_refused(&ds(&attack), "--step-size must be in (0, 1]");
+    assert_refused(&ds(&["gradcheck", "--data", s(&b4), "--h", "-1"]), "--h must be a positive");
+    let check = ["device-check", "--vectors", "tests/vectors", "--expect-acc", "-1"];
+    assert_refused(&ds(&check), "--expect-acc is a fraction");
+    // A flag that is not a number is still an unknown flag.
+    assert_refused(&ds(&["classify", dog, "-x"]), "unexpected argument '-x'");
+}
+
 /// `attack` on a synthetic file: Square on the bare classifier, two queries: fast and twin-free.
 fn square(data: &Path, limit: &str, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [

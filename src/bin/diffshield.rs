@@ -17,7 +17,7 @@ mod progress;
 #[path = "diffshield/tune_cmd.rs"]
 mod tune_cmd;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use diffshield::config::BackendKind;
 use diffshield::data::cifar::read_cifar_bin;
 use diffshield::data::inputs::load_inputs;
@@ -461,13 +461,31 @@ fn run(args: &StreamArgs, format: Format, defense: &DefenseArgs) -> anyhow::Resu
     }
 }
 
+/// Lets every option that takes a value take a negative number (`--budget-ms -5`), in every
+/// subcommand: clap would otherwise read `-5` as an unknown flag and suggest `-- -5`, which
+/// makes it an input path; with it, the value reaches the check that names the allowed range.
+fn negative_values(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        let takes = a.get_action().takes_values() && !a.is_positional();
+        if takes {
+            a.allow_negative_numbers(true)
+        } else {
+            a
+        }
+    })
+    .mut_subcommands(negative_values)
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     // This process is ours: freed activations stay mapped (fewer page faults per model call).
     if !diffshield::memory::keep_freed_memory() {
         log::debug!("the C library's allocator keeps its own settings (not glibc)");
     }
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&negative_values(Cli::command()).get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.format(&mut Cli::command()).exit(),
+    };
     let result = match &cli.command {
         Command::Classify { inputs, limit, no_purify, format, defense } => {
             classify(inputs, *limit, *no_purify, *format, defense)
