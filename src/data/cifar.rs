@@ -74,16 +74,17 @@ pub(crate) fn open_records(path: &Path) -> Result<(File, u64)> {
         ));
     }
     if !size.is_multiple_of(record) {
-        return Err(cifar_err(path, {
-            let (whole, left) = (size / record, size % record);
-            let noun = |n: u64, one: &str, many: &str| if n == 1 { one } else { many }.to_owned();
+        let (whole, left) = (size / record, size % record);
+        let noun = |n: u64, one: &'static str, many: &'static str| if n == 1 { one } else { many };
+        return Err(cifar_err(
+            path,
             format!(
                 "size {size} bytes is not a multiple of the record size {record} bytes \
-                     ({whole} whole {} and {left} {} left over)",
+                 ({whole} whole {} and {left} {} left over)",
                 noun(whole, "record", "records"),
                 noun(left, "byte", "bytes")
-            )
-        }));
+            ),
+        ));
     }
     Ok((file, size / record))
 }
