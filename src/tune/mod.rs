@@ -415,7 +415,9 @@ pub fn cache_key(point: &GridPoint, settings: &MeasureSettings, inputs: &str) ->
 /// ([`crate::backend::KernelLevel::from_env`]): another CPU or level changes the latency. Part
 /// of the cache key, so that a data file rewritten in place, a retrained model, a cache folder
 /// copied to another machine or another kernel level is measured again instead of being read
-/// from the cache. Each file is hashed once.
+/// from the cache. Each file is hashed once. `manifest` must be the one in
+/// `settings.base.models_dir()` (as [`run`] loads it once for this and [`check_points`]): the
+/// files hashed are those it names in its own folder.
 pub fn input_fingerprints(
     points: &[GridPoint],
     settings: &MeasureSettings,
@@ -450,6 +452,7 @@ pub fn input_fingerprints(
 
 /// Builds every point's DDIM plan against the manifest, so a T* outside a denoiser's trained
 /// range or an unknown tier is refused before anything is measured. Returns the timesteps.
+/// `manifest` must be the one in `base.models_dir()`.
 pub fn check_points(
     points: &[GridPoint],
     base: &DefenseConfig,
