@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
-/// The manifest's file name inside a models folder.
-pub const MANIFEST_FILE: &str = "models.toml";
+/// The manifest's file name inside a models folder (outside this module: [`Manifest::path_in`]).
+const MANIFEST_FILE: &str = "models.toml";
 
 /// The whole manifest, with the folder it was read from.
 #[derive(Debug, Clone, Deserialize)]
