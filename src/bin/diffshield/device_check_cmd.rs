@@ -101,8 +101,9 @@ pub fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
                     line(out, v)
                 }
                 Err(e) => {
-                    failed.push(format!("{name}: {e:#}"));
-                    line(out, json!({"check": name, "passed": false, "error": format!("{e:#}")}))
+                    let error = super::output::error_text(&e);
+                    failed.push(format!("{name}: {error}"));
+                    line(out, json!({"check": name, "passed": false, "error": error}))
                 }
             }
         };

@@ -197,7 +197,14 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    // Each cause once: a library error's message already includes its source's text.
+    eprintln!("error: {}", error_text(&e));
+    let user = lib.is_none_or(|e| e.is_user_error());
+    ExitCode::from(if user { 2 } else { 1 })
+}
+
+/// An error and its causes on one line, each cause once: a library error's message already
+/// includes its source's text, which `{:#}` would repeat.
+pub fn error_text(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain() {
         let c = cause.to_string();
@@ -208,7 +215,5 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
             text.push_str(&c);
         }
     }
-    eprintln!("error: {text}");
-    let user = lib.is_none_or(|e| e.is_user_error());
-    ExitCode::from(if user { 2 } else { 1 })
+    text
 }
