@@ -16,6 +16,8 @@ fn config(denoiser: &str) -> DefenseConfig {
         seed: Some(0),
         votes: 1,
         denoiser: denoiser.into(),
+        // One thread, as the group's name says (the default is one per core).
+        threads: 1,
         ..DefenseConfig::default()
     }
 }

@@ -24,7 +24,7 @@ print("test500 votes %s: defended %.1f %%, clean %.1f %%, %.1f ms per frame" % (
 }
 for v in 1 3 5; do
   for seed in 0 1 2; do
-    "$DS" classify samples/[0-9]*.png --votes "$v" --seed "$seed" | samples "$v" "$seed"
+    "$DS" classify samples/[0-9]*.png --votes "$v" --seed "$seed" --threads 1 | samples "$v" "$seed"
   done
-  "$DS" eval --data "$DATA" --limit 500 --votes "$v" --seed 0 | test500 "$v"
+  "$DS" eval --data "$DATA" --limit 500 --votes "$v" --seed 0 --threads 1 | test500 "$v"
 done

@@ -71,6 +71,7 @@ pub struct DefenseConfig {
     pub denoiser: String,
     /// CPU threads the models run on: one pool per pipeline, made once; each conv, attention
     /// and GroupNorm op splits its work over it (results are the same bits for any count).
+    /// Default: [`default_threads`], one per core this process may run on.
     pub threads: usize,
     /// Inference engine.
     pub backend: BackendKind,
@@ -109,7 +110,7 @@ impl Default for DefenseConfig {
             vote_rule: VoteRule::Majority,
             seed: None,
             denoiser: "s".into(),
-            threads: 1,
+            threads: default_threads(),
             backend: BackendKind::Cpu,
             precision: Precision::F32,
             batch: 1,
@@ -121,6 +122,22 @@ impl Default for DefenseConfig {
             min_confidence: None,
         }
     }
+}
+
+/// One thread per CPU core this process may run on: the default of
+/// [`DefenseConfig::threads`].
+///
+/// The smaller of the CPUs the OS lets the process use (its affinity mask and cgroup CPU quota,
+/// as [`std::thread::available_parallelism`] counts them) and the machine's physical cores: a
+/// core's second hardware thread shares the multiply-add units our kernels already keep busy
+/// from one thread, so it is not counted. At least 1.
+pub fn default_threads() -> usize {
+    // The topology is read once (num_cpus parses /proc/cpuinfo on Linux); the affinity mask
+    // each time, since it may change while the process runs.
+    static PHYSICAL_CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let physical = *PHYSICAL_CORES.get_or_init(num_cpus::get_physical);
+    let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
+    usable.min(physical).max(1)
 }
 
 /// The environment variable naming the models folder when no `models` is configured.

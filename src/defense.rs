@@ -96,8 +96,9 @@ impl DefenseBuilder {
         self
     }
 
-    /// CPU threads the models run on (default 1): every op of a frame splits its work over
-    /// them, batch 1 included, and any count gives the same results bit for bit.
+    /// CPU threads the models run on (default: one per core this process may run on,
+    /// [`crate::config::default_threads`]): every op of a frame splits its work over them,
+    /// batch 1 included, and any count gives the same results bit for bit.
     pub fn threads(mut self, threads: usize) -> Self {
         self.config.threads = threads;
         self

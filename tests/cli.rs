@@ -603,6 +603,7 @@ fn device_check_runs_every_check_on_the_cpu() {
     assert_eq!(lines[0]["cpu"], diffshield::backend::cpu_name());
     let level = diffshield::backend::KernelLevel::from_env().unwrap();
     assert_eq!(lines[0]["kernels"], level.name());
+    assert_eq!(lines[0]["threads"], diffshield::config::default_threads());
     assert!(lines[3]["max_eps_rel"].as_f64().unwrap() < 1e-3, "{}", lines[3]);
     assert_eq!(lines[7]["passed"], true);
     // A check that fails fails the command.
@@ -641,6 +642,63 @@ fn device_check_runs_every_check_on_the_cpu() {
     assert_eq!(error.matches("os error").count(), 1, "{error}");
     assert_eq!(lines[4]["passed"], true);
     assert!(lines[5]["failed"][0].as_str().unwrap().starts_with("golden"), "{}", lines[5]);
+}
+
+/// Without --threads the models run on one thread per core the process may use: the CPUs of
+/// its affinity mask (here one, through taskset) and never more than the physical cores.
+#[test]
+fn threads_default_to_the_cores_this_process_may_use() {
+    use std::io::Write;
+    let d = scratch("threads");
+    // The engine line comes first; the missing vectors end the check quickly (exit 1).
+    let missing = d.join("no-vectors");
+    let args = [
+        "device-check",
+        "--vectors",
+        missing.to_str().unwrap(),
+        "--speed-frames",
+        "0",
+        "--batches",
+        "1",
+        "--t-star",
+        "20",
+        "--stride",
+        "20",
+    ];
+    let threads_of = |out: std::process::Output| {
+        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+        json_lines(&out)[0]["threads"].clone()
+    };
+    let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = diffshield::config::default_threads();
+    assert!((1..=usable).contains(&default), "{default} of {usable}");
+    assert_eq!(threads_of(diffshield(&args)), default);
+    let mut given = args.to_vec();
+    given.extend(["--threads", "3"]);
+    assert_eq!(threads_of(diffshield(&given)), 3);
+    // One CPU of those this process may use (the kernel's list, e.g. "0-1,4").
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let first_cpu = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .and_then(|list| list.trim().split([',', '-']).next().map(str::to_owned));
+    let taskset = Command::new("taskset").arg("--version").output().is_ok();
+    let Some(cpu) = first_cpu.filter(|_| taskset) else {
+        // Not silently passed: the skip shows in the test output (stderr is not captured here).
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED threads_default_to_the_cores_this_process_may_use (affinity part): needs \
+             taskset and /proc/self/status"
+        );
+        return;
+    };
+    let out = Command::new("taskset")
+        .args(["-c", &cpu, env!("CARGO_BIN_EXE_diffshield")])
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("taskset runs the binary");
+    assert_eq!(threads_of(out), 1);
 }
 
 /// AutoAttack's rand suite (APGD-CE + APGD-DLR, per image the worst) through the CLI.

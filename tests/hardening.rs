@@ -691,6 +691,7 @@ fn thread_limits_are_errors_not_panics() {
     };
     let out = under_limit(4, &format!("{DS} classify {} --threads 8 --stride 70", cat.display()));
     assert_refused(&out, "ulimit -u");
-    let out = under_limit(1, &format!("{DS} run --raw 32x32 --stride 70"));
+    // One inference thread, so that the thread refused is the stream's reader.
+    let out = under_limit(1, &format!("{DS} run --raw 32x32 --stride 70 --threads 1"));
     assert_refused(&out, "thread");
 }

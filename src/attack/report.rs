@@ -502,14 +502,18 @@ impl AttackReport {
     }
 
     /// Whether this saved report can be continued by a run that would start as `other`: the
-    /// same data, models (by fingerprint), defence, attack, threats and modes, and at least as
-    /// many images. The error names every difference.
+    /// same data, models (by fingerprint), defence (any thread count), attack, threats and
+    /// modes, and at least as many images. The error names every difference.
     pub fn resumable_with(&self, other: &AttackReport) -> Result<()> {
         let mut diffs = Vec::new();
         if self.data != other.data {
             diffs.push(format!("data {} (saved) vs {}", self.data, other.data));
         }
-        diff_json("config", &self.config, &other.config, &mut diffs);
+        // Threads change the speed, never the bits (tests/pipeline.rs), so a run may go on with
+        // another count: on another machine, or under another default (one per core).
+        let threads_as_saved =
+            DefenseConfig { threads: self.config.threads, ..other.config.clone() };
+        diff_json("config", &self.config, &threads_as_saved, &mut diffs);
         diff_json("attack", &self.harness, &other.harness, &mut diffs);
         if self.threats != other.threats {
             diffs.push(format!("threats {:?} (saved) vs {:?}", self.threats, other.threats));
@@ -823,6 +827,12 @@ mod tests {
         let back: AttackReport = serde_json::from_str(&text).unwrap();
         assert_eq!(back, r);
         assert!(back.resumable_with(&r).is_ok());
+        let mut other = r.clone();
+        other.config.threads = r.config.threads + 1;
+        assert!(back.resumable_with(&other).is_ok(), "threads never change the results");
+        other.config.votes = r.config.votes + 1;
+        let e = back.resumable_with(&other).unwrap_err().to_string();
+        assert!(e.contains("config votes") && !e.contains("threads"), "{e}");
         let mut other = r.clone();
         other.harness.eot = 3;
         assert!(back.resumable_with(&other).is_err());

@@ -190,7 +190,7 @@ pub(crate) struct DefenseArgs {
     /// Denoiser tier from models/models.toml: s or m [default: s].
     #[arg(long)]
     denoiser: Option<String>,
-    /// CPU threads for inference [default: 1].
+    /// CPU threads for inference [default: one per CPU core this process may use].
     #[arg(long)]
     threads: Option<usize>,
     /// Inference backend: cpu, cuda (an NVIDIA GPU, builds with feature cuda; f32 only) or auto

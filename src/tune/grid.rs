@@ -15,14 +15,18 @@
 //! ```
 //!
 //! An axis that a grid does not name takes the default configuration's single value
-//! (denoiser s, stride 10, eta 1, threads 1), except votes: 1, not the runtime's default of 3,
-//! so that a sweep compares single purifications unless votes are one of its axes. Axes given on the command line replace
-//! the same axis in every grid of the file.
+//! (denoiser s, stride 10, eta 1), except votes: 1, not the runtime's default of 3, so that a
+//! sweep compares single purifications unless votes are one of its axes, and threads: 1, not
+//! the runtime's one per core, so that the frontier can rank points by the deciding thread's CPU
+//! time, which other load on the machine disturbs least (and a sweep's points compare across
+//! machines). Axes given on the command line replace the same axis in every grid of the file.
 
 use crate::config::{DefenseConfig, DEFAULT_STRIDE};
 
 /// Votes of a grid without a votes axis (see the module doc).
 const UNNAMED_VOTES: u32 = 1;
+/// Threads of a grid without a threads axis (see the module doc).
+const UNNAMED_THREADS: usize = 1;
 use crate::error::{Error, Result};
 use crate::schedule::PlanSpec;
 use serde::{Deserialize, Serialize};
@@ -289,7 +293,8 @@ impl GridAxes {
     }
 
     /// The grid's points in a fixed order (denoiser, T*, plan, eta, votes, threads nested
-    /// outermost to innermost); axes not named take the default configuration's value.
+    /// outermost to innermost); axes not named take the default configuration's value
+    /// (votes and threads: 1, see the module doc).
     pub fn points(&self) -> Result<Vec<GridPoint>> {
         self.validate()?;
         let d = DefenseConfig::default();
@@ -304,7 +309,7 @@ impl GridAxes {
         }
         let etas = self.eta.clone().unwrap_or_else(|| vec![d.eta]);
         let votes = self.votes.clone().or_else(|| one(UNNAMED_VOTES)).unwrap_or_default();
-        let threads = self.threads.clone().unwrap_or_else(|| vec![d.threads]);
+        let threads = self.threads.clone().unwrap_or_else(|| vec![UNNAMED_THREADS]);
         let mut out = Vec::new();
         for den in &denoisers {
             for &t_star in &t_stars {

@@ -78,7 +78,8 @@ pub fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let mut failed = Vec::new();
     let engine = diffshield::backend::engine(&config)?;
-    // The CPU and, on the CPU engine, the kernel level: what the speed figures belong to.
+    // The CPU and, on the CPU engine, the kernel level and thread count: what the speed
+    // figures belong to.
     let kernels = match engine {
         diffshield::backend::tract::Engine::Cpu(_) => Some(
             diffshield::backend::KernelLevel::from_env()
@@ -90,7 +91,8 @@ pub fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
     let cpu = diffshield::backend::cpu_name();
     line(
         &mut out,
-        json!({"check": "engine", "engine": engine.name(), "cpu": cpu, "kernels": kernels}),
+        json!({"check": "engine", "engine": engine.name(), "cpu": cpu, "kernels": kernels,
+               "threads": kernels.is_some().then_some(config.threads)}),
     )?;
     let manifest = Manifest::load(&config.models_dir()?)?;
     let mut report =

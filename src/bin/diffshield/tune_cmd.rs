@@ -41,7 +41,7 @@ pub struct TuneArgs {
     /// Denoiser tiers, e.g. s,m.
     #[arg(long, value_name = "LIST")]
     denoiser: Option<String>,
-    /// CPU thread counts, e.g. 1,2.
+    /// CPU thread counts, e.g. 1,2 [default: 1, so that points rank by CPU time].
     #[arg(long, value_name = "LIST")]
     threads: Option<String>,
     /// Images of the clean pass; each is one timed single-frame decision (the latency samples).
