@@ -396,7 +396,13 @@ fn negative_values_reach_the_range_checks() {
     let dog = "samples/00_dog.png";
     assert_refused(&ds(&["classify", dog, "--budget-ms", "-5"]), "budget_ms must be a positive");
     assert_refused(&ds(&["classify", dog, "--eta", "-1"]), "eta must be in [0, 1]");
-    assert_refused(&ds(&["classify", dog, "--t-star", "-5"]), "-5 is not in 0..=");
+    // Whole-number options say what is wrong (clap's usize parser said "invalid digit").
+    let whole = "negative, where a whole number (0, 1, 2, ...) is needed";
+    assert_refused(&ds(&["classify", dog, "--t-star", "-5"]), whole);
+    assert_refused(&ds(&["classify", dog, "--threads", "-1"]), whole);
+    assert_refused(&ds(&["attack", "--data", s(&b4), "--limit", "-1"]), whole);
+    assert_refused(&ds(&["classify", dog, "--threads", "1.5"]), "not a whole number");
+    assert_refused(&ds(&["classify", dog, "--t-star", "4294967296"]), "more than 4294967295");
     assert_refused(&ds(&["run", "--data", s(&b4), "--rate", "-2"]), "frame rate -2 Hz");
     let attack = ["attack", "--data", s(&b4), "--step-size", "-0.1"];
     assert_refused(&ds(&attack), "--step-size must be in (0, 1]");

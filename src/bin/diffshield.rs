@@ -464,16 +464,46 @@ fn run(args: &StreamArgs, format: Format, defense: &DefenseArgs) -> anyhow::Resu
 /// Lets every option that takes a value take a negative number (`--budget-ms -5`), in every
 /// subcommand: clap would otherwise read `-5` as an unknown flag and suggest `-- -5`, which
 /// makes it an input path; with it, the value reaches the check that names the allowed range.
+/// Whole-number options get [`whole_number`]'s messages.
 fn negative_values(cmd: clap::Command) -> clap::Command {
+    use std::any::TypeId;
     cmd.mut_args(|a| {
         let takes = a.get_action().takes_values() && !a.is_positional();
-        if takes {
-            a.allow_negative_numbers(true)
+        if !takes {
+            return a;
+        }
+        let a = a.allow_negative_numbers(true);
+        let parses = a.get_value_parser().type_id();
+        if parses == TypeId::of::<u32>() {
+            a.value_parser(whole_number::<u32>(u32::MAX.into()))
+        } else if parses == TypeId::of::<u64>() {
+            a.value_parser(whole_number::<u64>(u64::MAX))
+        } else if parses == TypeId::of::<usize>() {
+            a.value_parser(whole_number::<usize>(usize::MAX as u64))
         } else {
             a
         }
     })
     .mut_subcommands(negative_values)
+}
+
+/// The parser of an option that takes a whole number up to `max`, with a message that says
+/// what is wrong: clap's own answered `--threads -1` with "invalid digit found in string".
+fn whole_number<T>(max: u64) -> clap::builder::ValueParser
+where
+    T: TryFrom<u64> + Clone + Send + Sync + 'static,
+{
+    clap::builder::ValueParser::new(move |text: &str| -> Result<T, String> {
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        match text.parse::<u64>() {
+            Ok(v) => T::try_from(v).map_err(|_| format!("more than {max}, the most it takes")),
+            Err(_) if text.strip_prefix('-').is_some_and(digits) => {
+                Err("negative, where a whole number (0, 1, 2, ...) is needed".into())
+            }
+            Err(_) if digits(text) => Err(format!("more than {max}, the most it takes")),
+            Err(_) => Err("not a whole number (digits only, e.g. 8)".into()),
+        }
+    })
 }
 
 fn main() -> ExitCode {
