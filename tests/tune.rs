@@ -50,12 +50,13 @@ fn cli_lists_expand_into_the_product_of_the_axes() {
         }
     );
     assert!(pts.iter().any(|p| p.plan == PlanChoice::Steps(4) && p.denoiser == "m"));
-    // Axes not named take the default configuration's value.
+    // Axes not named take the default configuration's value, except votes and threads: 1
+    // (the runtime's default is one thread per core).
     let pts = Grid::resolve(None, &axes(&[("t_star", "60")]).unwrap()).unwrap().points().unwrap();
     assert_eq!(pts.len(), 1);
-    let c = pts[0].config(&DefenseConfig::default());
+    let c = pts[0].config(&DefenseConfig { threads: 2, ..DefenseConfig::default() });
     assert_eq!((c.t_star, c.stride, c.steps, c.eta, c.votes), (60, Some(10), None, 1.0, 1));
-    assert_eq!(c.denoiser, "s");
+    assert_eq!((c.denoiser.as_str(), c.threads), ("s", 1));
 }
 
 #[test]
