@@ -621,16 +621,8 @@ fn device_check_runs_every_check_on_the_cpu() {
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     // A check that errors is reported with its error and the later checks still run (a GPU
     // lease is short: one run says everything it can).
-    let missing = d.join("no-vectors");
-    let out = diffshield(&[
-        "device-check",
-        "--vectors",
-        missing.to_str().unwrap(),
-        "--speed-frames",
-        "0",
-        "--batches",
-        "1",
-    ]);
+    let args = device_check_without_vectors(&d);
+    let out = diffshield(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     let lines = json_lines(&out);
     let checks: Vec<&str> = lines.iter().map(|l| l["check"].as_str().unwrap()).collect();
@@ -644,6 +636,18 @@ fn device_check_runs_every_check_on_the_cpu() {
     assert!(lines[5]["failed"][0].as_str().unwrap().starts_with("golden"), "{}", lines[5]);
 }
 
+/// A device check whose vectors folder (in `dir`) is missing: its golden check errors, the
+/// others run on one short plan (T* 20, one step) at batch 1, and it exits 1.
+fn device_check_without_vectors(dir: &Path) -> Vec<String> {
+    let missing = dir.join("no-vectors");
+    let args = ["--speed-frames", "0", "--batches", "1", "--t-star", "20", "--stride", "20"];
+    ["device-check", "--vectors", missing.to_str().unwrap()]
+        .into_iter()
+        .chain(args)
+        .map(String::from)
+        .collect()
+}
+
 /// Without --threads the models run on one thread per core the process may use: the CPUs of
 /// its affinity mask (here one, through taskset) and never more than the physical cores.
 #[test]
@@ -651,20 +655,8 @@ fn threads_default_to_the_cores_this_process_may_use() {
     use std::io::Write;
     let d = scratch("threads");
     // The engine line comes first; the missing vectors end the check quickly (exit 1).
-    let missing = d.join("no-vectors");
-    let args = [
-        "device-check",
-        "--vectors",
-        missing.to_str().unwrap(),
-        "--speed-frames",
-        "0",
-        "--batches",
-        "1",
-        "--t-star",
-        "20",
-        "--stride",
-        "20",
-    ];
+    let owned = device_check_without_vectors(&d);
+    let args: Vec<&str> = owned.iter().map(String::as_str).collect();
     let threads_of = |out: std::process::Output| {
         assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
         json_lines(&out)[0]["threads"].clone()
