@@ -7,7 +7,7 @@ use common::{models_dir, scratch, synthetic_cifar};
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn diffshield(args: &[&str]) -> Output {
+fn diffshield<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_diffshield"))
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -621,8 +621,7 @@ fn device_check_runs_every_check_on_the_cpu() {
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     // A check that errors is reported with its error and the later checks still run (a GPU
     // lease is short: one run says everything it can).
-    let args = device_check_without_vectors(&d);
-    let out = diffshield(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = diffshield(&device_check_without_vectors(&d));
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     let lines = json_lines(&out);
     let checks: Vec<&str> = lines.iter().map(|l| l["check"].as_str().unwrap()).collect();
@@ -655,8 +654,7 @@ fn threads_default_to_the_cores_this_process_may_use() {
     use std::io::Write;
     let d = scratch("threads");
     // The engine line comes first; the missing vectors end the check quickly (exit 1).
-    let owned = device_check_without_vectors(&d);
-    let args: Vec<&str> = owned.iter().map(String::as_str).collect();
+    let args = device_check_without_vectors(&d);
     let threads_of = |out: std::process::Output| {
         assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
         json_lines(&out)[0]["threads"].clone()
@@ -665,8 +663,8 @@ fn threads_default_to_the_cores_this_process_may_use() {
     let default = diffshield::config::default_threads();
     assert!((1..=usable).contains(&default), "{default} of {usable}");
     assert_eq!(threads_of(diffshield(&args)), default);
-    let mut given = args.to_vec();
-    given.extend(["--threads", "3"]);
+    let mut given = args.clone();
+    given.extend(["--threads", "3"].map(String::from));
     assert_eq!(threads_of(diffshield(&given)), 3);
     // One CPU of those this process may use (the kernel's list, e.g. "0-1,4").
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -686,7 +684,7 @@ fn threads_default_to_the_cores_this_process_may_use() {
     };
     let out = Command::new("taskset")
         .args(["-c", &cpu, env!("CARGO_BIN_EXE_diffshield")])
-        .args(args)
+        .args(&args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("taskset runs the binary");

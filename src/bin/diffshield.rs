@@ -465,7 +465,7 @@ fn run(args: &StreamArgs, format: Format, defense: &DefenseArgs) -> anyhow::Resu
 /// subcommand: clap would otherwise read `-5` as an unknown flag and suggest `-- -5`, which
 /// makes it an input path; with it, the value reaches the check that names the allowed range.
 /// Whole-number options get [`whole_number`]'s messages.
-fn negative_values(cmd: clap::Command) -> clap::Command {
+fn numeric_options(cmd: clap::Command) -> clap::Command {
     use std::any::TypeId;
     cmd.mut_args(|a| {
         let takes = a.get_action().takes_values() && !a.is_positional();
@@ -484,7 +484,7 @@ fn negative_values(cmd: clap::Command) -> clap::Command {
             a
         }
     })
-    .mut_subcommands(negative_values)
+    .mut_subcommands(numeric_options)
 }
 
 /// The parser of an option that takes a whole number up to `max`, with a message that says
@@ -495,12 +495,13 @@ where
 {
     clap::builder::ValueParser::new(move |text: &str| -> Result<T, String> {
         let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        let too_large = || format!("more than {max}, the most it takes");
         match text.parse::<u64>() {
-            Ok(v) => T::try_from(v).map_err(|_| format!("more than {max}, the most it takes")),
+            Ok(v) => T::try_from(v).map_err(|_| too_large()),
             Err(_) if text.strip_prefix('-').is_some_and(digits) => {
                 Err("negative, where a whole number (0, 1, 2, ...) is needed".into())
             }
-            Err(_) if digits(text) => Err(format!("more than {max}, the most it takes")),
+            Err(_) if digits(text) => Err(too_large()),
             Err(_) => Err("not a whole number (digits only, e.g. 8)".into()),
         }
     })
@@ -512,7 +513,7 @@ fn main() -> ExitCode {
     if !diffshield::memory::keep_freed_memory() {
         log::debug!("the C library's allocator keeps its own settings (not glibc)");
     }
-    let cli = match Cli::from_arg_matches(&negative_values(Cli::command()).get_matches()) {
+    let cli = match Cli::from_arg_matches(&numeric_options(Cli::command()).get_matches()) {
         Ok(cli) => cli,
         Err(e) => e.format(&mut Cli::command()).exit(),
     };

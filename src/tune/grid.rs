@@ -22,16 +22,16 @@
 //! machines). Axes given on the command line replace the same axis in every grid of the file.
 
 use crate::config::{DefenseConfig, DEFAULT_STRIDE};
-
-/// Votes of a grid without a votes axis (see the module doc).
-const UNNAMED_VOTES: u32 = 1;
-/// Threads of a grid without a threads axis (see the module doc).
-const UNNAMED_THREADS: usize = 1;
 use crate::error::{Error, Result};
 use crate::schedule::PlanSpec;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
+
+/// Votes of a grid without a votes axis (see the module doc).
+const UNNAMED_VOTES: u32 = 1;
+/// Threads of a grid without a threads axis (see the module doc).
+const UNNAMED_THREADS: usize = 1;
 
 /// Largest T* any grid may name; the denoiser's trained range (models.toml) is checked later
 /// and may be narrower.
