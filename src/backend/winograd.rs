@@ -352,18 +352,28 @@ unsafe fn transform_input<S: Simd>(
     // the loads of the last vector reach 2 lanes further, which only make tiles past the row.
     let pw = 2 * tw + 2 * lanes + 2;
     let count = 2 * tile_rows.len() + 2;
-    rows.resize(count * pw, 0.0);
+    // Grown only: every value read is written below, and a shrink then regrow between the
+    // item's segments would zero the difference again (a `memset` call each time).
+    if rows.len() < count * pw {
+        rows.resize(count * pw, 0.0);
+    }
     for i in 0..count {
         let dst = &mut rows[i * pw..(i + 1) * pw];
         match (2 * first + i).checked_sub(1).filter(|&y| y < h) {
             Some(y) => {
                 dst[0] = 0.0;
-                dst[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                copy_row::<S>(&plane[y * w..(y + 1) * w], &mut dst[1..=w]);
                 // Image columns w and (odd w) w + 1 are outside the image.
                 dst[w + 1] = 0.0;
                 dst[w + 2] = 0.0;
             }
-            None => dst[..2 * tw + 2].fill(0.0),
+            // Whole vectors of zeroes up to 2 tw + 2 rounded up, inside the row (pw is a
+            // vector longer): `fill` is a `memset` call.
+            None => {
+                for at in (0..2 * tw + 2).step_by(lanes) {
+                    S::store(dst.as_mut_ptr().add(at), S::zero());
+                }
+            }
         }
     }
     let padded = rows.as_ptr();
@@ -392,6 +402,23 @@ unsafe fn transform_input<S: Simd>(
                 }
             }
         }
+    }
+}
+
+/// `dst = src` (the same length) a vector at a time. (`copy_from_slice` calls `memcpy`, whose
+/// call costs more than these rows of 8 to 32 values take to copy.)
+/// Safety: runs inside a function compiled for `S` on a CPU that has it.
+#[inline(always)]
+unsafe fn copy_row<S: Simd>(src: &[f32], dst: &mut [f32]) {
+    let len = src.len().min(dst.len());
+    let (from, to) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i + S::LANES <= len {
+        S::store(to.add(i), S::load(from.add(i)));
+        i += S::LANES;
+    }
+    if i < len {
+        S::store_first(to.add(i), S::load_first(from.add(i), len - i), len - i);
     }
 }
 
@@ -439,11 +466,11 @@ unsafe fn transform_output<S: Simd>(
                 if x0 + 2 * lanes <= w {
                     S::store(dst.add(x0), lo);
                     S::store(dst.add(x0 + lanes), hi);
+                } else if x0 + lanes <= w {
+                    S::store(dst.add(x0), lo);
+                    S::store_first(dst.add(x0 + lanes), hi, w - x0 - lanes);
                 } else {
-                    let mut tmp = [0f32; 32];
-                    S::store(tmp.as_mut_ptr(), lo);
-                    S::store(tmp.as_mut_ptr().add(lanes), hi);
-                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.add(x0), w - x0);
+                    S::store_first(dst.add(x0), lo, w - x0);
                 }
             }
         }
