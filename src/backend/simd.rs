@@ -201,8 +201,8 @@ pub(crate) trait Simd: Copy + 'static {
     unsafe fn load(p: *const f32) -> Self::V;
     unsafe fn store(p: *mut f32, v: Self::V);
     /// The first `n` values at `p` (`n < LANES`), the other lanes 0; only those `n` values
-    /// are read. For a row's last part: a copy loop of a few values becomes a `memcpy` call,
-    /// which cost the Winograd conv 6 % of a denoiser call in calls alone.
+    /// are read. For a row's last part: a copy of a few values is otherwise a `memcpy` call
+    /// (one per row in the Winograd conv was 5 % of a batch-8 f32 denoiser_m call).
     unsafe fn load_first(p: *const f32, n: usize) -> Self::V;
     /// Writes the first `n` lanes of `v` (`n < LANES`) to `p`, nothing past them.
     unsafe fn store_first(p: *mut f32, v: Self::V, n: usize);

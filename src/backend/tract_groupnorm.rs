@@ -224,8 +224,9 @@ fn moments_lanes(xs: &[f32]) -> (f64, f64) {
 }
 
 /// Independent f32 sums of [`lane_sum`]: four AVX-512 vectors. With one vector each add
-/// waited for the one before (3 to 4 cycles per 16 values); four chains keep the adder busy,
-/// which made the moments about a third as long (and each lane sums 4x fewer values).
+/// waited for the one before (3 to 4 cycles per 16 values); with four chains the moments took
+/// about a quarter less time in `perf` (what is left is mostly waiting on memory), and each
+/// lane sums 4x fewer values.
 const SUM_LANES: usize = 64;
 
 /// Sum of `f(v)` over `xs` in [`SUM_LANES`] independent f32 lanes (so the compiler
