@@ -592,49 +592,44 @@ mod tests {
 
     #[test]
     fn exp_is_accurate_over_the_softmax_and_silu_range_on_every_level() {
-        // SAFETY: Portable has no CPU requirement; both slices hold 8 values.
-        let portable = worst_exp::<Portable>(|x, y| unsafe {
-            Portable::store(y.as_mut_ptr(), Portable::exp(Portable::load(x.as_ptr())))
-        });
-        assert!(portable < 4e-7, "portable: largest relative error {portable:e}");
+        /// `Avx2::exp` of the first vector of `x` into `y`.
+        /// Safety: the CPU supports AVX2 and FMA; `x` and `y` hold at least 8 values.
         #[cfg(target_arch = "x86_64")]
-        {
-            /// `Avx2::exp` of the first vector of `x` into `y`.
-            /// Safety: the CPU supports AVX2 and FMA; `x` and `y` hold at least 8 values.
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2(x: &[f32], y: &mut [f32]) {
-                Avx2::store(y.as_mut_ptr(), Avx2::exp(Avx2::load(x.as_ptr())))
-            }
-            /// `Avx512::exp` of the first vector of `x` into `y`.
-            /// Safety: the CPU supports AVX-512F; `x` and `y` hold at least 16 values.
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512(x: &[f32], y: &mut [f32]) {
-                Avx512::store(y.as_mut_ptr(), Avx512::exp(Avx512::load(x.as_ptr())))
-            }
-            /// `PortableFma::exp` of the first vector of `x` into `y`, compiled for AVX2 + FMA.
-            /// Safety: the CPU supports AVX2 and FMA; `x` and `y` hold at least 8 values.
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn portable_fma(x: &[f32], y: &mut [f32]) {
-                PortableFma::store(y.as_mut_ptr(), PortableFma::exp(PortableFma::load(x.as_ptr())))
-            }
-            for level in [KernelLevel::PortableFma, KernelLevel::Avx2, KernelLevel::Avx512] {
-                if !level.supported() {
-                    crate::test_skip::note(&format!(
-                        "exp on {}: not run, this CPU lacks it",
-                        level.name()
-                    ));
-                    continue;
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[f32], y: &mut [f32]) {
+            Avx2::store(y.as_mut_ptr(), Avx2::exp(Avx2::load(x.as_ptr())))
+        }
+        /// `Avx512::exp` of the first vector of `x` into `y`.
+        /// Safety: the CPU supports AVX-512F; `x` and `y` hold at least 16 values.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(x: &[f32], y: &mut [f32]) {
+            Avx512::store(y.as_mut_ptr(), Avx512::exp(Avx512::load(x.as_ptr())))
+        }
+        /// `PortableFma::exp` of the first vector of `x` into `y`, compiled for AVX2 + FMA.
+        /// Safety: the CPU supports AVX2 and FMA; `x` and `y` hold at least 8 values.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn portable_fma(x: &[f32], y: &mut [f32]) {
+            PortableFma::store(y.as_mut_ptr(), PortableFma::exp(PortableFma::load(x.as_ptr())))
+        }
+        for level in levels_under_test() {
+            // SAFETY: `levels_under_test` yields only levels this CPU runs (Portable runs on
+            // every CPU); the slices hold a vector each.
+            let worst = match level {
+                #[cfg(target_arch = "x86_64")]
+                KernelLevel::PortableFma => {
+                    worst_exp::<PortableFma>(|x, y| unsafe { portable_fma(x, y) })
                 }
-                // SAFETY: the CPU has the level's instruction set (checked above).
-                let worst = match level {
-                    KernelLevel::PortableFma => {
-                        worst_exp::<PortableFma>(|x, y| unsafe { portable_fma(x, y) })
-                    }
-                    KernelLevel::Avx2 => worst_exp::<Avx2>(|x, y| unsafe { avx2(x, y) }),
-                    _ => worst_exp::<Avx512>(|x, y| unsafe { avx512(x, y) }),
-                };
-                assert!(worst < 4e-7, "{}: largest relative error {worst:e}", level.name());
-            }
+                #[cfg(target_arch = "x86_64")]
+                KernelLevel::Avx2 => worst_exp::<Avx2>(|x, y| unsafe { avx2(x, y) }),
+                #[cfg(target_arch = "x86_64")]
+                KernelLevel::Avx512 => worst_exp::<Avx512>(|x, y| unsafe { avx512(x, y) }),
+                _ => worst_exp::<Portable>(|x, y| unsafe {
+                    Portable::store(y.as_mut_ptr(), Portable::exp(Portable::load(x.as_ptr())))
+                }),
+            };
+            assert!(worst < 4e-7, "{}: largest relative error {worst:e}", level.name());
         }
     }
 
@@ -672,45 +667,41 @@ mod tests {
 
     #[test]
     fn partial_loads_and_stores_touch_only_their_lanes_on_every_level() {
-        // SAFETY: Portable has no CPU requirement; `dst` holds two vectors, `src` n values.
-        check_first_lanes::<Portable>(|src, dst, n| unsafe {
-            first_lanes_copy::<Portable>(src, dst, n)
-        });
+        /// Safety: the CPU supports AVX2 and FMA; as [`check_first_lanes`] calls it.
         #[cfg(target_arch = "x86_64")]
-        {
-            /// Safety: the CPU supports AVX2 and FMA; as [`check_first_lanes`] calls it.
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2(src: &[f32], dst: &mut [f32], n: usize) {
-                first_lanes_copy::<Avx2>(src, dst, n)
-            }
-            /// Safety: the CPU supports AVX-512F; as [`check_first_lanes`] calls it.
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512(src: &[f32], dst: &mut [f32], n: usize) {
-                first_lanes_copy::<Avx512>(src, dst, n)
-            }
-            /// Safety: the CPU supports AVX2 and FMA; as [`check_first_lanes`] calls it.
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn portable_fma(src: &[f32], dst: &mut [f32], n: usize) {
-                first_lanes_copy::<PortableFma>(src, dst, n)
-            }
-            for level in [KernelLevel::PortableFma, KernelLevel::Avx2, KernelLevel::Avx512] {
-                if !level.supported() {
-                    crate::test_skip::note(&format!(
-                        "partial loads on {}: not run, this CPU lacks it",
-                        level.name()
-                    ));
-                    continue;
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(src: &[f32], dst: &mut [f32], n: usize) {
+            first_lanes_copy::<Avx2>(src, dst, n)
+        }
+        /// Safety: the CPU supports AVX-512F; as [`check_first_lanes`] calls it.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(src: &[f32], dst: &mut [f32], n: usize) {
+            first_lanes_copy::<Avx512>(src, dst, n)
+        }
+        /// Safety: the CPU supports AVX2 and FMA; as [`check_first_lanes`] calls it.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn portable_fma(src: &[f32], dst: &mut [f32], n: usize) {
+            first_lanes_copy::<PortableFma>(src, dst, n)
+        }
+        for level in levels_under_test() {
+            // SAFETY: `levels_under_test` yields only levels this CPU runs (Portable runs on
+            // every CPU); `check_first_lanes` passes `n` values and two vectors.
+            match level {
+                #[cfg(target_arch = "x86_64")]
+                KernelLevel::PortableFma => {
+                    check_first_lanes::<PortableFma>(|s, d, n| unsafe { portable_fma(s, d, n) })
                 }
-                // SAFETY: the CPU has the level's instruction set (checked above).
-                match level {
-                    KernelLevel::PortableFma => {
-                        check_first_lanes::<PortableFma>(|s, d, n| unsafe { portable_fma(s, d, n) })
-                    }
-                    KernelLevel::Avx2 => {
-                        check_first_lanes::<Avx2>(|s, d, n| unsafe { avx2(s, d, n) })
-                    }
-                    _ => check_first_lanes::<Avx512>(|s, d, n| unsafe { avx512(s, d, n) }),
+                #[cfg(target_arch = "x86_64")]
+                KernelLevel::Avx2 => check_first_lanes::<Avx2>(|s, d, n| unsafe { avx2(s, d, n) }),
+                #[cfg(target_arch = "x86_64")]
+                KernelLevel::Avx512 => {
+                    check_first_lanes::<Avx512>(|s, d, n| unsafe { avx512(s, d, n) })
                 }
+                _ => check_first_lanes::<Portable>(|s, d, n| unsafe {
+                    first_lanes_copy::<Portable>(s, d, n)
+                }),
             }
         }
     }
