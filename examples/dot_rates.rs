@@ -1,8 +1,9 @@
-//! Throughput of the three 512-bit multiply-accumulate instructions the CPU kernels are built
-//! on: `vfmadd231ps` (16 f32 products), `vdpbf16ps` (32 bf16 products) and `vpdpbusd` (64
-//! u8 x s8 products), each on 12 independent accumulators so that latency does not count.
-//! The figures behind docs/int8.md's bf16 attention and the README's estimate of the int8
-//! convs' peak. Usage: `cargo run --release --example dot_rates [millions of iterations]`.
+//! Throughput of the 512-bit multiply-accumulate instructions the CPU kernels are built on:
+//! `vfmadd231ps` (16 f32 products), `vdpbf16ps` (32 bf16 products) and `vpdpbusd` (64 u8 x s8
+//! products), and of `vpdpwssd` (32 i16 x i16 products), which an exact integer Winograd conv
+//! would need; each on 12 independent accumulators so that latency does not count.
+//! The figures behind docs/int8.md's bf16 attention, the README's estimate of the int8
+//! convs' peak and docs/int8.md's reckoning of an int8 Winograd. Usage: `cargo run --release --example dot_rates [millions of iterations]`.
 
 #[cfg(target_arch = "x86_64")]
 mod rates {
@@ -47,6 +48,18 @@ mod rates {
         acc.iter().fold(0i32, |s, &x| s.wrapping_add(_mm512_reduce_add_epi32(x)))
     }
 
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn vnni16(n: usize) -> i32 {
+        let mut acc = [_mm512_setzero_si512(); CHAINS];
+        let a = _mm512_set1_epi32(0x0001_0001);
+        for _ in 0..n {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpwssd_epi32(*x, a, a);
+            }
+        }
+        acc.iter().fold(0i32, |s, &x| s.wrapping_add(_mm512_reduce_add_epi32(x)))
+    }
+
     /// Nanoseconds per instruction of `f` over `n` iterations of `CHAINS` instructions.
     pub fn ns_per_instruction<R>(n: usize, f: impl Fn(usize) -> R) -> f64 {
         let start = std::time::Instant::now();
@@ -68,7 +81,7 @@ fn main() -> anyhow::Result<()> {
             println!("this CPU has no AVX-512F: nothing to measure");
             return Ok(());
         }
-        // SAFETY (all three calls): each runs only where its instructions were detected.
+        // SAFETY (every call): each runs only where its instructions were detected.
         let fma = rates::ns_per_instruction(n, |n| unsafe { rates::fma(n) });
         println!("vfmadd231ps zmm (16 f32 products): {fma:.3} ns per instruction");
         if has!("avx512bf16") {
@@ -80,6 +93,8 @@ fn main() -> anyhow::Result<()> {
         if has!("avx512vnni") {
             let vn = rates::ns_per_instruction(n, |n| unsafe { rates::vnni(n) });
             println!("vpdpbusd zmm (64 u8 x s8 products): {vn:.3} ns per instruction");
+            let vw = rates::ns_per_instruction(n, |n| unsafe { rates::vnni16(n) });
+            println!("vpdpwssd zmm (32 i16 x i16 products): {vw:.3} ns per instruction");
         } else {
             println!("vpdpbusd: this CPU has no AVX-512 VNNI");
         }
