@@ -126,7 +126,9 @@ pub struct DirectConv {
 }
 
 /// Environment switch: `0` runs every 3x3 conv on the direct kernel instead of Winograd
-/// F(2x2, 3x3) ([`super::winograd`]) where that is faster (to measure what it changes).
+/// F(2x2, 3x3) ([`super::winograd`]) where that is faster, and every int8 3x3 conv on the
+/// direct int8 kernel instead of the exact F(4x4, 3x3) one ([`super::quant_winograd`]), to
+/// measure what they change.
 pub const WINOGRAD_ENV: &str = "DIFFSHIELD_WINOGRAD";
 
 fn winograd_enabled() -> bool {

@@ -10,6 +10,7 @@ pub(crate) mod direct_conv;
 mod own_kernels_tests;
 pub(crate) mod par;
 pub(crate) mod quant_conv;
+mod quant_winograd;
 pub(crate) mod simd;
 mod switches;
 pub mod tract;

@@ -65,6 +65,9 @@ pub struct QuantConv {
     /// pixel in the interior, the first column, the last column, and both (`w` = 1): the
     /// edge columns' left (right) taps are masked out, so less of that share is in the sum.
     offset: Vec<[f32; 4]>,
+    /// The exact Winograd F(4x4, 3x3) form of a 3x3 conv where that kernel takes it
+    /// ([`super::quant_winograd`]): the same bits from half the instructions.
+    winograd: Option<super::quant_winograd::Weights>,
 }
 
 impl QuantConv {
@@ -152,7 +155,18 @@ impl QuantConv {
             let at = |missing: i64| ((b - zero * (sum - missing)) as f64 * m) as f32;
             offset[o] = [at(0), at(left), at(right), at(left + right)];
         }
-        Some(QuantConv { ci, co, k, input, packed, multiplier, offset })
+        let winograd = (k == 3 && ci >= super::quant_winograd::MIN_CI)
+            .then(|| {
+                super::quant_winograd::Weights::new(
+                    weights,
+                    (co, ci),
+                    input.zero,
+                    &multiplier,
+                    &offset,
+                )
+            })
+            .flatten();
+        Some(QuantConv { ci, co, k, input, packed, multiplier, offset, winograd })
     }
 
     /// Convolves `x` (`n x ci x h x w` f32, contiguous NCHW) into `y` (`n x co x h x w` f32).
@@ -200,6 +214,18 @@ impl QuantConv {
         }
         if n * h * w == 0 {
             // No images or an empty plane: `y` is empty too (checked above).
+            return Ok(());
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(winograd) = self.winograd.as_ref().filter(|_| {
+            super::quant_winograd::Weights::takes(h, w)
+                && super::quant_winograd::Weights::supported()
+                && super::switches::enabled(super::direct_conv::WINOGRAD_ENV, true)
+        }) {
+            // SAFETY: the CPU and the plane were checked just above, the lengths before.
+            unsafe {
+                winograd.run(x, n, (h, w), (self.input.inv_scale, self.input.zero), addend, y)
+            };
             return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
@@ -392,16 +418,8 @@ impl QuantConv {
         let (body, tail) = rest.split_at_mut(hw);
         head.fill(zero_word);
         tail.fill(zero_word);
-        let inv = _mm512_set1_ps(self.input.inv_scale);
+        let quant = Quantizer::new(self.input.inv_scale, self.input.zero);
         let zp = _mm512_set1_epi32(zero);
-        // Scaled values are clamped in f32 to -zero..=255 - zero, the range that lands on
-        // 0..=255 once the zero point is added: integers, so rounding inside the range is
-        // untouched and a value outside it rounds to the bound the integer clamp would have
-        // given, while the conversion never sees anything past i32 (a huge activation or an
-        // infinity would become i32::MIN). A NaN becomes 0.0, the zero point, as in tract's
-        // QuantizeLinear. (One clamp in f32 instead of one there and one on the integers:
-        // two instructions fewer per channel vector.)
-        let (below, above) = (_mm512_set1_ps(-(zero as f32)), _mm512_set1_ps(255.0 - zero as f32));
         // The rows are back to back in both layouts, so the image is one run of `hw` values.
         let mut i = 0;
         while i < hw {
@@ -411,12 +429,7 @@ impl QuantConv {
             for j in 0..GROUP {
                 let ch = g * GROUP + j;
                 let q = if ch < self.ci {
-                    let v = _mm512_maskz_loadu_ps(mask, image.as_ptr().add(ch * hw + i));
-                    // Round to nearest even (the MXCSR default), like QuantizeLinear.
-                    let scaled = _mm512_mul_ps(v, inv);
-                    let number = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(scaled, scaled);
-                    let scaled = _mm512_min_ps(_mm512_maskz_max_ps(number, scaled, below), above);
-                    _mm512_add_epi32(_mm512_cvtps_epi32(scaled), zp)
+                    quant.lanes(_mm512_maskz_loadu_ps(mask, image.as_ptr().add(ch * hw + i)))
                 } else {
                     zp
                 };
@@ -431,6 +444,52 @@ impl QuantConv {
             _mm512_mask_storeu_epi32(body.as_mut_ptr().add(i), mask, word);
             i += LANES;
         }
+    }
+}
+
+/// The model's `QuantizeLinear` of 16 f32 lanes into u8 values in i32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(super) struct Quantizer {
+    inv: std::arch::x86_64::__m512,
+    zero: std::arch::x86_64::__m512i,
+    below: std::arch::x86_64::__m512,
+    above: std::arch::x86_64::__m512,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Quantizer {
+    /// For `q = clamp(round(x * inv_scale) + zero, 0, 255)`.
+    /// Safety: the CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn new(inv_scale: f32, zero: u8) -> Self {
+        use std::arch::x86_64::*;
+        let z = zero as f32;
+        Quantizer {
+            inv: _mm512_set1_ps(inv_scale),
+            zero: _mm512_set1_epi32(zero as i32),
+            below: _mm512_set1_ps(-z),
+            above: _mm512_set1_ps(255.0 - z),
+        }
+    }
+
+    /// Scaled values are clamped in f32 to -zero..=255 - zero, the range that lands on
+    /// 0..=255 once the zero point is added: integers, so rounding inside the range is
+    /// untouched and a value outside it rounds to the bound the integer clamp would have
+    /// given, while the conversion never sees anything past i32 (a huge activation or an
+    /// infinity would become i32::MIN). A NaN becomes 0.0, the zero point, as in tract's
+    /// QuantizeLinear. (One clamp in f32 instead of one there and one on the integers:
+    /// two instructions fewer per channel vector.)
+    /// Safety: the CPU must support AVX-512F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn lanes(self, v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        // Round to nearest even (the MXCSR default), like QuantizeLinear.
+        let scaled = _mm512_mul_ps(v, self.inv);
+        let number = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(scaled, scaled);
+        let scaled = _mm512_min_ps(_mm512_maskz_max_ps(number, scaled, self.below), self.above);
+        _mm512_add_epi32(_mm512_cvtps_epi32(scaled), self.zero)
     }
 }
 
@@ -718,6 +777,105 @@ mod tests {
         }
     }
 
+    /// `direct` (a 3x3 conv with weights `wt`) on the Winograd kernel, whatever its channels
+    /// (the kernel takes multiples of 32; [`QuantConv::new`] picks it from 128 on).
+    fn with_winograd(direct: &QuantConv, wt: &[i8]) -> QuantConv {
+        let (co, ci) = (direct.co, direct.ci);
+        let winograd = crate::backend::quant_winograd::Weights::new(
+            wt,
+            (co, ci),
+            direct.input.zero,
+            &direct.multiplier,
+            &direct.offset,
+        );
+        assert!(winograd.is_some(), "({co},{ci}) is a Winograd shape");
+        QuantConv { winograd, ..direct.clone() }
+    }
+
+    #[test]
+    fn winograd_gives_the_direct_kernels_bits() {
+        if !crate::backend::quant_winograd::Weights::supported() {
+            crate::test_skip::note("the int8 Winograd conv: this CPU has no AVX-512 BW + VNNI");
+            return;
+        }
+        // (n, co, ci, h, w, zero point): one tile, one-tile-wide rows (first and last column
+        // in one tile), rectangles, several blocks of both channel kinds, batches that split
+        // into uneven items; zero points at both ends.
+        let shapes = [
+            (1, 32, 32, 4, 4, 0),
+            (2, 32, 32, 8, 4, 255),
+            (2, 64, 64, 8, 12, 110),
+            (3, 32, 96, 16, 8, 128),
+            (1, 64, 32, 32, 32, 7),
+        ];
+        for (n, co, ci, h, w, zero) in shapes {
+            let mut x: Vec<f32> = values(n * ci * h * w, 1).iter().map(|v| v * 1.5).collect();
+            let extremes = [f32::INFINITY, 1e30, -3e9, f32::NEG_INFINITY, f32::NAN, 0.0];
+            let len = x.len();
+            for (i, &v) in extremes.iter().enumerate() {
+                x[i * 37 % len] = v;
+            }
+            let wt: Vec<i8> = values(co * ci * 9, 2).iter().map(|v| (v * 127.0) as i8).collect();
+            let bias: Vec<i32> = values(co, 3).iter().map(|v| (v * 5000.0) as i32).collect();
+            let scales: Vec<f32> = (0..co).map(|o| 0.001 + o as f32 * 1e-4).collect();
+            let quant = InputQuant { inv_scale: 100.0, zero };
+            let direct = QuantConv::new(&wt, &scales, Some(&bias), 0.01, quant, co, ci, 3)
+                .expect("shapes fit");
+            let conv = with_winograd(&direct, &wt);
+            let per_channel = values(n * co, 4);
+            let full = values(n * co * h * w, 5);
+            let addends = [None, Some(Addend::PerChannel(&per_channel)), Some(Addend::Full(&full))];
+            for addend in addends {
+                let run = |conv: &QuantConv| {
+                    let mut y = vec![f32::NAN; n * co * h * w];
+                    conv.run_adding(&x, n, h, w, addend, &mut y).expect("runs");
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                let want = run(&direct);
+                let kind = match addend {
+                    None => "no addend",
+                    Some(Addend::PerChannel(_)) => "per channel",
+                    Some(Addend::Full(_)) => "full",
+                };
+                let case = format!("({n},{co},{ci},{h},{w}) zero {zero} {kind}");
+                for (threads, got) in
+                    crate::backend::par::on_thread_counts(|| run(&conv)).into_iter().enumerate()
+                {
+                    let wrong = got.iter().zip(&want).position(|(g, w)| g != w);
+                    assert!(wrong.is_none(), "{case}, pool {threads}: value {wrong:?} differs");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn winograd_is_exact_at_the_largest_sums_it_takes() {
+        if !crate::backend::quant_winograd::Weights::supported() {
+            crate::test_skip::note("the int8 Winograd conv: this CPU has no AVX-512 BW + VNNI");
+            return;
+        }
+        // 96 input channels of +-127 weights: |sum| up to 255 x 9 x 96 x 127 = 0.83 x 2^25,
+        // reached inside the plane where every input is 255 (the first 16 output channels'
+        // weights all +127, the others' all -127).
+        let (n, co, ci, h, w) = (1, 32, 96, 8, 8);
+        let wt: Vec<i8> =
+            (0..co * ci * 9).map(|i| if i < 16 * ci * 9 { 127 } else { -127 }).collect();
+        let quant = InputQuant { inv_scale: 1.0, zero: 0 };
+        let direct = QuantConv::new(&wt, &[1.0], None, 1.0, quant, co, ci, 3).expect("fits");
+        let conv = with_winograd(&direct, &wt);
+        for pattern in 0..2 {
+            let x: Vec<f32> = (0..n * ci * h * w)
+                .map(|i| if pattern == 0 || i % 13 < 11 { 255.0 } else { 0.0 })
+                .collect();
+            let (mut a, mut b) = (vec![0f32; n * co * h * w], vec![0f32; n * co * h * w]);
+            conv.run(&x, n, h, w, &mut a).expect("runs");
+            direct.run(&x, n, h, w, &mut b).expect("runs");
+            let big = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(pattern > 0 || big > 2.7e7, "the sums reach only {big}");
+            assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "pattern {pattern}");
+        }
+    }
+
     #[test]
     fn saturates_huge_and_infinite_inputs_and_takes_a_high_zero_point() {
         if !QuantConv::supported() {
@@ -876,9 +1034,11 @@ mod rates {
         let convs: Vec<_> = DENOISER_M
             .iter()
             .map(|&(ci, co, h, k)| {
+                // At most +-60, as trained weights are: the Winograd kernel takes every 3x3
+                // conv then (sums within its exact range), as it takes all of the model's.
                 let wt: Vec<i8> = crate::backend::test_values::values(co * ci * k * k, 2)
                     .iter()
-                    .map(|v| (v * 127.0) as i8)
+                    .map(|v| (v * 60.0) as i8)
                     .collect();
                 let quant = InputQuant { inv_scale: 100.0, zero: 128 };
                 let conv = QuantConv::new(&wt, &[0.002], None, 0.01, quant, co, ci, k);
