@@ -218,7 +218,7 @@ impl QuantConv {
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(winograd) = self.winograd.as_ref().filter(|_| {
-            super::quant_winograd::Weights::takes(h, w)
+            super::quant_winograd::Weights::takes(n, (h, w), super::par::threads())
                 && super::quant_winograd::Weights::supported()
                 && super::switches::enabled(super::direct_conv::WINOGRAD_ENV, true)
         }) {
@@ -792,6 +792,41 @@ mod tests {
         QuantConv { winograd, ..direct.clone() }
     }
 
+    /// `conv`'s Winograd kernel itself, whatever the tile count (`run_adding` picks the direct
+    /// kernel for few tiles per thread).
+    fn run_winograd(
+        conv: &QuantConv,
+        x: &[f32],
+        n: usize,
+        (h, w): (usize, usize),
+        addend: Option<Addend<'_>>,
+        y: &mut [f32],
+    ) {
+        let winograd = conv.winograd.as_ref().expect("a Winograd conv");
+        let wanted = match addend {
+            None => 0,
+            Some(Addend::PerChannel(a)) => a.len() - n * conv.co,
+            Some(Addend::Full(a)) => a.len() - y.len(),
+        };
+        assert!(crate::backend::quant_winograd::Weights::supported());
+        assert!(h % 4 == 0 && w % 4 == 0 && wanted == 0);
+        assert!(x.len() == n * conv.ci * h * w && y.len() == n * conv.co * h * w);
+        let quant = (conv.input.inv_scale, conv.input.zero);
+        // SAFETY: the CPU, the plane and the lengths were checked just above.
+        unsafe { winograd.run(x, n, (h, w), quant, addend, y) };
+    }
+
+    #[test]
+    fn runs_winograd_only_with_enough_tiles_for_each_thread() {
+        use crate::backend::quant_winograd::Weights;
+        // 12 tiles a thread: batch 8 of 8x8 planes (32 tiles) on two threads, not batch 1.
+        assert!(Weights::takes(8, (8, 8), 2));
+        assert!(!Weights::takes(1, (8, 8), 2));
+        assert!(Weights::takes(1, (32, 32), 2) && !Weights::takes(1, (16, 16), 2));
+        assert!(Weights::takes(1, (16, 16), 1));
+        assert!(!Weights::takes(8, (30, 32), 1) && !Weights::takes(8, (32, 6), 1));
+    }
+
     #[test]
     fn winograd_gives_the_direct_kernels_bits() {
         if !crate::backend::quant_winograd::Weights::supported() {
@@ -826,12 +861,16 @@ mod tests {
             let full = values(n * co * h * w, 5);
             let addends = [None, Some(Addend::PerChannel(&per_channel)), Some(Addend::Full(&full))];
             for addend in addends {
-                let run = |conv: &QuantConv| {
+                let want = {
                     let mut y = vec![f32::NAN; n * co * h * w];
-                    conv.run_adding(&x, n, h, w, addend, &mut y).expect("runs");
+                    direct.run_adding(&x, n, h, w, addend, &mut y).expect("runs");
                     y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
-                let want = run(&direct);
+                let run = |conv: &QuantConv| {
+                    let mut y = vec![f32::NAN; n * co * h * w];
+                    run_winograd(conv, &x, n, (h, w), addend, &mut y);
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
                 let kind = match addend {
                     None => "no addend",
                     Some(Addend::PerChannel(_)) => "per channel",
@@ -868,7 +907,7 @@ mod tests {
                 .map(|i| if pattern == 0 || i % 13 < 11 { 255.0 } else { 0.0 })
                 .collect();
             let (mut a, mut b) = (vec![0f32; n * co * h * w], vec![0f32; n * co * h * w]);
-            conv.run(&x, n, h, w, &mut a).expect("runs");
+            run_winograd(&conv, &x, n, (h, w), None, &mut a);
             direct.run(&x, n, h, w, &mut b).expect("runs");
             let big = b.iter().fold(0f32, |m, v| m.max(v.abs()));
             assert!(pattern > 0 || big > 2.7e7, "the sums reach only {big}");

@@ -64,6 +64,12 @@ const MAX_ITEM_TILES: usize = 64;
 /// thread, batch 8): with 64 the transforms weigh twice as much per product, and 64 -> 64 on
 /// 32x32 ran at 0.8x, 64 -> 128 on 16x16 at 1.0x; 128 -> 128 at 1.17-1.5x.
 pub(crate) const MIN_CI: usize = 128;
+/// Tiles per thread below which the direct kernel runs a conv instead: each item streams all
+/// of `U` (8x the direct kernel's weights: 36 i16 per 9 s8) for its tiles, so with a few
+/// tiles an item waited on memory (batch-1 denoiser_m at two threads: its 8x8 planes are 4
+/// tiles, its 16x16 ones 16; the int8 convs took 5.8-6.7 ms per call against 4.7-4.9 on the
+/// direct kernel), and a product tile is 12 tiles.
+const MIN_THREAD_TILES: usize = 12;
 /// The weight transform with its rows scaled to integers: `D1 G`, `D1 = diag(4, 6, 6, 24, 24,
 /// 1)`, for F(4x4, 3x3)'s `G` (Lavin & Gray, 2015).
 const DG: [[i32; 3]; 6] = [[1, 0, 0], [-1, -1, -1], [-1, 1, -1], [1, 2, 4], [1, -2, 4], [0, 0, 1]];
@@ -139,14 +145,16 @@ impl Weights {
                 right += g[2] as i32 + g[5] as i32 + g[8] as i32;
                 let q = slot[i % CB];
                 let word = i / CB * (CB / 2) + q / 2;
+                // `(D1 G) g` first, then `(D1 G)^T` on its right: 162 products, not 324.
+                let mut left_product = [[0i32; 3]; 6];
                 for (a, da) in DG.iter().enumerate() {
+                    for l in 0..3 {
+                        left_product[a][l] = (0..3).map(|k| da[k] * g[k * 3 + l] as i32).sum();
+                    }
+                }
+                for (a, row) in left_product.iter().enumerate() {
                     for (b, db) in DG.iter().enumerate() {
-                        let mut s = 0i32;
-                        for k in 0..3 {
-                            for l in 0..3 {
-                                s += da[k] * g[k * 3 + l] as i32 * db[l];
-                            }
-                        }
+                        let s: i32 = (0..3).map(|l| row[l] * db[l]).sum();
                         let at = (((o / OB) * P + a * 6 + b) * words + word) * OB + o % OB;
                         u[at] |= ((s as i16 as u16 as u32) << (16 * (q % 2))) as i32;
                     }
@@ -159,9 +167,12 @@ impl Weights {
         Some(Weights { ci, co, u, multiplier: multiplier[..co].to_vec(), offset, missing })
     }
 
-    /// True when this kernel runs a plane of `h x w` (whole 4x4 tiles).
-    pub(crate) fn takes(h: usize, w: usize) -> bool {
-        h.is_multiple_of(4) && w.is_multiple_of(4) && h > 0 && w > 0
+    /// True when this kernel runs `n` planes of `h x w` on `threads` threads: whole 4x4 tiles,
+    /// and at least [`MIN_THREAD_TILES`] of them per thread.
+    pub(crate) fn takes(n: usize, (h, w): (usize, usize), threads: usize) -> bool {
+        h.is_multiple_of(4)
+            && w.is_multiple_of(4)
+            && n * (h / 4) * (w / 4) >= MIN_THREAD_TILES * threads.max(1)
     }
 
     /// True when this CPU runs the kernel (AVX-512F, BW and VNNI, detected at run time).
