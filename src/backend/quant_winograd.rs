@@ -293,9 +293,13 @@ mod kernel {
         let (hw, pw) = (h * w, w + 2);
         let image = x.as_ptr().add((b * ci + block * CB) * hw);
         let zero_pixel = _mm512_set1_epi16(zero as i16);
-        let border = (0..pw).flat_map(|p| [p, (h + 1) * pw + p]);
-        for p in border.chain((1..=h).flat_map(|r| [r * pw, r * pw + w + 1])) {
+        for p in 0..pw {
             _mm512_storeu_si512(dst.add(p * LANES).cast(), zero_pixel);
+            _mm512_storeu_si512(dst.add(((h + 1) * pw + p) * LANES).cast(), zero_pixel);
+        }
+        for r in 1..=h {
+            _mm512_storeu_si512(dst.add(r * pw * LANES).cast(), zero_pixel);
+            _mm512_storeu_si512(dst.add((r * pw + w + 1) * LANES).cast(), zero_pixel);
         }
         let quant = super::super::quant_conv::Quantizer::new(inv_scale, zero);
         // Outside the loop: zeroed inside, it was a `memset` call per 16 pixels.
@@ -309,10 +313,15 @@ mod kernel {
                 }
                 transpose(rows);
             }
+            // Row and column stepped, not divided per pixel (a `div` each was 2 % of this).
+            let (mut r, mut c) = (i / w, i % w);
             for p in 0..LANES {
-                let (r, c) = ((i + p) / w, (i + p) % w);
                 let words = _mm512_packs_epi32(halves[0][p], halves[1][p]);
                 _mm512_storeu_si512(dst.add(((r + 1) * pw + c + 1) * LANES).cast(), words);
+                c += 1;
+                if c == w {
+                    (r, c) = (r + 1, 0);
+                }
             }
             i += LANES;
         }
