@@ -92,8 +92,10 @@ pub(crate) struct Weights {
     ci: usize,
     co: usize,
     /// `[co / OB][P][ci / 2][OB]` words: two i16 of `U = (D1 G) g (D1 G)^T`, for the channel
-    /// pair of the input's word (slots `2k`, `2k + 1` of a block, [`slot_channel`]).
-    u: Vec<i32>,
+    /// pair of the input's word (slots `2k`, `2k + 1` of a block, [`slot_channel`]). Shared
+    /// by clones: tract clones ops while it optimises a model, and each copy of 38 MB (the
+    /// int8 denoiser_m's) raised the peak memory.
+    u: std::sync::Arc<Vec<i32>>,
     /// Per output channel: the f32 per unit of the sum.
     multiplier: Vec<f32>,
     /// Per output channel, the direct kernel's offsets: interior, first column, last column.
@@ -130,12 +132,11 @@ impl Weights {
         {
             return None;
         }
-        let mut slot = [0usize; CB];
-        for (q, s) in (0..CB).map(|q| (q, slot_channel(q))) {
-            slot[s] = q;
-        }
-        let words = ci / 2;
-        let mut u = vec![0i32; co / OB * P * words * OB];
+        // The transformed weights `[P][ci][co]` first (36 sequential write streams), then
+        // packed in the kernel's order reading whole runs of output channels: written straight
+        // into the packed order, every value was a read-modify-write far from the last one,
+        // and loading denoiser_m took 0.4 s longer.
+        let mut transformed = vec![0i16; P * ci * co];
         let mut missing = [vec![0i32; co], vec![0i32; co]];
         for o in 0..co {
             let (mut left, mut right) = (0i32, 0i32);
@@ -143,8 +144,6 @@ impl Weights {
                 let g = &kernel(o)[i * 9..i * 9 + 9];
                 left += g[0] as i32 + g[3] as i32 + g[6] as i32;
                 right += g[2] as i32 + g[5] as i32 + g[8] as i32;
-                let q = slot[i % CB];
-                let word = i / CB * (CB / 2) + q / 2;
                 // `(D1 G) g` first, then `(D1 G)^T` on its right: 162 products, not 324.
                 let mut left_product = [[0i32; 3]; 6];
                 for (a, da) in DG.iter().enumerate() {
@@ -154,15 +153,32 @@ impl Weights {
                 }
                 for (a, row) in left_product.iter().enumerate() {
                     for (b, db) in DG.iter().enumerate() {
-                        let s: i32 = (0..3).map(|l| row[l] * db[l]).sum();
-                        let at = (((o / OB) * P + a * 6 + b) * words + word) * OB + o % OB;
-                        u[at] |= ((s as i16 as u16 as u32) << (16 * (q % 2))) as i32;
+                        let value: i32 = (0..3).map(|l| row[l] * db[l]).sum();
+                        // At most 49 x 127 in magnitude: an exact i16.
+                        transformed[((a * 6 + b) * ci + i) * co + o] = value as i16;
                     }
                 }
             }
             missing[0][o] = zero as i32 * left;
             missing[1][o] = zero as i32 * right;
         }
+        let words = ci / 2;
+        let mut u = Vec::with_capacity(co / OB * P * words * OB);
+        for ob in 0..co / OB {
+            for p in 0..P {
+                for word in 0..words {
+                    let block = word / (CB / 2) * CB;
+                    let pair = 2 * (word % (CB / 2));
+                    let at = |i: usize| (p * ci + block + slot_channel(i)) * co + ob * OB;
+                    let (low, high) = (at(pair), at(pair + 1));
+                    u.extend((0..OB).map(|lane| {
+                        let (l, h) = (transformed[low + lane], transformed[high + lane]);
+                        ((l as u16 as u32) | ((h as u16 as u32) << 16)) as i32
+                    }));
+                }
+            }
+        }
+        let u = std::sync::Arc::new(u);
         let offset = [0, 1, 2].map(|kind| offset[..co].iter().map(|o| o[kind]).collect());
         Some(Weights { ci, co, u, multiplier: multiplier[..co].to_vec(), offset, missing })
     }

@@ -153,5 +153,7 @@ fn chain_at(model: &TypedModel, id: usize) -> Option<(OutletId, QuantConv)> {
     let bias: Vec<i32> = bias.iter().map(|&v| i32::try_from(v).ok()).collect::<Option<_>>()?;
     let input = InputQuant { inv_scale: q.scale, zero: q.zero_point };
     let conv = QuantConv::new(&weights, &w_scales, Some(&bias), x_scale[0], input, co, ci, k)?;
-    Some((source, conv))
+    let dim = |i: usize| fact.shape[i].as_i64().and_then(|d| usize::try_from(d).ok());
+    let plane = dim(2).zip(dim(3));
+    Some((source, conv.with_winograd_for(plane, &weights)))
 }
