@@ -40,8 +40,6 @@
 // row: index loops say that more plainly than iterators over one of the two axes.
 #![allow(clippy::needless_range_loop)]
 
-use super::conv_kernel::Addend;
-
 /// Entries of a transformed 6x6 patch.
 const P: usize = 36;
 /// Input channels per block (one vector of i16 per pixel).
@@ -218,6 +216,7 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 mod kernel {
     use super::*;
+    use crate::backend::conv_kernel::Addend;
     use crate::backend::par::{self, SyncPtr};
     use std::arch::x86_64::*;
 
