@@ -31,8 +31,9 @@
 //! patches (lanes along channels) into `V[36][ci / 32][tiles][16]` words, multiplies per entry
 //! against `U[co / 32][36][ci / 2][32]` (12 tiles x 32 output channels of i32 accumulators, the
 //! tile's words broadcast), and transforms each tile back (lanes along output channels),
-//! dequantizes, transposes and stores 4x4 pixels per channel. Each item writes only its own
-//! tiles' pixels in a fixed order, so any thread count gives the same bits.
+//! dequantizes, transposes and stores a row of up to four tiles side by side (16 pixels) per
+//! channel at a time. Each item writes only its own tiles' pixels in a fixed order, so any
+//! thread count gives the same bits.
 
 // The kernel is x86-64 only; elsewhere its types are type-checked but never run.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -58,9 +59,10 @@ const LIMIT: i64 = 1 << 25;
 const ITEM_V_BYTES: usize = 512 * 1024;
 /// The most tiles one item takes (more only lengthens the last item's tail).
 const MAX_ITEM_TILES: usize = 64;
-/// Input channels from which [`super::quant_conv`] picks this kernel, where it beat the direct one (`quant_conv::rates`, Zen 4, one
-/// thread, batch 8): with 64 the transforms weigh twice as much per product, and 64 -> 64 on
-/// 32x32 ran at 0.8x, 64 -> 128 on 16x16 at 1.0x; 128 -> 128 at 1.17-1.5x.
+/// Input channels from which [`super::quant_conv`] picks this kernel, where it beat the
+/// direct one (`quant_conv::rates`, Zen 4, one thread, batch 8): with 64 the transforms weigh
+/// twice as much per product, and 64 -> 64 on 32x32 ran at 0.8-0.9x, 64 -> 128 on 16x16 at
+/// 1.0-1.05x; 128 -> 128 at 1.3-1.6x.
 pub(crate) const MIN_CI: usize = 128;
 /// Tiles per thread below which the direct kernel runs a conv instead: each item streams all
 /// of `U` (8x the direct kernel's weights: 36 i16 per 9 s8) for its tiles, so with a few
@@ -207,9 +209,9 @@ thread_local! {
     /// The quantized input of the conv this thread runs: `[n][ci / CB][(h + 2) (w + 2)][16]`
     /// words, kept between calls.
     static QUANTIZED: std::cell::RefCell<Vec<i32>> = std::cell::RefCell::default();
-    /// The item this thread runs: its transformed patches `[P][ci / CB][tiles][16]` and its products
-    /// for one output block `[P][tiles][OB]`. Apart from [`QUANTIZED`]: the calling thread
-    /// runs items too while it holds that.
+    /// The item this thread runs: its transformed patches `[P][ci / CB][tiles][16]` and its
+    /// products for one output block `[P][tiles][OB]`. Apart from [`QUANTIZED`]: the calling
+    /// thread runs items too while it holds that.
     static ITEM: std::cell::RefCell<(Vec<i32>, Vec<i32>)> = std::cell::RefCell::default();
 }
 
@@ -235,8 +237,9 @@ mod kernel {
     impl Weights {
         /// Convolves `x` (`n x ci x h x w`) into `y` (`n x co x h x w`), the input quantized
         /// with `inv_scale` and the zero point the weights were packed for, adding `addend`.
-        /// Safety: [`Weights::supported`] holds, [`Weights::takes`] `(h, w)`, the slices have
-        /// those lengths and `addend` as many values as its kind needs.
+        /// Safety: [`Weights::supported`] holds, `h` and `w` are multiples of 4, the slices
+        /// have those lengths and `addend` as many values as its kind needs. (Few tiles are
+        /// slow, not unsound: [`Weights::takes`] is the caller's choice of kernel.)
         pub(crate) unsafe fn run(
             &self,
             x: &[f32],
