@@ -23,6 +23,10 @@
 //! output is the exact dequantized i32 sum in f32, i.e. the conv's `QuantizeLinear` /
 //! `DequantizeLinear` round trip on the output (the model's y scale) is skipped. That makes the
 //! op closer to the float network than the QOperator graph is, never further.
+//!
+//! 3x3 convs from 128 input channels run on the exact integer Winograd kernel of
+//! [`super::quant_winograd`] where it pays ([`QuantConv::with_winograd_for`], and at run time
+//! from 12 tiles a thread): the same integer sums and the same output bits as this kernel's.
 
 // The kernel is x86-64 only; elsewhere its types are type-checked but never run.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
