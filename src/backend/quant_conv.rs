@@ -179,11 +179,17 @@ impl QuantConv {
             && Weights::supported()
             && super::switches::enabled(super::direct_conv::WINOGRAD_ENV, true)
         {
-            let shape = (self.co, self.ci);
-            let zero = self.input.zero;
-            self.winograd = Weights::new(weights, shape, zero, &self.multiplier, &self.offset);
+            self.winograd = self.winograd_weights(weights);
         }
         self
+    }
+
+    /// The Winograd form of this conv's `weights` (the ones [`QuantConv::new`] took), with its
+    /// input zero point and dequantization; None where that kernel does not take the conv.
+    fn winograd_weights(&self, weights: &[i8]) -> Option<super::quant_winograd::Weights> {
+        let shape = (self.co, self.ci);
+        let zero = self.input.zero;
+        super::quant_winograd::Weights::new(weights, shape, zero, &self.multiplier, &self.offset)
     }
 
     /// Convolves `x` (`n x ci x h x w` f32, contiguous NCHW) into `y` (`n x co x h x w` f32).
@@ -796,15 +802,8 @@ mod tests {
     /// `direct` (a 3x3 conv with weights `wt`) on the Winograd kernel, whatever its channels
     /// (the kernel takes multiples of 32; [`QuantConv::new`] picks it from 128 on).
     fn with_winograd(direct: &QuantConv, wt: &[i8]) -> QuantConv {
-        let (co, ci) = (direct.co, direct.ci);
-        let winograd = crate::backend::quant_winograd::Weights::new(
-            wt,
-            (co, ci),
-            direct.input.zero,
-            &direct.multiplier,
-            &direct.offset,
-        );
-        assert!(winograd.is_some(), "({co},{ci}) is a Winograd shape");
+        let winograd = direct.winograd_weights(wt);
+        assert!(winograd.is_some(), "({},{}) is a Winograd shape", direct.co, direct.ci);
         QuantConv { winograd, ..direct.clone() }
     }
 

@@ -452,7 +452,26 @@ mod kernel {
         }
     }
 
+    /// Six vectors `step` words apart from `first`: one column of a 6x6 patch.
+    /// Safety: AVX-512F; the six vectors are readable.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_column(first: *const i32, step: usize) -> [__m512i; 6] {
+        let mut column = [_mm512_setzero_si512(); 6];
+        for (r, value) in column.iter_mut().enumerate() {
+            *value = _mm512_loadu_si512(first.add(r * step).cast());
+        }
+        column
+    }
+
     impl Run<'_> {
+        /// Image, tile row and tile column of tile `tile` of the batch (row by row, image after
+        /// image).
+        fn tile_at(&self, tile: usize) -> (usize, usize, usize) {
+            let (tw, per_image) = (self.w / 4, (self.h / 4) * (self.w / 4));
+            (tile / per_image, tile % per_image / tw, tile % tw)
+        }
+
         /// Tiles `tiles` of the batch (row by row, image after image): transformed, multiplied
         /// and written to the output.
         /// Safety: as [`Weights::run`]; no other item writes these tiles' pixels.
@@ -460,7 +479,6 @@ mod kernel {
         unsafe fn item(&self, tiles: std::ops::Range<usize>, v: &mut Vec<i32>, m: &mut Vec<i32>) {
             let wt = self.wt;
             let (count, words) = (tiles.len(), wt.ci / 2);
-            let (tw, per_image) = (self.w / 4, (self.h / 4) * (self.w / 4));
             let (pw, pixels, blocks) = (self.w + 2, (self.h + 2) * (self.w + 2), wt.ci / CB);
             if v.len() < P * count * words {
                 v.resize(P * count * words, 0);
@@ -472,16 +490,13 @@ mod kernel {
             let mut rows = [[_mm512_setzero_si512(); 6]; 6];
             let mut out = [[_mm512_setzero_ps(); LANES]; 4];
             for (t, tile) in tiles.clone().enumerate() {
-                let (b, ty, tx) = (tile / per_image, tile % per_image / tw, tile % tw);
+                let (b, ty, tx) = self.tile_at(tile);
                 for block in 0..blocks {
                     let corner = (b * blocks + block) * pixels + 4 * ty * pw + 4 * tx;
                     let src = self.quantized.ptr().add(corner * LANES).cast_const();
                     for c in 0..6 {
-                        let mut column = [_mm512_setzero_si512(); 6];
-                        for (r, value) in column.iter_mut().enumerate() {
-                            // The patch is inside the padded plane (whole tiles).
-                            *value = _mm512_loadu_si512(src.add((r * pw + c) * LANES).cast());
-                        }
+                        // The patch is inside the padded plane (whole tiles).
+                        let column = load_column(src.add(c * LANES), pw * LANES);
                         for (r, value) in input_transform(column).into_iter().enumerate() {
                             rows[r][c] = value;
                         }
@@ -547,18 +562,14 @@ mod kernel {
             pixels: &mut [[__m512; LANES]; 4],
         ) {
             let wt = self.wt;
-            let (tw, per_image) = (self.w / 4, (self.h / 4) * (self.w / 4));
-            let (b, ty, tx0) = (tile / per_image, tile % per_image / tw, tile % tw);
+            let (b, ty, tx0) = self.tile_at(tile);
             let multiplier = _mm512_loadu_ps(wt.multiplier.as_ptr().add(o0));
             for (g, pixels) in pixels.iter_mut().enumerate().take(group) {
                 let sums = sums.add(g * OB);
                 let mut half = [[_mm512_setzero_si512(); 6]; 4];
                 for c in 0..6 {
-                    let mut column = [_mm512_setzero_si512(); 6];
-                    for (r, value) in column.iter_mut().enumerate() {
-                        // 36 entries of 16 sums each, `stride` apart.
-                        *value = _mm512_loadu_si512(sums.add((r * 6 + c) * stride).cast());
-                    }
+                    // 36 entries of 16 sums each, `stride` apart, row by row.
+                    let column = load_column(sums.add(c * stride), 6 * stride);
                     for (r, value) in output_transform(column).into_iter().enumerate() {
                         half[r][c] = value;
                     }
