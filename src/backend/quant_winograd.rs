@@ -13,9 +13,9 @@
 //!
 //! Exactness: every step is integer arithmetic modulo 2^32 (i32 lanes wrap), and the output
 //! transform is `A_e^T M A_e` with `A_e = diag(6, 4, 4, 1, 1, 24) A`, which gives 576 times the
-//! conv's sum `S` (the scaling `D1` undone by integers). 576 = 64 x 9, so `S mod 2^26` is
-//! recovered by a shift and a multiplication by 9's inverse modulo 2^26, and it is `S` itself
-//! when `|S| < 2^25`. `S` is a sum of u8 x s8 products, so `|S| <= 255 x sum |w|` per output
+//! conv's sum `S` (the scaling `D1` undone by integers). 576 = 64 x 9: multiplying by 9's
+//! inverse modulo 2^32 gives `64 S` modulo 2^32, which is `64 S` itself when `|S| < 2^25`,
+//! and an arithmetic shift gives `S`. `S` is a sum of u8 x s8 products, so `|S| <= 255 x sum |w|` per output
 //! channel: [`Weights::new`] refuses a conv where that bound reaches 2^25 (the direct kernel
 //! then runs it; denoiser_m's largest bound is 0.78 of it). The input is padded with its zero
 //! point on all four sides, so `S` is the direct kernel's interior sum; at the first and last
@@ -25,8 +25,8 @@
 //! bits (tested against the direct kernel).
 //!
 //! Layout. The input is quantized into blocks of 32 channels: per image and block, the padded
-//! plane's pixels, each one vector of 32 i16 (in the order `_mm512_packs_epi32` leaves two
-//! 16-channel halves in, [`slot_channel`]; the weights are packed in the same order). Work
+//! plane's pixels, each one vector of 32 i16 in channel order (word `k` holds channels `2k`
+//! and `2k + 1`, the pair its weights are packed for). Work
 //! items are runs of 4x4 output tiles over the whole batch; each transforms its tiles' 6x6
 //! patches (lanes along channels) into `V[36][ci / 32][tiles][16]` words, multiplies per entry
 //! against `U[co / 32][36][ci / 2][32]` (12 tiles x 32 output channels of i32 accumulators, the
@@ -51,8 +51,8 @@ const OB: usize = 32;
 const NT: usize = 12;
 /// Lanes of one vector of i32 / f32.
 const LANES: usize = 16;
-/// 9's inverse modulo 2^26 (9 x 14913081 = 2 x 2^26 + 1).
-const INV9: i32 = 14_913_081;
+/// 9's inverse modulo 2^32 (9 x 954437177 = 2 x 2^32 + 1).
+const INV9: i32 = 954_437_177;
 /// A sum must stay below this in magnitude to be recovered exactly (see the module doc).
 const LIMIT: i64 = 1 << 25;
 /// Bytes of transformed input an item keeps (its tiles' `V`, in L2 with `M` beside it).
@@ -74,17 +74,6 @@ const MIN_THREAD_TILES: usize = 12;
 /// 1)`, for F(4x4, 3x3)'s `G` (Lavin & Gray, 2015).
 const DG: [[i32; 3]; 6] = [[1, 0, 0], [-1, -1, -1], [-1, 1, -1], [1, 2, 4], [1, -2, 4], [0, 0, 1]];
 
-/// The channel (within a block of 32) in i16 slot `q` of a quantized pixel: packing channels
-/// 0-15 and 16-31 with `_mm512_packs_epi32` interleaves them four at a time per 128-bit lane.
-const fn slot_channel(q: usize) -> usize {
-    let (lane, i) = (q / 8, q % 8);
-    if i < 4 {
-        4 * lane + i
-    } else {
-        16 + 4 * lane + i - 4
-    }
-}
-
 /// A 3x3 int8 conv's weights transformed and packed for this kernel, with what its store needs
 /// to give the direct kernel's bits.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,7 +81,7 @@ pub(crate) struct Weights {
     ci: usize,
     co: usize,
     /// `[co / OB][P][ci / 2][OB]` words: two i16 of `U = (D1 G) g (D1 G)^T`, for the channel
-    /// pair of the input's word (slots `2k`, `2k + 1` of a block, [`slot_channel`]). Shared
+    /// pair of the input's word (channels `2k`, `2k + 1` of a block). Shared
     /// by clones: tract clones ops while it optimises a model, and each copy of 38 MB (the
     /// int8 denoiser_m's) raised the peak memory.
     u: std::sync::Arc<Vec<i32>>,
@@ -169,7 +158,7 @@ impl Weights {
                 for word in 0..words {
                     let block = word / (CB / 2) * CB;
                     let pair = 2 * (word % (CB / 2));
-                    let at = |i: usize| (p * ci + block + slot_channel(i)) * co + ob * OB;
+                    let at = |i: usize| (p * ci + block + i) * co + ob * OB;
                     let (low, high) = (at(pair), at(pair + 1));
                     u.extend((0..OB).map(|lane| {
                         let (l, h) = (transformed[low + lane], transformed[high + lane]);
@@ -321,21 +310,21 @@ mod kernel {
         }
         let quant = super::super::quant_conv::Quantizer::new(inv_scale, zero);
         // Outside the loop: zeroed inside, it was a `memset` call per 16 pixels.
-        let mut halves = [[_mm512_setzero_si512(); LANES]; 2];
+        let mut words = [_mm512_setzero_si512(); LANES];
         let mut i = 0;
         while i < hw {
-            for (half, rows) in halves.iter_mut().enumerate() {
-                for (c, row) in rows.iter_mut().enumerate() {
-                    let v = _mm512_loadu_ps(image.add((half * LANES + c) * hw + i));
-                    *row = quant.lanes(v);
-                }
-                transpose(rows);
+            // Word k of 16 pixels: channel 2k's u8 in its low half, 2k + 1's in its high half
+            // (one shift and or: one transpose of words where i32 lanes took two and a pack).
+            for (k, word) in words.iter_mut().enumerate() {
+                let low = quant.lanes(_mm512_loadu_ps(image.add(2 * k * hw + i)));
+                let high = quant.lanes(_mm512_loadu_ps(image.add((2 * k + 1) * hw + i)));
+                *word = _mm512_or_si512(low, _mm512_slli_epi32::<16>(high));
             }
+            transpose(&mut words);
             // Row and column stepped, not divided per pixel (a `div` each was 2 % of this).
             let (mut r, mut c) = (i / w, i % w);
-            for p in 0..LANES {
-                let words = _mm512_packs_epi32(halves[0][p], halves[1][p]);
-                _mm512_storeu_si512(dst.add(((r + 1) * pw + c + 1) * LANES).cast(), words);
+            for word in &words {
+                _mm512_storeu_si512(dst.add(((r + 1) * pw + c + 1) * LANES).cast(), *word);
                 c += 1;
                 if c == w {
                     (r, c) = (r + 1, 0);
@@ -576,12 +565,10 @@ mod kernel {
                 }
                 for (i, row) in half.iter().enumerate() {
                     for (j, sum) in output_transform(*row).into_iter().enumerate() {
-                        // 576 S modulo 2^32 -> 9 S modulo 2^26 -> S modulo 2^26 -> S.
-                        let s = _mm512_mullo_epi32(
-                            _mm512_srli_epi32::<6>(sum),
-                            _mm512_set1_epi32(INV9),
-                        );
-                        let mut s = _mm512_srai_epi32::<6>(_mm512_slli_epi32::<6>(s));
+                        // 576 S modulo 2^32 -> 64 S modulo 2^32, which is 64 S itself
+                        // (|S| < 2^25) -> S.
+                        let s = _mm512_mullo_epi32(sum, _mm512_set1_epi32(INV9));
+                        let mut s = _mm512_srai_epi32::<6>(s);
                         let column = 4 * (tx0 + g) + j;
                         let kind = if column == 0 {
                             1
@@ -649,14 +636,6 @@ mod kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slots_hold_each_channel_once() {
-        let mut seen = [false; CB];
-        for q in 0..CB {
-            assert!(!std::mem::replace(&mut seen[slot_channel(q)], true));
-        }
-    }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
