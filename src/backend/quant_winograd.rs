@@ -199,7 +199,8 @@ thread_local! {
     /// words, kept between calls.
     static QUANTIZED: std::cell::RefCell<Vec<i32>> = std::cell::RefCell::default();
     /// The item this thread runs: its transformed patches `[P][ci / CB][tiles][16]` and its
-    /// products for one output block `[P][tiles][OB]`. Apart from [`QUANTIZED`]: the calling
+    /// products for one output block `[P][tiles][OB]` (each run of tiles one cache line
+    /// longer: see `Run::item`). Apart from [`QUANTIZED`]: the calling
     /// thread runs items too while it holds that.
     static ITEM: std::cell::RefCell<(Vec<i32>, Vec<i32>)> = std::cell::RefCell::default();
 }
@@ -467,13 +468,17 @@ mod kernel {
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
         unsafe fn item(&self, tiles: std::ops::Range<usize>, v: &mut Vec<i32>, m: &mut Vec<i32>) {
             let wt = self.wt;
-            let (count, words) = (tiles.len(), wt.ci / 2);
-            let (pw, pixels, blocks) = (self.w + 2, (self.h + 2) * (self.w + 2), wt.ci / CB);
-            if v.len() < P * count * words {
-                v.resize(P * count * words, 0);
+            let (count, blocks) = (tiles.len(), wt.ci / CB);
+            let (pw, pixels) = (self.w + 2, (self.h + 2) * (self.w + 2));
+            // One cache line more per run of tiles: runs of 64 tiles are 4 KB (8 KB) apart, so
+            // the 36 entries of one tile, written (read back) one after another, all fell in one
+            // set of the 8-way L1 cache.
+            let (v_run, m_run) = (count * (CB / 2) + LANES, count * OB + LANES);
+            if v.len() < P * blocks * v_run {
+                v.resize(P * blocks * v_run, 0);
             }
-            if m.len() < P * count * OB {
-                m.resize(P * count * OB, 0);
+            if m.len() < P * m_run {
+                m.resize(P * m_run, 0);
             }
             // Buffers of vectors are made once: made per use, each was a `memset` call.
             let mut rows = [[_mm512_setzero_si512(); 6]; 6];
@@ -492,7 +497,7 @@ mod kernel {
                     }
                     for (i, row) in rows.iter().enumerate() {
                         for (j, value) in input_transform(*row).into_iter().enumerate() {
-                            let at = (((i * 6 + j) * blocks + block) * count + t) * (CB / 2);
+                            let at = ((i * 6 + j) * blocks + block) * v_run + t * (CB / 2);
                             _mm512_storeu_si512(v.as_mut_ptr().add(at).cast(), value);
                         }
                     }
@@ -500,12 +505,12 @@ mod kernel {
             }
             for ob in 0..wt.co / OB {
                 for p in 0..P {
-                    let u = wt.u.as_ptr().add((ob * P + p) * words * OB);
+                    let u = wt.u.as_ptr().add((ob * P + p) * (wt.ci / 2) * OB);
                     let mut t = 0;
                     while t < count {
-                        let vp = v.as_ptr().add((p * blocks * count + t) * (CB / 2));
-                        let mp = m.as_mut_ptr().add((p * count + t) * OB);
-                        let vb = (blocks, count * (CB / 2));
+                        let vp = v.as_ptr().add(p * blocks * v_run + t * (CB / 2));
+                        let mp = m.as_mut_ptr().add(p * m_run + t * OB);
+                        let vb = (blocks, v_run);
                         match (count - t).min(NT) {
                             12 => products::<12>(vp, vb, u, mp),
                             11 => products::<11>(vp, vb, u, mp),
@@ -528,7 +533,7 @@ mod kernel {
                     for half in 0..2 {
                         let sums = m.as_ptr().add(t * OB + half * LANES);
                         let o0 = ob * OB + half * LANES;
-                        self.store(sums, count * OB, tiles.start + t, (self.group, o0), &mut out);
+                        self.store(sums, m_run, tiles.start + t, (self.group, o0), &mut out);
                     }
                     t += self.group;
                 }
