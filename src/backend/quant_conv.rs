@@ -24,7 +24,7 @@
 //! `DequantizeLinear` round trip on the output (the model's y scale) is skipped. That makes the
 //! op closer to the float network than the QOperator graph is, never further.
 //!
-//! 3x3 convs from 128 input channels run on the exact integer Winograd kernel of
+//! 3x3 convs from 64 input channels run on the exact integer Winograd kernel of
 //! [`super::quant_winograd`] where it pays ([`QuantConv::with_winograd_for`], and at run time
 //! from 12 tiles a thread): the same integer sums and the same output bits as this kernel's.
 
@@ -163,10 +163,10 @@ impl QuantConv {
     }
 
     /// Adds the exact Winograd form of this conv ([`super::quant_winograd`]) where it can run
-    /// and pays: a 3x3 conv from 128 input channels on a CPU with AVX-512 BW + VNNI, unless
+    /// and pays: a 3x3 conv from 64 input channels on a CPU with AVX-512 BW + VNNI, unless
     /// `DIFFSHIELD_WINOGRAD=0`, on planes of `plane` (`h x w`, where known) of at least 4
     /// tiles of 4x4 (on smaller ones it would need 12 images a thread to run at all). Its
-    /// weights are 8x the direct kernel's (38 MB for the int8 denoiser_m against 5.7 MB), so
+    /// weights are 8x the direct kernel's (41 MB for the int8 denoiser_m against 5.7 MB), so
     /// they are built only then. `weights` are the ones [`QuantConv::new`] took.
     pub fn with_winograd_for(mut self, plane: Option<(usize, usize)>, weights: &[i8]) -> Self {
         use super::quant_winograd::{Weights, MIN_CI};
@@ -800,7 +800,7 @@ mod tests {
     }
 
     /// `direct` (a 3x3 conv with weights `wt`) on the Winograd kernel, whatever its channels
-    /// (the kernel takes multiples of 32; [`QuantConv::new`] picks it from 128 on).
+    /// (the kernel takes multiples of 32; [`QuantConv::with_winograd_for`] picks it from 64 on).
     fn with_winograd(direct: &QuantConv, wt: &[i8]) -> QuantConv {
         let winograd = direct.winograd_weights(wt);
         assert!(winograd.is_some(), "({},{}) is a Winograd shape", direct.co, direct.ci);
@@ -851,7 +851,8 @@ mod tests {
         assert_eq!(conv(128, 3, None), here, "a plane not known");
         assert!(!conv(128, 3, Some((4, 4))), "one tile an image: never 12 a thread");
         assert!(!conv(128, 3, Some((10, 8))), "not whole tiles");
-        assert!(!conv(64, 3, Some((32, 32))), "64 input channels: the direct kernel is faster");
+        assert_eq!(conv(64, 3, Some((32, 32))), here, "64 input channels");
+        assert!(!conv(32, 3, Some((32, 32))), "32 input channels: the direct kernel");
         assert!(!conv(128, 1, Some((32, 32))), "1x1");
     }
 

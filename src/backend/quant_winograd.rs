@@ -59,11 +59,14 @@ const LIMIT: i64 = 1 << 25;
 const ITEM_V_BYTES: usize = 512 * 1024;
 /// The most tiles one item takes (more only lengthens the last item's tail).
 const MAX_ITEM_TILES: usize = 64;
-/// Input channels from which [`super::quant_conv`] picks this kernel, where it beat the
-/// direct one (`quant_conv::rates`, Zen 4, one thread, batch 8): with 64 the transforms weigh
-/// twice as much per product, and 64 -> 64 on 32x32 ran at 0.8-0.9x, 64 -> 128 on 16x16 at
-/// 1.0-1.05x; 128 -> 128 at 1.3-1.6x.
-pub(crate) const MIN_CI: usize = 128;
+/// Input channels from which [`super::quant_conv`] picks this kernel. With 64 the transforms
+/// weigh twice as much per product as with 128; it ran at 0.8-1.05x the direct kernel until
+/// `V` and `M` got their cache line of slack, and at 1.2x (64 -> 64 on 32x32) and 1.45x
+/// (64 -> 128 on 16x16) since (`quant_conv::rates`, Zen 4, one thread, batch 8); whole
+/// denoiser_m calls then ran 2.5-4 % faster with it, denoiser_s ones (mostly 64 channels on
+/// 8x8 and 16x16 planes) the same. 32 input channels (denoiser_s's 32x32 planes) were not
+/// measured: the direct kernel keeps them.
+pub(crate) const MIN_CI: usize = 64;
 /// Tiles per thread below which the direct kernel runs a conv instead: each item streams all
 /// of `U` (8x the direct kernel's weights: 36 i16 per 9 s8) for its tiles, so with a few
 /// tiles an item waited on memory (batch-1 denoiser_m at two threads: its 8x8 planes are 4
@@ -82,7 +85,7 @@ pub(crate) struct Weights {
     co: usize,
     /// `[co / OB][P][ci / 2][OB]` words: two i16 of `U = (D1 G) g (D1 G)^T`, for the channel
     /// pair of the input's word (channels `2k`, `2k + 1` of a block). Shared
-    /// by clones: tract clones ops while it optimises a model, and each copy of 38 MB (the
+    /// by clones: tract clones ops while it optimises a model, and each copy of 41 MB (the
     /// int8 denoiser_m's) raised the peak memory.
     u: std::sync::Arc<Vec<i32>>,
     /// Per output channel: the f32 per unit of the sum.
