@@ -15,22 +15,22 @@
 //! transform is `A_e^T M A_e` with `A_e = diag(6, 4, 4, 1, 1, 24) A`, which gives 576 times the
 //! conv's sum `S` (the scaling `D1` undone by integers). 576 = 64 x 9: multiplying by 9's
 //! inverse modulo 2^32 gives `64 S` modulo 2^32, which is `64 S` itself when `|S| < 2^25`,
-//! and an arithmetic shift gives `S`. `S` is a sum of u8 x s8 products, so `|S| <= 255 x sum |w|` per output
-//! channel: [`Weights::new`] refuses a conv where that bound reaches 2^25 (the direct kernel
-//! then runs it; denoiser_m's largest bound is 0.78 of it). The input is padded with its zero
-//! point on all four sides, so `S` is the direct kernel's interior sum; at the first and last
-//! column the direct kernel's masked taps leave the zero point's share of the left (right)
-//! weights out, and so does this one (an integer subtraction) before the same dequantization
-//! with the same per-column offsets: the same f32 operations on the same integers, the same
-//! bits (tested against the direct kernel).
+//! and an arithmetic shift gives `S`. `S` is a sum of u8 x s8 products, so
+//! `|S| <= 255 x sum |w|` per output channel: [`Weights::new`] refuses a conv where that bound
+//! reaches 2^25 (the direct kernel then runs it; denoiser_m's largest bound is 0.78 of it).
+//! The input is padded with its zero point on all four sides, so `S` is the direct kernel's
+//! interior sum; at the first and last column the direct kernel's masked taps leave the zero
+//! point's share of the left (right) weights out, and so does this one (an integer
+//! subtraction) before the same dequantization with the same per-column offsets: the same f32
+//! operations on the same integers, the same bits (tested against the direct kernel).
 //!
 //! Layout. The input is quantized into blocks of 32 channels: per image and block, the padded
 //! plane's pixels, each one vector of 32 i16 in channel order (word `k` holds channels `2k`
-//! and `2k + 1`, the pair its weights are packed for). Work
-//! items are runs of 4x4 output tiles over the whole batch; each transforms its tiles' 6x6
-//! patches (lanes along channels) into `V[36][ci / 32][tiles][16]` words, multiplies per entry
-//! against `U[co / 32][36][ci / 2][32]` (12 tiles x 32 output channels of i32 accumulators, the
-//! tile's words broadcast), and transforms each tile back (lanes along output channels),
+//! and `2k + 1`, the pair its weights are packed for). Work items are runs of 4x4 output tiles
+//! over the whole batch; each transforms its tiles' 6x6 patches (lanes along channels) into
+//! `V[36][ci / 32][tiles][16]` words, multiplies per entry against `U[co / 32][36][ci / 2][32]`
+//! (12 tiles x 32 output channels of i32 accumulators, the tile's words broadcast), and
+//! transforms each tile back (lanes along output channels),
 //! dequantizes, transposes and stores a row of up to four tiles side by side (16 pixels) per
 //! channel at a time. Each item writes only its own tiles' pixels in a fixed order, so any
 //! thread count gives the same bits.
@@ -84,9 +84,9 @@ pub(crate) struct Weights {
     ci: usize,
     co: usize,
     /// `[co / OB][P][ci / 2][OB]` words: two i16 of `U = (D1 G) g (D1 G)^T`, for the channel
-    /// pair of the input's word (channels `2k`, `2k + 1` of a block). Shared
-    /// by clones: tract clones ops while it optimises a model, and each copy of 41 MB (the
-    /// int8 denoiser_m's) raised the peak memory.
+    /// pair of the input's word (channels `2k`, `2k + 1` of a block). Shared by clones: tract
+    /// clones ops while it optimises a model, and each copy of 41 MB (the int8 denoiser_m's)
+    /// raised the peak memory.
     u: std::sync::Arc<Vec<i32>>,
     /// Per output channel: the f32 per unit of the sum.
     multiplier: Vec<f32>,
@@ -203,8 +203,8 @@ thread_local! {
     static QUANTIZED: std::cell::RefCell<Vec<i32>> = std::cell::RefCell::default();
     /// The item this thread runs: its transformed patches `[P][ci / CB][tiles][16]` and its
     /// products for one output block `[P][tiles][OB]` (each run of tiles one cache line
-    /// longer: see `Run::item`). Apart from [`QUANTIZED`]: the calling
-    /// thread runs items too while it holds that.
+    /// longer: see `Run::item`). Apart from [`QUANTIZED`]: the calling thread runs items too
+    /// while it holds that.
     static ITEM: std::cell::RefCell<(Vec<i32>, Vec<i32>)> = std::cell::RefCell::default();
 }
 
@@ -318,7 +318,8 @@ mod kernel {
         let mut i = 0;
         while i < hw {
             // Word k of 16 pixels: channel 2k's u8 in its low half, 2k + 1's in its high half
-            // (one shift and or: one transpose of words where i32 lanes took two and a pack).
+            // (the quantizer's lanes are 0-255, so the halves never overlap): one transpose of
+            // words where i32 lanes took two and a pack.
             for (k, word) in words.iter_mut().enumerate() {
                 let low = quant.lanes(_mm512_loadu_ps(image.add(2 * k * hw + i)));
                 let high = quant.lanes(_mm512_loadu_ps(image.add((2 * k + 1) * hw + i)));
