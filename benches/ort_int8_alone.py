@@ -2,13 +2,14 @@
 """onnxruntime's int8 denoiser call alone in a process, to tell its two speeds apart.
 
 benches/compare_int8.py sees onnxruntime's int8 batch-8 call at about 70-87 ms in some runs and
-115-135 ms in others. This times that call by itself: a fresh process, one session (with
+about 120 ms in others. This times that call by itself: a fresh process, one session (with
 `f32first`, the f32 denoiser's session made and run five times before it, as in
 compare_int8.py), batch 8, `calls` calls, none discarded, printed in order. Run it a few
 times: the slow speed comes and goes, between processes and within one, with nothing of ours
-running (on 2026-12-07 one run of six took 115-124 ms for its first ten calls and 69-85 ms
-after them; the other five 69-76 ms throughout), so it belongs to onnxruntime on this VM, not
-to our harness, and onnxruntime's fast figures are the ones to compare against.
+running (on 2026-12-07 one run of six took 115-148 ms for its first ten calls and 69-85 ms
+after them; the other five 69-90 ms, 69-84 after their first call, medians 70.6-71.9), so it
+belongs to onnxruntime on this VM, not to our harness, and onnxruntime's fast figures are the
+ones to compare against.
 
 Usage: python3 benches/ort_int8_alone.py [threads] [calls] [m|s] [f32first]
 (needs onnxruntime and numpy)
