@@ -30,10 +30,9 @@
 //! over the whole batch; each transforms its tiles' 6x6 patches (lanes along channels) into
 //! `V[36][ci / 32][tiles][16]` words, multiplies per entry against `U[co / 32][36][ci / 2][32]`
 //! (12 tiles x 32 output channels of i32 accumulators, the tile's words broadcast), and
-//! transforms each tile back (lanes along output channels),
-//! dequantizes, transposes and stores a row of up to four tiles side by side (16 pixels) per
-//! channel at a time. Each item writes only its own tiles' pixels in a fixed order, so any
-//! thread count gives the same bits.
+//! transforms each tile back (lanes along output channels), dequantizes, transposes and stores
+//! a row of up to four tiles side by side (16 pixels) per channel at a time. Each item writes
+//! only its own tiles' pixels in a fixed order, so any thread count gives the same bits.
 
 // The kernel is x86-64 only; elsewhere its types are type-checked but never run.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -159,10 +158,9 @@ impl Weights {
         for ob in 0..co / OB {
             for p in 0..P {
                 for word in 0..words {
-                    let block = word / (CB / 2) * CB;
-                    let pair = 2 * (word % (CB / 2));
-                    let at = |i: usize| (p * ci + block + i) * co + ob * OB;
-                    let (low, high) = (at(pair), at(pair + 1));
+                    // Word k holds channels 2k and 2k + 1 (the quantizer's order).
+                    let low = (p * ci + 2 * word) * co + ob * OB;
+                    let high = low + co;
                     u.extend((0..OB).map(|lane| {
                         let (l, h) = (transformed[low + lane], transformed[high + lane]);
                         ((l as u16 as u32) | ((h as u16 as u32) << 16)) as i32
