@@ -62,7 +62,7 @@ const MAX_ITEM_TILES: usize = 64;
 /// weigh twice as much per product as with 128; it ran at 0.8-1.05x the direct kernel until
 /// `V` and `M` got their cache line of slack, and at 1.2x (64 -> 64 on 32x32) and 1.45x
 /// (64 -> 128 on 16x16) since (`quant_conv::rates`, Zen 4, one thread, batch 8); whole
-/// denoiser_m calls then ran 2.5-4 % faster with it, denoiser_s ones (mostly 64 channels on
+/// denoiser_m calls then ran 2.5-4.6 % faster with it, denoiser_s ones (mostly 64 channels on
 /// 8x8 and 16x16 planes) the same. 32 input channels (denoiser_s's 32x32 planes) were not
 /// measured: the direct kernel keeps them.
 pub(crate) const MIN_CI: usize = 64;
